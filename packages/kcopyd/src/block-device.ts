@@ -1,0 +1,117 @@
+/**
+ * The one interface every udm device implements: plain devices (file, memory, NBD client) and
+ * dm targets (linear, flakey, mirror, snapshot...) alike, so targets stack the way dm targets do
+ * and the NBD server and kcopyd work with any of them.
+ *
+ * Offsets and lengths are in bytes (JS numbers are exact up to 2^53, 8 PiB); dm-style table
+ * arguments in sectors are converted at the edges.
+ *
+ * @example
+ * ```ts
+ * import { MemoryDevice } from "@udm/kcopyd";
+ * const dev = new MemoryDevice(1 << 30);
+ * await dev.write(4096, Buffer.from("hello"), { fua: true });
+ * const data = await dev.read(4096, 5); // "hello"
+ * ```
+ */
+export const SECTOR_SIZE = 512;
+export const SECTOR_SHIFT = 9;
+
+/** How a run of the device reads: `data`, an unallocated `hole` (reads as zeros), or allocated `zero`. */
+export type ExtentKind = "data" | "hole" | "zero";
+
+export interface Extent {
+  offsetBytes: number;
+  lengthBytes: number;
+  kind: ExtentKind;
+}
+
+export interface WriteOptions {
+  /** Force unit access: the write is durable when the promise resolves. */
+  fua?: boolean;
+}
+
+export interface WriteZeroesOptions extends WriteOptions {
+  /** The device may deallocate (punch) the range instead of writing zeros. */
+  mayTrim?: boolean;
+}
+
+/**
+ * A named status context a device publishes for NBD block status (`NBD_OPT_SET_META_CONTEXT`).
+ * `base:allocation` is derived from `extents()` by the server; targets add their own, e.g. a
+ * mirror's out-of-sync regions or a snapshot's copied chunks.
+ */
+export interface StatusContext {
+  /** `namespace:leaf`, e.g. `udm:out-of-sync`. */
+  name: string;
+  description: string;
+  /** Runs covering `[offset, offset+length)` (may stop early), each with context-defined flags. */
+  query(offsetBytes: number, lengthBytes: number): Promise<Array<{ lengthBytes: number; flags: number }>>;
+}
+
+export interface BlockDevice {
+  /** What tables and status lines print for this device: a path, URI or `@name`. */
+  readonly name: string;
+  readonly sizeBytes: number;
+  /** Smallest addressable unit, 512 or 4096; I/O need not be aligned to it (devices cope). */
+  readonly logicalBlockSize: number;
+  readonly readOnly: boolean;
+
+  read(offsetBytes: number, lengthBytes: number): Promise<Buffer>;
+  /** Reads `target.length` bytes at `offsetBytes` into the caller's buffer (no allocation). */
+  readInto(offsetBytes: number, target: Buffer): Promise<void>;
+  write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void>;
+  /** Makes every completed write durable. */
+  flush(): Promise<void>;
+  /** Advisory: the range's content becomes unspecified (zeros for devices that can punch holes). */
+  discard(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void>;
+  writeZeroes(offsetBytes: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void>;
+  /** Contiguous runs covering `[offset, offset+length)` in order; devices without allocation info say `data`. */
+  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
+  close(): Promise<void>;
+
+  /** Extra NBD meta contexts this device publishes (optional). */
+  statusContexts?(): StatusContext[];
+}
+
+/** A dm target: a block device built from a table line, printing `dmsetup table`/`status` args. */
+export interface TargetDevice extends BlockDevice {
+  /** dm target type, e.g. `linear`, `mirror`, `snapshot`. */
+  readonly targetType: string;
+  /** Table arguments after `<start> <length> <type>`, as `dmsetup table` prints them. */
+  table(): string;
+  /** Status arguments after `<start> <length> <type>`, as `dmsetup status` prints them. */
+  status(): string;
+  /** `dmsetup message <dev> 0 ...`; returns an optional reply text. */
+  message?(argv: string[]): Promise<string | undefined>;
+}
+
+/** Throws a RangeError naming the device when `[offset, offset+length)` is not inside it. */
+export function checkRange(dev: BlockDevice, offsetBytes: number, lengthBytes: number): void {
+  if (
+    !Number.isSafeInteger(offsetBytes) ||
+    !Number.isSafeInteger(lengthBytes) ||
+    offsetBytes < 0 ||
+    lengthBytes < 0 ||
+    offsetBytes + lengthBytes > dev.sizeBytes
+  ) {
+    throw new RangeError(
+      `${dev.name}: I/O at ${offsetBytes}+${lengthBytes} is outside the device (${dev.sizeBytes} bytes)`,
+    );
+  }
+}
+
+/** Merges adjacent extents of one kind, keeping order. */
+export function mergeExtents(extents: Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of extents) {
+    if (e.lengthBytes === 0) continue;
+    const last = out[out.length - 1];
+    if (last && last.kind === e.kind && last.offsetBytes + last.lengthBytes === e.offsetBytes) {
+      last.lengthBytes += e.lengthBytes;
+    } else {
+      out.push({ ...e });
+    }
+  }
+  return out;
+}

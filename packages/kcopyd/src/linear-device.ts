@@ -1,0 +1,88 @@
+import {
+  type BlockDevice,
+  checkRange,
+  type Extent,
+  SECTOR_SIZE,
+  type TargetDevice,
+  type WriteOptions,
+  type WriteZeroesOptions,
+} from "./block-device.js";
+
+/**
+ * dm `linear`: a window of `lengthBytes` starting at `startBytes` of another device.
+ * Table: `linear <dev> <offset_sectors>`; status is empty, as in the kernel.
+ *
+ * @example
+ * ```ts
+ * const part = new LinearDevice(disk, 2048 * 512, 100 * 2 ** 20); // like `0 204800 linear disk 2048`
+ * ```
+ */
+export class LinearDevice implements TargetDevice {
+  readonly targetType = "linear";
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly logicalBlockSize: number;
+  readonly readOnly: boolean;
+
+  constructor(
+    readonly inner: BlockDevice,
+    readonly startBytes: number,
+    lengthBytes: number,
+    options: { name?: string } = {},
+  ) {
+    if (startBytes % SECTOR_SIZE !== 0 || lengthBytes % SECTOR_SIZE !== 0) {
+      throw new RangeError(`linear: start ${startBytes} and length ${lengthBytes} must be whole sectors`);
+    }
+    checkRange(inner, startBytes, lengthBytes);
+    this.sizeBytes = lengthBytes;
+    this.logicalBlockSize = inner.logicalBlockSize;
+    this.readOnly = inner.readOnly;
+    this.name = options.name ?? `linear(${inner.name})`;
+  }
+
+  table(): string {
+    return `${this.inner.name} ${this.startBytes / SECTOR_SIZE}`;
+  }
+
+  status(): string {
+    return "";
+  }
+
+  read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+    checkRange(this, offsetBytes, lengthBytes);
+    return this.inner.read(this.startBytes + offsetBytes, lengthBytes);
+  }
+
+  readInto(offsetBytes: number, target: Buffer): Promise<void> {
+    checkRange(this, offsetBytes, target.length);
+    return this.inner.readInto(this.startBytes + offsetBytes, target);
+  }
+
+  write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    checkRange(this, offsetBytes, data.length);
+    return this.inner.write(this.startBytes + offsetBytes, data, options);
+  }
+
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+
+  discard(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes);
+    return this.inner.discard(this.startBytes + offsetBytes, lengthBytes, options);
+  }
+
+  writeZeroes(offsetBytes: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes);
+    return this.inner.writeZeroes(this.startBytes + offsetBytes, lengthBytes, options);
+  }
+
+  async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    checkRange(this, offsetBytes, lengthBytes);
+    const inner = await this.inner.extents(this.startBytes + offsetBytes, lengthBytes);
+    return inner.map((e) => ({ ...e, offsetBytes: e.offsetBytes - this.startBytes }));
+  }
+
+  /** Closing a window does not close the device under it: the table owns devices. */
+  async close(): Promise<void> {}
+}

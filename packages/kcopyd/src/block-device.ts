@@ -84,6 +84,10 @@ export interface TargetDevice extends BlockDevice {
   status(): string;
   /** `dmsetup message <dev> 0 ...`; returns an optional reply text. */
   message?(argv: string[]): Promise<string | undefined>;
+  /** Called before I/O is held for `dmsetup suspend` (stop background work such as resync or merge). */
+  suspend?(): Promise<void>;
+  /** Called on `dmsetup resume` (restart background work). */
+  resume?(): Promise<void>;
 }
 
 /** Throws a RangeError naming the device when `[offset, offset+length)` is not inside it. */

@@ -46,7 +46,13 @@ export class FileDevice implements BlockDevice {
   private constructor(
     path: string,
     handle: fsp.FileHandle,
-    info: { sizeBytes: number; logicalBlockSize: number; readOnly: boolean; isBlockDevice: boolean; name: string },
+    info: {
+      sizeBytes: number;
+      logicalBlockSize: number;
+      readOnly: boolean;
+      isBlockDevice: boolean;
+      name: string;
+    },
   ) {
     this.path = path;
     this.handle = handle;

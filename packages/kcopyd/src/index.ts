@@ -10,5 +10,6 @@ export * from "./memory-device.js";
 export * from "./native.js";
 export * from "./page-pool.js";
 export * from "./size.js";
+export * from "./target-registry.js";
 export * from "./throttle.js";
 export * from "./zero-device.js";

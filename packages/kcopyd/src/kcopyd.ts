@@ -251,7 +251,11 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
     if (job.from && job.flags & KcopydFlags.SKIP_HOLES) {
       const run = await this.sourceRunAt(job, start, totalSectors);
       zero = run.zero;
-      count = Math.min(zero ? MAX_ZERO_SLICE_SECTORS : this.subJobSectors, run.endSector - start, totalSectors - start);
+      count = Math.min(
+        zero ? MAX_ZERO_SLICE_SECTORS : this.subJobSectors,
+        run.endSector - start,
+        totalSectors - start,
+      );
     }
     job.nextSector = start + count;
     const slice = { startSector: start, count, zero };
@@ -266,7 +270,11 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
    * Extents come from a cache refilled lazily from the source's `extents()`. A sector that is
    * only partly a hole counts as data, so slices stay whole sectors.
    */
-  private async sourceRunAt(job: Job, sector: number, totalSectors: number): Promise<{ zero: boolean; endSector: number }> {
+  private async sourceRunAt(
+    job: Job,
+    sector: number,
+    totalSectors: number,
+  ): Promise<{ zero: boolean; endSector: number }> {
     const from = job.from!;
     const offset = (from.sector + sector) * SECTOR_SIZE;
     const cache = job.extentCache;
@@ -286,7 +294,12 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
     return { zero: true, endSector };
   }
 
-  private async runSlice(job: Job, slice: Slice, lease: PageLease | null, totalSectors: number): Promise<void> {
+  private async runSlice(
+    job: Job,
+    slice: Slice,
+    lease: PageLease | null,
+    totalSectors: number,
+  ): Promise<void> {
     const bytes = slice.count * SECTOR_SIZE;
     const ignoreErrors = (job.flags & KcopydFlags.IGNORE_ERROR) !== 0;
     const seq = (job.flags & KcopydFlags.WRITE_SEQ) !== 0;
@@ -380,7 +393,12 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
 
 function checkRegion(region: Region, count: number): void {
   const { dev, sector } = region;
-  if (!Number.isSafeInteger(sector) || sector < 0 || !Number.isSafeInteger(region.count) || region.count < 0) {
+  if (
+    !Number.isSafeInteger(sector) ||
+    sector < 0 ||
+    !Number.isSafeInteger(region.count) ||
+    region.count < 0
+  ) {
     throw new KcopydUsageError(`${dev.name}: bad region ${sector}+${region.count}`);
   }
   if (region.count !== count) {
@@ -392,4 +410,3 @@ function checkRegion(region: Region, count: number): void {
     );
   }
 }
-

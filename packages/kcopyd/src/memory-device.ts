@@ -29,8 +29,12 @@ export class MemoryDevice implements BlockDevice {
   private readonly chunks = new Map<number, Buffer>();
   private closed = false;
 
-  constructor(sizeBytes: number, options: { name?: string; logicalBlockSize?: number; readOnly?: boolean } = {}) {
-    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) throw new RangeError(`bad memory device size ${sizeBytes}`);
+  constructor(
+    sizeBytes: number,
+    options: { name?: string; logicalBlockSize?: number; readOnly?: boolean } = {},
+  ) {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0)
+      throw new RangeError(`bad memory device size ${sizeBytes}`);
     this.sizeBytes = sizeBytes;
     this.name = options.name ?? `mem:${sizeBytes}`;
     this.logicalBlockSize = options.logicalBlockSize ?? 512;

@@ -33,10 +33,13 @@ export function parseSize(text: string): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(text);
   const unit = m ? UNITS[m[2]!.toLowerCase()] : undefined;
   if (!m || unit === undefined) {
-    throw new RangeError(`invalid size "${text}": expected a number with an optional unit (512, 4k, 1G, 1GiB, 2048s)`);
+    throw new RangeError(
+      `invalid size "${text}": expected a number with an optional unit (512, 4k, 1G, 1GiB, 2048s)`,
+    );
   }
   const bytes = Number(m[1]) * unit;
-  if (!Number.isSafeInteger(bytes)) throw new RangeError(`invalid size "${text}": not a whole number of bytes`);
+  if (!Number.isSafeInteger(bytes))
+    throw new RangeError(`invalid size "${text}": not a whole number of bytes`);
   return bytes;
 }
 

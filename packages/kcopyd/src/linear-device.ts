@@ -48,31 +48,31 @@ export class LinearDevice implements TargetDevice {
     return "";
   }
 
-  read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+  async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
     checkRange(this, offsetBytes, lengthBytes);
     return this.inner.read(this.startBytes + offsetBytes, lengthBytes);
   }
 
-  readInto(offsetBytes: number, target: Buffer): Promise<void> {
+  async readInto(offsetBytes: number, target: Buffer): Promise<void> {
     checkRange(this, offsetBytes, target.length);
     return this.inner.readInto(this.startBytes + offsetBytes, target);
   }
 
-  write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+  async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     checkRange(this, offsetBytes, data.length);
     return this.inner.write(this.startBytes + offsetBytes, data, options);
   }
 
-  flush(): Promise<void> {
+  async flush(): Promise<void> {
     return this.inner.flush();
   }
 
-  discard(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+  async discard(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
     checkRange(this, offsetBytes, lengthBytes);
     return this.inner.discard(this.startBytes + offsetBytes, lengthBytes, options);
   }
 
-  writeZeroes(offsetBytes: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void> {
+  async writeZeroes(offsetBytes: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void> {
     checkRange(this, offsetBytes, lengthBytes);
     return this.inner.writeZeroes(this.startBytes + offsetBytes, lengthBytes, options);
   }

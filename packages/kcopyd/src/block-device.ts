@@ -72,6 +72,22 @@ export interface BlockDevice {
 
   /** Extra NBD meta contexts this device publishes (optional). */
   statusContexts?(): StatusContext[];
+
+  /**
+   * Devices backed by a connection (NbdDevice) report losing (`false`) and regaining (`true`)
+   * their backend, so a mirror can fail a remote leg and resync it on reconnect. Returns an
+   * unsubscribe function.
+   */
+  watchHealth?(listener: (healthy: boolean) => void): () => void;
+}
+
+/** Long-running background work of a target (resync, merge), polled by `udm status` and progress bars. */
+export interface TargetProgress {
+  operation: "resync" | "merge" | "copy";
+  doneBytes: number;
+  totalBytes: number;
+  /** Estimated seconds left, when the target can tell. */
+  etaSeconds?: number;
 }
 
 /** A dm target: a block device built from a table line, printing `dmsetup table`/`status` args. */
@@ -88,6 +104,8 @@ export interface TargetDevice extends BlockDevice {
   suspend?(): Promise<void>;
   /** Called on `dmsetup resume` (restart background work). */
   resume?(): Promise<void>;
+  /** Background work in progress, or null when idle. */
+  progress?(): TargetProgress | null;
 }
 
 /** Throws a RangeError naming the device when `[offset, offset+length)` is not inside it. */

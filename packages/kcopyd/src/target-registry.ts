@@ -24,6 +24,13 @@ export interface TargetContext {
   /** A kcopyd client the target may use for copies (mirror resync, snapshot copy-out). */
   kcopyd: KcopydClient;
   log?: TargetLogger;
+  /** The udm device name this table line belongs to (for logs and status). */
+  deviceName?: string;
+  /**
+   * On `udm reload`, the device this table replaces, still open: a target may carry state over
+   * (a mirror resyncs only a replaced leg). Undefined on `udm create`.
+   */
+  previous?: TargetDevice;
 }
 
 /** A dm target type: builds a TargetDevice from the arguments of one table line. */

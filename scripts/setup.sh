@@ -42,3 +42,8 @@ for tool in "${!PACKAGES[@]}"; do
     exit 1
   fi
 done
+
+# The real-kernel end-to-end tests (test/kernel/) need qemu, a Debian kernel and guest tools.
+if [ -f "$(dirname "$0")/setup-kernel.sh" ]; then
+  bash "$(dirname "$0")/setup-kernel.sh"
+fi

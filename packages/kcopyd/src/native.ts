@@ -1,6 +1,9 @@
+import { createRequire } from "node:module";
+
 /**
  * Optional native helpers for what Node's fs lacks: SEEK_DATA/SEEK_HOLE, hole punching and
  * block-device ioctls. Loaded lazily; when the addon is not built every caller has a pure-JS path.
+ * Failures reject or throw an `Error` whose `code` is the errno name (`EOPNOTSUPP`, `EIO`...).
  */
 export interface NativeFileOps {
   /** lseek(fd, offset, SEEK_DATA): next data offset at or after `offset`, or -1 (ENXIO: none). */
@@ -9,14 +12,50 @@ export interface NativeFileOps {
   seekHole(fd: number, offset: number): number;
   /** fallocate(PUNCH_HOLE | KEEP_SIZE) on a file, BLKDISCARD on a block device. */
   punchHole(fd: number, offset: number, length: number): Promise<void>;
-  /** fallocate(ZERO_RANGE | KEEP_SIZE) on a file, BLKZEROOUT on a block device. */
+  /** fallocate(ZERO_RANGE | KEEP_SIZE) on a file (PUNCH_HOLE where unsupported), BLKZEROOUT on a block device. */
   zeroRange(fd: number, offset: number, length: number): Promise<void>;
 }
 
-let cached: NativeFileOps | null | undefined;
+/** Where `pnpm install` (the package's `install` script, node-gyp) puts the addon. */
+export const NATIVE_ADDON_PATH = "../native/build/Release/udm_fileops.node";
 
-/** The native helpers, or null when the addon is not available. */
+/** Set to `1` to force the pure-JS path (writes of zeros, extents all data), e.g. in tests. */
+export const NO_NATIVE_ENV = "UDM_NO_NATIVE";
+
+let loaded: NativeFileOps | null | undefined;
+let loadError: unknown;
+
+/**
+ * The native helpers, or null when the addon is not built (or `UDM_NO_NATIVE=1`). The addon is
+ * loaded on the first call; the environment variable is read on every call.
+ *
+ * @example
+ * ```ts
+ * const native = nativeFileOps();
+ * if (native) await native.punchHole(fd, 0, 1 << 20);
+ * ```
+ */
 export function nativeFileOps(): NativeFileOps | null {
-  if (cached === undefined) cached = null;
-  return cached;
+  if (process.env[NO_NATIVE_ENV] === "1") return null;
+  if (loaded === undefined) {
+    try {
+      const mod = createRequire(import.meta.url)(NATIVE_ADDON_PATH) as Partial<NativeFileOps>;
+      const complete =
+        typeof mod.seekData === "function" &&
+        typeof mod.seekHole === "function" &&
+        typeof mod.punchHole === "function" &&
+        typeof mod.zeroRange === "function";
+      loaded = complete ? (mod as NativeFileOps) : null;
+      if (!complete) loadError = new Error(`${NATIVE_ADDON_PATH} lacks some of NativeFileOps`);
+    } catch (err) {
+      loaded = null;
+      loadError = err;
+    }
+  }
+  return loaded;
+}
+
+/** Why `nativeFileOps()` returned null (the load error), or undefined when it loaded or was not tried. */
+export function nativeFileOpsLoadError(): unknown {
+  return loadError;
 }

@@ -1,0 +1,249 @@
+/*
+ * udm_fileops: what Node's fs lacks for sparse files and block devices.
+ *
+ *   seekData(fd, offset)  -> lseek(SEEK_DATA), -1 when there is no data at or after offset (ENXIO)
+ *   seekHole(fd, offset)  -> lseek(SEEK_HOLE), -1 when offset is at or past EOF (ENXIO)
+ *   punchHole(fd, offset, length) -> Promise: fallocate(PUNCH_HOLE|KEEP_SIZE), BLKDISCARD on block devices
+ *   zeroRange(fd, offset, length) -> Promise: fallocate(ZERO_RANGE|KEEP_SIZE) (PUNCH_HOLE where the
+ *                                    file system lacks it), BLKZEROOUT on block devices
+ *
+ * The two seeks are cheap metadata calls and run synchronously; punching and zeroing can take
+ * long (a 1 GiB BLKZEROOUT writes 1 GiB) and run on the libuv thread pool via napi async work.
+ * Errors reject/throw an Error with `code` set to the errno name (e.g. "EOPNOTSUPP") and `errno`.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <node_api.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define CHECK(call)                                                                   \
+  do {                                                                                \
+    if ((call) != napi_ok) {                                                          \
+      napi_throw_error(env, NULL, "udm_fileops: N-API call failed: " #call);          \
+      return NULL;                                                                    \
+    }                                                                                 \
+  } while (0)
+
+static const char *errno_code(int err) {
+  switch (err) {
+    case EBADF: return "EBADF";
+    case EINVAL: return "EINVAL";
+    case EIO: return "EIO";
+    case ENOSPC: return "ENOSPC";
+    case ENODEV: return "ENODEV";
+    case ENXIO: return "ENXIO";
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+    case EPERM: return "EPERM";
+    case EACCES: return "EACCES";
+    case EROFS: return "EROFS";
+    case EFBIG: return "EFBIG";
+    case EINTR: return "EINTR";
+    case ESPIPE: return "ESPIPE";
+    case ETXTBSY: return "ETXTBSY";
+    case ENOTTY: return "ENOTTY";
+    default: return "EIO";
+  }
+}
+
+static napi_value make_errno_error(napi_env env, const char *syscall, int err) {
+  char text[160];
+  const char *code = errno_code(err);
+  napi_value msg, code_value, error, errno_value, syscall_value;
+  snprintf(text, sizeof text, "%s: %s (%s)", syscall, strerror(err), code);
+  if (napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg) != napi_ok) return NULL;
+  if (napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &code_value) != napi_ok) return NULL;
+  if (napi_create_error(env, code_value, msg, &error) != napi_ok) return NULL;
+  if (napi_create_int32(env, -err, &errno_value) == napi_ok)
+    napi_set_named_property(env, error, "errno", errno_value);
+  if (napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &syscall_value) == napi_ok)
+    napi_set_named_property(env, error, "syscall", syscall_value);
+  return error;
+}
+
+/* Reads argument i as a non-negative integer that fits an off_t (JS numbers are exact to 2^53). */
+static int get_offset(napi_env env, napi_value *argv, size_t i, const char *what, int64_t *out) {
+  double value;
+  if (napi_get_value_double(env, argv[i], &value) != napi_ok || value != value || value < 0 ||
+      value > 9007199254740991.0 || value != (double)(int64_t)value) {
+    char text[96];
+    snprintf(text, sizeof text, "udm_fileops: %s must be a non-negative safe integer", what);
+    napi_throw_type_error(env, "EINVAL", text);
+    return 0;
+  }
+  *out = (int64_t)value;
+  return 1;
+}
+
+static int get_fd(napi_env env, napi_value *argv, int *fd) {
+  int64_t value;
+  if (!get_offset(env, argv, 0, "fd", &value)) return 0;
+  if (value > INT32_MAX) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: fd out of range");
+    return 0;
+  }
+  *fd = (int)value;
+  return 1;
+}
+
+static napi_value do_seek(napi_env env, napi_callback_info info, int whence, const char *syscall) {
+  size_t argc = 2;
+  napi_value argv[2], result;
+  int fd;
+  int64_t offset;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: expected (fd, offset)");
+    return NULL;
+  }
+  if (!get_fd(env, argv, &fd) || !get_offset(env, argv, 1, "offset", &offset)) return NULL;
+  off_t pos = lseek(fd, (off_t)offset, whence);
+  if (pos < 0) {
+    if (errno != ENXIO) {
+      napi_throw(env, make_errno_error(env, syscall, errno));
+      return NULL;
+    }
+    pos = -1;
+  }
+  CHECK(napi_create_double(env, (double)pos, &result));
+  return result;
+}
+
+static napi_value seek_data(napi_env env, napi_callback_info info) {
+  return do_seek(env, info, SEEK_DATA, "lseek(SEEK_DATA)");
+}
+
+static napi_value seek_hole(napi_env env, napi_callback_info info) {
+  return do_seek(env, info, SEEK_HOLE, "lseek(SEEK_HOLE)");
+}
+
+enum range_op { OP_PUNCH, OP_ZERO };
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  enum range_op op;
+  int fd;
+  int64_t offset;
+  int64_t length;
+  int err;
+  const char *syscall;
+} range_work;
+
+static void range_execute(napi_env env, void *data) {
+  (void)env;
+  range_work *w = data;
+  struct stat st;
+  w->err = 0;
+  if (fstat(w->fd, &st) < 0) {
+    w->err = errno;
+    w->syscall = "fstat";
+    return;
+  }
+  if (S_ISBLK(st.st_mode)) {
+    uint64_t range[2] = {(uint64_t)w->offset, (uint64_t)w->length};
+    unsigned long request = w->op == OP_PUNCH ? BLKDISCARD : BLKZEROOUT;
+    w->syscall = w->op == OP_PUNCH ? "ioctl(BLKDISCARD)" : "ioctl(BLKZEROOUT)";
+    int rc;
+    do rc = ioctl(w->fd, request, range);
+    while (rc < 0 && errno == EINTR);
+    if (rc < 0) w->err = errno;
+    return;
+  }
+  int mode = FALLOC_FL_KEEP_SIZE | (w->op == OP_PUNCH ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE);
+  w->syscall = w->op == OP_PUNCH ? "fallocate(PUNCH_HOLE)" : "fallocate(ZERO_RANGE)";
+  int rc;
+  do rc = fallocate(w->fd, mode, (off_t)w->offset, (off_t)w->length);
+  while (rc < 0 && errno == EINTR);
+  if (rc < 0 && w->op == OP_ZERO && errno == EOPNOTSUPP) {
+    /* tmpfs and some others punch but cannot zero-range; a punched hole reads as zeros too. */
+    w->syscall = "fallocate(PUNCH_HOLE)";
+    do rc = fallocate(w->fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, (off_t)w->offset, (off_t)w->length);
+    while (rc < 0 && errno == EINTR);
+  }
+  if (rc < 0) w->err = errno;
+}
+
+static void range_complete(napi_env env, napi_status status, void *data) {
+  range_work *w = data;
+  if (status != napi_ok) {
+    napi_value msg, error;
+    napi_create_string_utf8(env, "udm_fileops: async work was cancelled", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &error);
+    napi_reject_deferred(env, w->deferred, error);
+  } else if (w->err) {
+    napi_reject_deferred(env, w->deferred, make_errno_error(env, w->syscall, w->err));
+  } else {
+    napi_value undefined;
+    napi_get_undefined(env, &undefined);
+    napi_resolve_deferred(env, w->deferred, undefined);
+  }
+  napi_delete_async_work(env, w->work);
+  free(w);
+}
+
+static napi_value start_range(napi_env env, napi_callback_info info, enum range_op op, const char *name) {
+  size_t argc = 3;
+  napi_value argv[3], promise, resource_name;
+  int fd;
+  int64_t offset, length;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 3) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: expected (fd, offset, length)");
+    return NULL;
+  }
+  if (!get_fd(env, argv, &fd) || !get_offset(env, argv, 1, "offset", &offset) ||
+      !get_offset(env, argv, 2, "length", &length))
+    return NULL;
+  range_work *w = calloc(1, sizeof *w);
+  if (!w) {
+    napi_throw_error(env, "ENOMEM", "udm_fileops: out of memory");
+    return NULL;
+  }
+  w->op = op;
+  w->fd = fd;
+  w->offset = offset;
+  w->length = length;
+  if (napi_create_promise(env, &w->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name) != napi_ok ||
+      napi_create_async_work(env, NULL, resource_name, range_execute, range_complete, w, &w->work) != napi_ok) {
+    free(w);
+    napi_throw_error(env, NULL, "udm_fileops: could not start async work");
+    return NULL;
+  }
+  if (napi_queue_async_work(env, w->work) != napi_ok) {
+    napi_delete_async_work(env, w->work);
+    free(w);
+    napi_throw_error(env, NULL, "udm_fileops: could not queue async work");
+    return NULL;
+  }
+  return promise;
+}
+
+static napi_value punch_hole(napi_env env, napi_callback_info info) {
+  return start_range(env, info, OP_PUNCH, "udm_fileops.punchHole");
+}
+
+static napi_value zero_range(napi_env env, napi_callback_info info) {
+  return start_range(env, info, OP_ZERO, "udm_fileops.zeroRange");
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

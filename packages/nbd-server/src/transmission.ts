@@ -1,0 +1,624 @@
+import type { Duplex } from "node:stream";
+import type { BlockDevice, Extent, TargetLogger } from "@udm/kcopyd";
+import { BASE_ALLOCATION, deviceContexts, type ExportEntry, isReadOnly } from "./export-entry.js";
+import type { Negotiated } from "./handshake.js";
+import { nbdErrorOf, validateRequest } from "./validate.js";
+import {
+  COMMAND_NAMES,
+  decodeRequest,
+  encodeBlockStatusChunk,
+  encodeChunk,
+  encodeErrorChunk,
+  encodeHoleChunk,
+  encodeSimpleReply,
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_CACHE,
+  NBD_CMD_DISC,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_EINVAL,
+  NBD_ENOTSUP,
+  NBD_ESHUTDOWN,
+  NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_NONE,
+  NBD_REPLY_TYPE_OFFSET_DATA,
+  NBD_STATE_HOLE,
+  NBD_STATE_ZERO,
+  type NbdRequest,
+  REQUEST_BYTES,
+  SIMPLE_REPLY_BYTES,
+  STRUCTURED_REPLY_BYTES,
+  writeChunkHeader,
+  writeSimpleReplyHeader,
+} from "./wire.js";
+
+/** Requests outstanding on one connection before we stop reading from it (tiny requests cost memory too). */
+export const MAX_IN_FLIGHT_REQUESTS = 1024;
+/** Extents per BLOCK_STATUS chunk; the spec asks for at most 2^20, we keep chunks small. */
+export const MAX_EXTENTS_PER_CHUNK = 8192;
+/** After DISC or a drain we half-close; a client that never closes its side is cut after this. */
+export const CLOSE_GRACE_MS = 5000;
+/** OFFSET_DATA chunk overhead: chunk header plus the u64 offset. */
+const DATA_CHUNK_HEADER_BYTES = STRUCTURED_REPLY_BYTES + 8;
+
+/** What a transmission session needs besides the negotiated state. */
+export interface SessionOptions {
+  negotiated: Negotiated;
+  connectionId: number;
+  peer: string;
+  log: TargetLogger;
+  debug: boolean;
+  /** Request payloads and read data held at once (plus unsent replies) before reading pauses. */
+  maxInFlightBytes: number;
+}
+
+type Mode = "header" | "payload" | "skip" | "stopped";
+
+/**
+ * The transmission phase of one connection: an incremental parser over the socket's chunks,
+ * every request served concurrently through the export's current device, replies written as
+ * they complete (out of order), corked per event-loop turn so small replies share packets.
+ *
+ * @example
+ * ```ts
+ * const session = new TransmissionSession({ negotiated, connectionId: 1, peer, log, debug: false, maxInFlightBytes: 64 << 20 });
+ * await session.closed;
+ * ```
+ */
+export class TransmissionSession {
+  readonly entry: ExportEntry;
+  readonly closed: Promise<void>;
+  private readonly stream: Duplex;
+  private readonly structured: boolean;
+  private readonly contextIds: Map<number, string>;
+  private readonly log: TargetLogger;
+  private readonly debug: boolean;
+  private readonly maxInFlightBytes: number;
+  private readonly connectionId: number;
+
+  private chunks: Buffer[] = [];
+  private bufferedBytes = 0;
+  private mode: Mode = "header";
+  private readonly headerScratch = Buffer.allocUnsafe(REQUEST_BYTES);
+  private payloadRequest: NbdRequest | null = null;
+  private payload: Buffer | null = null;
+  private payloadFilled = 0;
+  private skipLeft = 0;
+  private skipRefusal: { error: number; message: string } | null = null;
+
+  private inFlightRequests = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  private corked = false;
+  private ending = false;
+  private draining: string | null = null;
+  private isClosed = false;
+  private resolveClosed!: () => void;
+
+  constructor(options: SessionOptions) {
+    const n = options.negotiated;
+    this.stream = n.stream;
+    this.entry = n.entry;
+    this.structured = n.structured;
+    this.contextIds = new Map(n.metaContexts.map((c) => [c.id, c.name]));
+    this.log = options.log;
+    this.debug = options.debug;
+    this.maxInFlightBytes = options.maxInFlightBytes;
+    this.connectionId = options.connectionId;
+    this.closed = new Promise((resolve) => {
+      this.resolveClosed = resolve;
+    });
+    this.stream.on("data", (chunk: Buffer) => this.onData(chunk));
+    this.stream.on("drain", () => this.pump());
+    this.stream.on("error", (err: Error) => {
+      this.log.debug({ connection: this.connectionId, err: err.message }, "nbd connection error");
+      this.stream.destroy();
+    });
+    this.stream.on("close", () => this.onClose());
+    this.stream.on("end", () => {
+      // The client half-closed: serve what is in flight, then finish our side.
+      this.stopReading();
+      this.endWhenIdle();
+    });
+    if (n.leftover.length) this.onData(n.leftover);
+    this.stream.resume();
+  }
+
+  /** Requests being served now. */
+  get inFlight(): number {
+    return this.inFlightRequests;
+  }
+
+  /**
+   * Stops taking new work: requests already queued are answered ESHUTDOWN, those in flight finish,
+   * then the connection is closed. Resolves when it is closed.
+   */
+  drain(reason: string): Promise<void> {
+    if (!this.draining && !this.isClosed) {
+      this.draining = reason;
+      this.log.info(
+        { connection: this.connectionId, export: this.entry.name, reason },
+        "nbd connection draining",
+      );
+      this.pump();
+      this.endWhenIdle();
+    }
+    return this.closed;
+  }
+
+  /** Closes the connection now; replies still in flight are dropped. */
+  destroy(): void {
+    this.stream.destroy();
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.mode === "stopped") return;
+    this.chunks.push(chunk);
+    this.bufferedBytes += chunk.length;
+    this.pump();
+  }
+
+  private onClose(): void {
+    if (this.isClosed) return;
+    this.isClosed = true;
+    this.mode = "stopped";
+    this.chunks = [];
+    this.bufferedBytes = 0;
+    this.resolveClosed();
+  }
+
+  private overBudget(): boolean {
+    return (
+      this.inFlightRequests >= MAX_IN_FLIGHT_REQUESTS ||
+      this.inFlightBytes + this.stream.writableLength >= this.maxInFlightBytes
+    );
+  }
+
+  /** Parses as many requests as the buffered bytes and the in-flight budget allow. */
+  private pump(): void {
+    for (;;) {
+      if (this.mode === "stopped" || this.isClosed) return;
+      if (this.mode === "header") {
+        if (this.overBudget()) {
+          if (!this.paused) {
+            this.paused = true;
+            this.stream.pause();
+          }
+          return;
+        }
+        if (this.bufferedBytes < REQUEST_BYTES) break;
+        const header = this.takeHeader();
+        const req = decodeRequest(header);
+        if (!req) {
+          this.log.warn(
+            {
+              connection: this.connectionId,
+              export: this.entry.name,
+              magic: header.readUInt32BE(0).toString(16),
+            },
+            "nbd bad request magic: closing the connection",
+          );
+          this.stopReading();
+          this.stream.destroy();
+          return;
+        }
+        this.onRequest(req);
+      } else if (this.mode === "payload") {
+        if (this.bufferedBytes === 0) break;
+        this.fillPayload();
+      } else {
+        if (this.bufferedBytes === 0) break;
+        const n = Math.min(this.skipLeft, this.bufferedBytes);
+        this.drop(n);
+        this.skipLeft -= n;
+        if (this.skipLeft === 0) {
+          const req = this.payloadRequest as NbdRequest;
+          const refusal = this.skipRefusal as { error: number; message: string };
+          this.payloadRequest = null;
+          this.skipRefusal = null;
+          this.mode = "header";
+          this.refuse(req, refusal.error, refusal.message);
+        }
+      }
+    }
+    if (this.paused) {
+      this.paused = false;
+      this.stream.resume();
+    }
+  }
+
+  private onRequest(req: NbdRequest): void {
+    if (req.type === NBD_CMD_DISC) {
+      if (this.debug) this.log.debug({ connection: this.connectionId, export: this.entry.name }, "nbd DISC");
+      this.stopReading();
+      this.endWhenIdle();
+      return;
+    }
+    const refusal = this.draining
+      ? { error: NBD_ESHUTDOWN, message: `server is shutting down (${this.draining})` }
+      : validateRequest(req, {
+          sizeBytes: this.entry.device.sizeBytes,
+          readOnly: isReadOnly(this.entry),
+          structured: this.structured,
+          hasMetaContexts: this.contextIds.size > 0,
+        });
+    if (req.type === NBD_CMD_WRITE) {
+      if (refusal) {
+        // The payload must be consumed or the stream loses its framing; it is never buffered.
+        this.payloadRequest = req;
+        this.skipRefusal = refusal;
+        this.skipLeft = req.length;
+        this.mode = req.length ? "skip" : "header";
+        if (!req.length) this.refuse(req, refusal.error, refusal.message);
+        return;
+      }
+      this.inFlightBytes += req.length;
+      this.payloadRequest = req;
+      this.payloadFilled = 0;
+      this.payload = null;
+      this.mode = "payload";
+      if (req.length === 0) this.finishPayload();
+      return;
+    }
+    if (refusal) {
+      this.refuse(req, refusal.error, refusal.message);
+      return;
+    }
+    this.dispatch(req, null, req.type === NBD_CMD_READ ? req.length : 0);
+  }
+
+  private fillPayload(): void {
+    const req = this.payloadRequest as NbdRequest;
+    const head = this.chunks[0] as Buffer;
+    if (this.payload === null && head.length >= req.length) {
+      // The whole payload is in one received chunk: serve it without copying.
+      this.payload = head.subarray(0, req.length);
+      this.drop(req.length);
+      this.payloadFilled = req.length;
+    } else {
+      this.payload ??= Buffer.allocUnsafe(req.length);
+      const n = Math.min(req.length - this.payloadFilled, this.bufferedBytes);
+      this.take(n, this.payload.subarray(this.payloadFilled, this.payloadFilled + n));
+      this.payloadFilled += n;
+    }
+    if (this.payloadFilled === req.length) this.finishPayload();
+  }
+
+  private finishPayload(): void {
+    const req = this.payloadRequest as NbdRequest;
+    const payload = this.payload ?? Buffer.alloc(0);
+    this.payloadRequest = null;
+    this.payload = null;
+    this.mode = "header";
+    // The write's bytes were counted when its header arrived; dispatch counts none again.
+    this.inFlightBytes -= req.length;
+    this.dispatch(req, payload, req.length);
+  }
+
+  /** The next request header: a view of the head chunk when it is contiguous, else copied together. */
+  private takeHeader(): Buffer {
+    const head = this.chunks[0] as Buffer;
+    if (head.length >= REQUEST_BYTES) {
+      const view = head.subarray(0, REQUEST_BYTES);
+      this.drop(REQUEST_BYTES);
+      return view;
+    }
+    return this.take(REQUEST_BYTES, this.headerScratch);
+  }
+
+  /** Copies `n` buffered bytes into `into`. */
+  private take(n: number, into: Buffer): Buffer {
+    let done = 0;
+    while (done < n) {
+      const c = this.chunks[0] as Buffer;
+      const k = Math.min(c.length, n - done);
+      c.copy(into, done, 0, k);
+      done += k;
+      this.drop(k);
+    }
+    return into;
+  }
+
+  private drop(n: number): void {
+    let left = n;
+    this.bufferedBytes -= n;
+    while (left > 0) {
+      const c = this.chunks[0] as Buffer;
+      if (c.length <= left) {
+        this.chunks.shift();
+        left -= c.length;
+      } else {
+        this.chunks[0] = c.subarray(left);
+        left = 0;
+      }
+    }
+  }
+
+  private stopReading(): void {
+    this.mode = "stopped";
+    this.chunks = [];
+    this.bufferedBytes = 0;
+  }
+
+  /** Half-closes once nothing is in flight (after DISC, a drain, or the client's end). */
+  private endWhenIdle(): void {
+    if (this.inFlightRequests > 0 || this.isClosed) return;
+    if (!this.ending && (this.mode === "stopped" || this.draining)) {
+      this.ending = true;
+      this.stopReading();
+      this.stream.end();
+      setTimeout(() => this.stream.destroy(), CLOSE_GRACE_MS).unref();
+    }
+  }
+
+  private dispatch(req: NbdRequest, payload: Buffer | null, costBytes: number): void {
+    this.inFlightRequests++;
+    this.inFlightBytes += costBytes;
+    const device = this.entry.device;
+    if (this.debug) {
+      this.log.debug(
+        {
+          connection: this.connectionId,
+          export: this.entry.name,
+          handle: req.cookie.toString("hex"),
+          command: COMMAND_NAMES[req.type],
+          offset: Number(req.offset),
+          length: req.length,
+          flags: req.flags,
+        },
+        "nbd request",
+      );
+    }
+    this.execute(device, req, payload)
+      .catch((err: unknown) => this.fail(req, err))
+      .finally(() => {
+        this.inFlightRequests--;
+        this.inFlightBytes -= costBytes;
+        if (this.paused) this.pump();
+        this.endWhenIdle();
+      });
+  }
+
+  private async execute(device: BlockDevice, req: NbdRequest, payload: Buffer | null): Promise<void> {
+    const offset = Number(req.offset);
+    const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
+    switch (req.type) {
+      case NBD_CMD_READ:
+        return this.read(device, req, offset);
+      case NBD_CMD_WRITE:
+        await device.write(offset, payload as Buffer, { fua });
+        return this.ok(req);
+      case NBD_CMD_FLUSH:
+        await device.flush();
+        return this.ok(req);
+      case NBD_CMD_TRIM:
+        if (req.length) await device.discard(offset, req.length, { fua });
+        return this.ok(req);
+      case NBD_CMD_CACHE:
+        // A prefetch hint: success promises nothing, so there is nothing to do.
+        return this.ok(req);
+      case NBD_CMD_WRITE_ZEROES:
+        if (req.flags & NBD_CMD_FLAG_FAST_ZERO) {
+          // We cannot tell whether a device zeroes faster than it writes, except when the
+          // range already reads as zeros: then it is a no-op. Otherwise fail fast as the spec asks.
+          const exts = await device.extents(offset, req.length);
+          if (exts.some((e) => e.kind === "data")) {
+            return this.refuse(
+              req,
+              NBD_ENOTSUP,
+              "FAST_ZERO: zeroing this range would not be faster than writing",
+            );
+          }
+          return this.ok(req);
+        }
+        if (req.length) {
+          await device.writeZeroes(offset, req.length, {
+            fua,
+            mayTrim: (req.flags & NBD_CMD_FLAG_NO_HOLE) === 0,
+          });
+        }
+        return this.ok(req);
+      case NBD_CMD_BLOCK_STATUS:
+        return this.blockStatus(device, req, offset);
+      default:
+        return this.refuse(req, NBD_EINVAL, `unknown command type ${req.type}`);
+    }
+  }
+
+  private async read(device: BlockDevice, req: NbdRequest, offset: number): Promise<void> {
+    const length = req.length;
+    if (!this.structured) {
+      const buf = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + length);
+      if (length) await device.readInto(offset, buf.subarray(SIMPLE_REPLY_BYTES));
+      writeSimpleReplyHeader(buf, 0, 0, req.cookie);
+      return this.send(buf);
+    }
+    if (length === 0) return this.send(encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookie));
+    let extents: Extent[] | null = null;
+    if ((req.flags & NBD_CMD_FLAG_DF) === 0) {
+      try {
+        extents = await device.extents(offset, length);
+      } catch {
+        extents = null; // allocation info is an optimisation: read everything as data
+      }
+    }
+    if (!extents || extents.length <= 1 || !extents.some((e) => e.kind !== "data")) {
+      if (extents?.length === 1 && extents[0]?.kind !== "data") {
+        return this.send(encodeHoleChunk(NBD_REPLY_FLAG_DONE, req.cookie, req.offset, length));
+      }
+      const buf = Buffer.allocUnsafe(DATA_CHUNK_HEADER_BYTES + length);
+      await device.readInto(offset, buf.subarray(DATA_CHUNK_HEADER_BYTES));
+      writeChunkHeader(buf, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + length);
+      buf.writeBigUInt64BE(req.offset, STRUCTURED_REPLY_BYTES);
+      return this.send(buf);
+    }
+    // Mixed data and holes: read the data runs concurrently, then send chunks in order.
+    const runs = clampExtents(extents, offset, length);
+    const results = await Promise.allSettled(
+      runs.map(async (r) => {
+        if (r.kind !== "data") return null;
+        const buf = Buffer.allocUnsafe(DATA_CHUNK_HEADER_BYTES + r.lengthBytes);
+        await device.readInto(r.offsetBytes, buf.subarray(DATA_CHUNK_HEADER_BYTES));
+        writeChunkHeader(buf, 0, 0, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + r.lengthBytes);
+        buf.writeBigUInt64BE(BigInt(r.offsetBytes), STRUCTURED_REPLY_BYTES);
+        return buf;
+      }),
+    );
+    let failure: { err: unknown; offset: number } | null = null;
+    runs.forEach((r, i) => {
+      const res = results[i] as PromiseSettledResult<Buffer | null>;
+      if (res.status === "rejected") failure ??= { err: res.reason, offset: r.offsetBytes };
+      else if (res.value) this.send(res.value);
+      else this.send(encodeHoleChunk(0, req.cookie, BigInt(r.offsetBytes), r.lengthBytes));
+    });
+    if (failure) {
+      const f = failure as { err: unknown; offset: number };
+      this.logError(req, f.err);
+      return this.send(
+        encodeErrorChunk(req.cookie, nbdErrorOf(f.err), errorMessage(f.err), BigInt(f.offset)),
+      );
+    }
+    this.send(encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookie));
+  }
+
+  private async blockStatus(device: BlockDevice, req: NbdRequest, offset: number): Promise<void> {
+    const reqOne = (req.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
+    const custom = deviceContexts(device);
+    const chunks: Buffer[] = [];
+    const ids = [...this.contextIds.keys()];
+    for (const id of ids) {
+      const name = this.contextIds.get(id) as string;
+      let runs: Array<{ lengthBytes: number; flags: number }>;
+      if (name === BASE_ALLOCATION && !custom.has(name)) {
+        runs = (await device.extents(offset, req.length)).map((e) => ({
+          lengthBytes: e.lengthBytes,
+          flags: e.kind === "hole" ? NBD_STATE_HOLE | NBD_STATE_ZERO : e.kind === "zero" ? NBD_STATE_ZERO : 0,
+        }));
+      } else {
+        const ctx = custom.get(name);
+        // The device was replaced by one without this context: report "nothing known" (flags 0).
+        runs = ctx ? await ctx.query(offset, req.length) : [];
+      }
+      const extents = normaliseRuns(runs, req.length, reqOne);
+      chunks.push(encodeBlockStatusChunk(0, req.cookie, id, extents));
+    }
+    const last = chunks[chunks.length - 1];
+    if (last) last.writeUInt16BE(NBD_REPLY_FLAG_DONE, 4);
+    for (const c of chunks) this.send(c);
+  }
+
+  private ok(req: NbdRequest): void {
+    this.send(encodeSimpleReply(0, req.cookie));
+  }
+
+  /** Answers a request with an error (simple reply, or an ERROR chunk with the message). */
+  private refuse(req: NbdRequest, error: number, message: string): void {
+    if (this.debug || error !== NBD_ESHUTDOWN) {
+      this.log.warn(
+        {
+          connection: this.connectionId,
+          export: this.entry.name,
+          handle: req.cookie.toString("hex"),
+          command: COMMAND_NAMES[req.type] ?? req.type,
+          error,
+        },
+        `nbd request refused: ${message}`,
+      );
+    }
+    if (this.structured) this.send(encodeErrorChunk(req.cookie, error, message));
+    else this.send(encodeSimpleReply(error, req.cookie));
+  }
+
+  private fail(req: NbdRequest, err: unknown): void {
+    this.logError(req, err);
+    if (this.structured) this.send(encodeErrorChunk(req.cookie, nbdErrorOf(err), errorMessage(err)));
+    else this.send(encodeSimpleReply(nbdErrorOf(err), req.cookie));
+  }
+
+  private logError(req: NbdRequest, err: unknown): void {
+    this.log.error(
+      {
+        connection: this.connectionId,
+        export: this.entry.name,
+        handle: req.cookie.toString("hex"),
+        command: COMMAND_NAMES[req.type],
+        offset: Number(req.offset),
+        length: req.length,
+        err: errorMessage(err),
+      },
+      "nbd request failed",
+    );
+  }
+
+  private readonly uncork = () => {
+    this.corked = false;
+    if (!this.stream.destroyed) this.stream.uncork();
+  };
+
+  private send(buf: Buffer): void {
+    if (this.isClosed || this.stream.destroyed || this.stream.writableEnded) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.stream.cork();
+      setImmediate(this.uncork);
+    }
+    this.stream.write(buf);
+  }
+}
+
+function errorMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** Extents clipped to the request, in order, without empty runs. */
+function clampExtents(extents: Extent[], offset: number, length: number): Extent[] {
+  const end = offset + length;
+  const out: Extent[] = [];
+  let pos = offset;
+  for (const e of extents) {
+    const s = Math.max(pos, e.offsetBytes);
+    const t = Math.min(end, e.offsetBytes + e.lengthBytes);
+    if (t <= s) continue;
+    if (s > pos) out.push({ offsetBytes: pos, lengthBytes: s - pos, kind: "data" });
+    out.push({ offsetBytes: s, lengthBytes: t - s, kind: e.kind });
+    pos = t;
+  }
+  if (pos < end) out.push({ offsetBytes: pos, lengthBytes: end - pos, kind: "data" });
+  return out;
+}
+
+/**
+ * Turns a context's runs into valid descriptors: non-zero lengths, merged when flags repeat,
+ * clipped to the request, at least one (flags 0 = nothing known) and one only with REQ_ONE.
+ */
+export function normaliseRuns(
+  runs: ReadonlyArray<{ lengthBytes: number; flags: number }>,
+  requestLength: number,
+  reqOne: boolean,
+): Array<{ lengthBytes: number; flags: number }> {
+  const out: Array<{ lengthBytes: number; flags: number }> = [];
+  let covered = 0;
+  for (const r of runs) {
+    if (covered >= requestLength) break;
+    const len = Math.min(Math.floor(r.lengthBytes), requestLength - covered);
+    if (!(len > 0)) continue;
+    const last = out[out.length - 1];
+    if (last && last.flags === r.flags >>> 0) last.lengthBytes += len;
+    else {
+      if (out.length >= MAX_EXTENTS_PER_CHUNK) break;
+      out.push({ lengthBytes: len, flags: r.flags >>> 0 });
+    }
+    covered += len;
+  }
+  if (out.length === 0) out.push({ lengthBytes: requestLength, flags: 0 });
+  if (reqOne) out.length = 1;
+  return out;
+}

@@ -7,7 +7,7 @@ import {
   type WriteOptions,
   type WriteZeroesOptions,
 } from "./block-device.js";
-import { IoError } from "./errors.js";
+import { errnoOf, IoError } from "./errors.js";
 import { nativeFileOps } from "./native.js";
 
 /** Zeros are written in pieces of this size when the range cannot be punched or zero-ranged. */
@@ -75,7 +75,10 @@ export class FileDevice implements BlockDevice {
       if (st.isBlockDevice()) {
         const sys = `/sys/dev/block/${major(st.rdev)}:${minor(st.rdev)}`;
         sizeBytes = Number((await fsp.readFile(`${sys}/size`, "utf8")).trim()) * 512;
-        logicalBlockSize = await readSysNumber(`${sys}/queue/logical_block_size`, 512);
+        // A partition has no queue/ of its own: its disk's (the parent directory) applies.
+        logicalBlockSize =
+          (await readSysNumber(`${sys}/queue/logical_block_size`, 0)) ||
+          (await readSysNumber(`${sys}/../queue/logical_block_size`, 512));
       } else if (st.isFile()) {
         sizeBytes = st.size;
         if (options.createSizeBytes !== undefined && options.createSizeBytes > sizeBytes) {
@@ -140,34 +143,74 @@ export class FileDevice implements BlockDevice {
     if (!this.readOnly) await this.handle.datasync();
   }
 
+  /**
+   * Punches a hole in a file (fallocate PUNCH_HOLE), BLKDISCARD on a block device (whole logical
+   * blocks only: the partial blocks at the edges are left as they are, a discard being advisory).
+   * A no-op without the native addon or where the file system or device cannot discard.
+   */
   async discard(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
     this.checkWritable();
     checkRange(this, offsetBytes, lengthBytes);
     const native = nativeFileOps();
-    // Without hole punching a discard is a no-op: it is advisory, and the data stays readable.
-    if (!native || lengthBytes === 0) return;
-    await native.punchHole(this.fd, offsetBytes, lengthBytes);
+    let start = offsetBytes;
+    let end = offsetBytes + lengthBytes;
+    if (this.isBlockDevice) {
+      start = Math.ceil(start / this.logicalBlockSize) * this.logicalBlockSize;
+      end = Math.floor(end / this.logicalBlockSize) * this.logicalBlockSize;
+    }
+    if (!native || end <= start) return;
+    try {
+      await native.punchHole(this.fd, start, end - start);
+    } catch (err) {
+      if (isUnsupported(err)) return;
+      throw this.nativeError("discard", start, end - start, err);
+    }
     if (options?.fua) await this.handle.datasync();
   }
 
+  /**
+   * Makes the range read as zeros. Files: fallocate ZERO_RANGE (PUNCH_HOLE with `mayTrim`),
+   * block devices: BLKZEROOUT on the whole logical blocks, written zeros at unaligned edges.
+   * Without the native addon, or where the file system refuses, zeros are written.
+   */
   async writeZeroes(offsetBytes: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void> {
     this.checkWritable();
     checkRange(this, offsetBytes, lengthBytes);
     if (lengthBytes === 0) return;
     const native = nativeFileOps();
-    if (native) {
-      if (options?.mayTrim && !this.isBlockDevice) await native.punchHole(this.fd, offsetBytes, lengthBytes);
-      else await native.zeroRange(this.fd, offsetBytes, lengthBytes);
+    const end = offsetBytes + lengthBytes;
+    if (!native) {
+      await this.writeZeroBytes(offsetBytes, lengthBytes);
+    } else if (this.isBlockDevice) {
+      const blockStart = Math.ceil(offsetBytes / this.logicalBlockSize) * this.logicalBlockSize;
+      const blockEnd = Math.floor(end / this.logicalBlockSize) * this.logicalBlockSize;
+      if (blockEnd <= blockStart) {
+        await this.writeZeroBytes(offsetBytes, lengthBytes);
+      } else {
+        await this.writeZeroBytes(offsetBytes, blockStart - offsetBytes);
+        try {
+          await native.zeroRange(this.fd, blockStart, blockEnd - blockStart);
+        } catch (err) {
+          throw this.nativeError("write-zeroes", blockStart, blockEnd - blockStart, err);
+        }
+        await this.writeZeroBytes(blockEnd, end - blockEnd);
+      }
     } else {
-      const zeros = Buffer.alloc(Math.min(ZERO_WRITE_BYTES, lengthBytes));
-      for (let done = 0; done < lengthBytes; done += zeros.length) {
-        const n = Math.min(zeros.length, lengthBytes - done);
-        await this.write(offsetBytes + done, n === zeros.length ? zeros : zeros.subarray(0, n));
+      try {
+        if (options?.mayTrim) await native.punchHole(this.fd, offsetBytes, lengthBytes);
+        else await native.zeroRange(this.fd, offsetBytes, lengthBytes);
+      } catch (err) {
+        if (!isUnsupported(err)) throw this.nativeError("write-zeroes", offsetBytes, lengthBytes, err);
+        await this.writeZeroBytes(offsetBytes, lengthBytes);
       }
     }
     if (options?.fua) await this.handle.datasync();
   }
 
+  /**
+   * Runs of data and holes: SEEK_DATA/SEEK_HOLE on a file with the native addon; otherwise (block
+   * devices, no addon) the whole range is data.
+   */
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     this.checkOpen();
     checkRange(this, offsetBytes, lengthBytes);
@@ -196,6 +239,21 @@ export class FileDevice implements BlockDevice {
     await this.handle.close();
   }
 
+  /** The pure-JS zeroing path: writes of a shared zero buffer, in pieces. */
+  private async writeZeroBytes(offsetBytes: number, lengthBytes: number): Promise<void> {
+    if (lengthBytes <= 0) return;
+    const zeros = zeroBuffer(Math.min(ZERO_WRITE_BYTES, lengthBytes));
+    for (let done = 0; done < lengthBytes; done += zeros.length) {
+      const n = Math.min(zeros.length, lengthBytes - done);
+      await this.write(offsetBytes + done, n === zeros.length ? zeros : zeros.subarray(0, n));
+    }
+  }
+
+  private nativeError(what: string, offsetBytes: number, lengthBytes: number, err: unknown): IoError {
+    const detail = err instanceof Error ? err.message : String(err);
+    return new IoError(errnoOf(err), this.name, `${what} at ${offsetBytes}+${lengthBytes} failed: ${detail}`);
+  }
+
   private checkOpen(): void {
     if (this.closed) throw new IoError("EIO", this.name, "device is closed");
   }
@@ -213,6 +271,21 @@ function major(rdev: number): number {
 
 function minor(rdev: number): number {
   return (rdev & 0xff) | (Math.floor(rdev / 2 ** 12) & ~0xff);
+}
+
+/** Errors that mean "this file system or device cannot do that", not "the I/O failed". */
+function isUnsupported(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code;
+  return code === "EOPNOTSUPP" || code === "ENOTSUP" || code === "ENOTTY";
+}
+
+let sharedZeros: Buffer | undefined;
+
+/** A zero-filled buffer of at least `bytes`, shared (never written to). */
+function zeroBuffer(bytes: number): Buffer {
+  if (!sharedZeros || sharedZeros.length < bytes)
+    sharedZeros = Buffer.alloc(Math.max(bytes, ZERO_WRITE_BYTES));
+  return sharedZeros.subarray(0, bytes);
 }
 
 async function readSysNumber(path: string, fallback: number): Promise<number> {

@@ -1,0 +1,374 @@
+import { execFileSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { promises as fsp } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import fc from "fast-check";
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import type { Extent } from "./block-device.js";
+import { FileDevice } from "./file-device.js";
+import { KcopydClient, KcopydFlags } from "./kcopyd.js";
+import { NO_NATIVE_ENV, nativeFileOps, nativeFileOpsLoadError } from "./native.js";
+
+const CI = process.env.CI === "true";
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const GiB = 1024 * MiB;
+
+/** Whether the addon loads, whatever UDM_NO_NATIVE says in this process. */
+const nativeBuilt = withNative(true, () => nativeFileOps() !== null);
+
+function withNative<T>(enabled: boolean, fn: () => T): T {
+  const saved = process.env[NO_NATIVE_ENV];
+  if (enabled) delete process.env[NO_NATIVE_ENV];
+  else process.env[NO_NATIVE_ENV] = "1";
+  try {
+    return fn();
+  } finally {
+    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = saved;
+  }
+}
+
+/** Both FileDevice paths; the native one must run under CI (the addon is built by `pnpm install`). */
+const MODES = [
+  { mode: "native", native: true, runs: nativeBuilt || CI },
+  { mode: "pure-JS (UDM_NO_NATIVE=1)", native: false, runs: true },
+];
+
+let dir: string;
+beforeAll(async () => {
+  dir = await fsp.mkdtemp(join(tmpdir(), "udm-filedev-"));
+});
+afterAll(async () => {
+  await fsp.rm(dir, { recursive: true, force: true });
+});
+
+describe("native addon", () => {
+  it.skipIf(!CI && !nativeBuilt)("is built by pnpm install (required under CI)", () => {
+    expect(nativeBuilt, `addon did not load: ${String(nativeFileOpsLoadError())}`).toBe(true);
+  });
+
+  it.skipIf(!nativeBuilt)("reports ENXIO as -1 and other errors with their errno name", async () => {
+    const native = withNative(true, () => nativeFileOps())!;
+    const fh = await fsp.open(join(dir, "seek.img"), "w+");
+    try {
+      await fh.truncate(MiB);
+      await fh.write(Buffer.alloc(4 * KiB, 1), 0, 4 * KiB, 64 * KiB);
+      expect(native.seekData(fh.fd, 0)).toBe(64 * KiB);
+      expect(native.seekHole(fh.fd, 64 * KiB)).toBe(68 * KiB);
+      expect(native.seekData(fh.fd, 68 * KiB)).toBe(-1);
+      expect(native.seekHole(fh.fd, MiB)).toBe(-1);
+      await native.punchHole(fh.fd, 64 * KiB, 4 * KiB);
+      expect(native.seekData(fh.fd, 0)).toBe(-1);
+      expect(() => native.seekData(fh.fd, -1)).toThrow(/non-negative/);
+    } finally {
+      await fh.close();
+    }
+    const closedFd = 1 << 20;
+    expect(() => native.seekData(closedFd, 0)).toThrow(expect.objectContaining({ code: "EBADF" }));
+    await expect(native.zeroRange(closedFd, 0, 1)).rejects.toMatchObject({ code: "EBADF" });
+  });
+});
+
+describe.each(MODES)("FileDevice on a sparse file, $mode path", ({ native, runs }) => {
+  let saved: string | undefined;
+  beforeEach(() => {
+    saved = process.env[NO_NATIVE_ENV];
+    if (native) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = "1";
+  });
+  afterEach(() => {
+    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = saved;
+  });
+  const file = (name: string) => join(dir, `${native ? "n" : "js"}-${name}`);
+
+  it.skipIf(!runs)("reports the data runs of a 1 TiB sparse file (all data without the addon)", async () => {
+    const dev = await FileDevice.open(file("tib.img"), { createSizeBytes: 2 ** 40 });
+    try {
+      await dev.write(0, randomBytes(64 * KiB));
+      await dev.write(2 ** 39, randomBytes(MiB));
+      await dev.write(2 ** 40 - 4 * KiB, randomBytes(4 * KiB));
+      const all = await dev.extents(0, dev.sizeBytes);
+      const window = await dev.extents(2 ** 39 - MiB, 3 * MiB);
+      if (native) {
+        expect(all).toEqual<Extent[]>([
+          { offsetBytes: 0, lengthBytes: 64 * KiB, kind: "data" },
+          { offsetBytes: 64 * KiB, lengthBytes: 2 ** 39 - 64 * KiB, kind: "hole" },
+          { offsetBytes: 2 ** 39, lengthBytes: MiB, kind: "data" },
+          { offsetBytes: 2 ** 39 + MiB, lengthBytes: 2 ** 39 - MiB - 4 * KiB, kind: "hole" },
+          { offsetBytes: 2 ** 40 - 4 * KiB, lengthBytes: 4 * KiB, kind: "data" },
+        ]);
+        expect(window).toEqual<Extent[]>([
+          { offsetBytes: 2 ** 39 - MiB, lengthBytes: MiB, kind: "hole" },
+          { offsetBytes: 2 ** 39, lengthBytes: MiB, kind: "data" },
+          { offsetBytes: 2 ** 39 + MiB, lengthBytes: MiB, kind: "hole" },
+        ]);
+      } else {
+        expect(all).toEqual([{ offsetBytes: 0, lengthBytes: 2 ** 40, kind: "data" }]);
+        expect(window).toEqual([{ offsetBytes: 2 ** 39 - MiB, lengthBytes: 3 * MiB, kind: "data" }]);
+      }
+      expect(await dev.extents(5, 0)).toEqual([]);
+    } finally {
+      await dev.close();
+    }
+  });
+
+  it.skipIf(!runs)("discard punches a hole with the addon and is a harmless no-op without", async () => {
+    const path = file("discard.img");
+    const dev = await FileDevice.open(path, { createSizeBytes: 4 * MiB });
+    const data = randomBytes(4 * MiB);
+    try {
+      await dev.write(0, data);
+      await dev.flush();
+      const before = (await fsp.stat(path)).blocks;
+      await dev.discard(MiB + 100, 2 * MiB, { fua: true });
+      const after = await dev.read(0, 4 * MiB);
+      expect(after.subarray(0, MiB + 100).equals(data.subarray(0, MiB + 100))).toBe(true);
+      expect(after.subarray(3 * MiB + 100).equals(data.subarray(3 * MiB + 100))).toBe(true);
+      const middle = after.subarray(MiB + 100, 3 * MiB + 100);
+      if (native) {
+        expect(middle.every((b) => b === 0)).toBe(true);
+        // The whole file-system blocks inside the range are deallocated.
+        expect((await fsp.stat(path)).blocks).toBeLessThanOrEqual(before - (2 * MiB - 8 * KiB) / 512);
+        const holes = (await dev.extents(0, dev.sizeBytes)).filter((e) => e.kind === "hole");
+        expect(holes).toHaveLength(1);
+        expect(holes[0]!.offsetBytes).toBeGreaterThanOrEqual(MiB + 100);
+        expect(holes[0]!.offsetBytes + holes[0]!.lengthBytes).toBeLessThanOrEqual(3 * MiB + 100);
+      } else {
+        expect(middle.equals(data.subarray(MiB + 100, 3 * MiB + 100))).toBe(true);
+      }
+    } finally {
+      await dev.close();
+    }
+  });
+
+  it.skipIf(!runs)("writeZeroes reads back as zeros at odd offsets, with and without mayTrim", async () => {
+    const path = file("zeroes.img");
+    const dev = await FileDevice.open(path, { createSizeBytes: 3 * MiB + 17 });
+    try {
+      const model = randomBytes(dev.sizeBytes);
+      await dev.write(0, model);
+      await dev.writeZeroes(1000, MiB + 5);
+      model.fill(0, 1000, 1000 + MiB + 5);
+      await dev.writeZeroes(2 * MiB + 7, 300_000, { mayTrim: true, fua: true });
+      model.fill(0, 2 * MiB + 7, 2 * MiB + 7 + 300_000);
+      await dev.writeZeroes(dev.sizeBytes - 10, 10);
+      model.fill(0, dev.sizeBytes - 10);
+      expect((await dev.read(0, dev.sizeBytes)).equals(model)).toBe(true);
+      const onDisk = await fsp.readFile(path);
+      expect(onDisk.equals(model)).toBe(true);
+      const holes = (await dev.extents(0, dev.sizeBytes)).filter((e) => e.kind === "hole");
+      if (native) expect(holes.length).toBeGreaterThanOrEqual(1);
+      else expect(holes).toEqual([]);
+    } finally {
+      await dev.close();
+    }
+  });
+
+  it.skipIf(!runs)("behaves like a flat byte array under random writes, zeroes and discards", async () => {
+    const SIZE = 256 * KiB + 333;
+    const op = fc.record({
+      kind: fc.constantFrom("write", "zero", "trim", "discard"),
+      offset: fc.nat(SIZE - 1),
+      length: fc.nat(64 * KiB),
+      byte: fc.integer({ min: 1, max: 255 }),
+    });
+    let run = 0;
+    await fc.assert(
+      fc.asyncProperty(fc.array(op, { maxLength: 12 }), async (ops) => {
+        const path = file(`model-${run++}.img`);
+        const dev = await FileDevice.open(path, { createSizeBytes: SIZE });
+        const model = Buffer.alloc(SIZE);
+        try {
+          for (const o of ops) {
+            const length = Math.min(o.length, SIZE - o.offset);
+            const end = o.offset + length;
+            if (o.kind === "write") {
+              await dev.write(o.offset, Buffer.alloc(length, o.byte));
+              model.fill(o.byte, o.offset, end);
+            } else if (o.kind === "discard") {
+              await dev.discard(o.offset, length);
+              // A punched file range reads as zeros; without the addon discard leaves the data.
+              if (native) model.fill(0, o.offset, end);
+            } else {
+              await dev.writeZeroes(o.offset, length, { mayTrim: o.kind === "trim" });
+              model.fill(0, o.offset, end);
+            }
+          }
+          expect((await dev.read(0, SIZE)).equals(model)).toBe(true);
+          const extents = await dev.extents(0, SIZE);
+          expect(extents.reduce((sum, e) => sum + e.lengthBytes, 0)).toBe(SIZE);
+          for (const e of extents) {
+            if (e.kind !== "hole") continue;
+            expect(model.subarray(e.offsetBytes, e.offsetBytes + e.lengthBytes).every((b) => b === 0)).toBe(
+              true,
+            );
+          }
+        } finally {
+          await dev.close();
+          await fsp.rm(path);
+        }
+      }),
+      { numRuns: 25 },
+    );
+  });
+
+  it.skipIf(!runs)("kcopyd SKIP_HOLES copies the data and leaves the destination sparse", async () => {
+    const SIZE = 64 * MiB;
+    const src = await FileDevice.open(file("skip-src.img"), { createSizeBytes: SIZE });
+    const dstPath = file("skip-dst.img");
+    await fsp.writeFile(dstPath, Buffer.alloc(0));
+    const dst = await FileDevice.open(dstPath, { createSizeBytes: SIZE });
+    const kc = new KcopydClient({ pages: 256 });
+    try {
+      const a = randomBytes(MiB + 4 * KiB);
+      const b = randomBytes(300 * KiB);
+      await src.write(4 * MiB, a);
+      await src.write(SIZE - 300 * KiB, b);
+      // Stale bytes in the destination's holes must become zeros.
+      await dst.write(20 * MiB, Buffer.alloc(MiB, 0xee));
+      const count = SIZE / 512;
+      const result = await kc.copyAsync(
+        { dev: src, sector: 0, count },
+        [{ dev: dst, sector: 0, count }],
+        KcopydFlags.SKIP_HOLES,
+      );
+      expect(result).toEqual({ readErr: false, writeErr: 0 });
+      expect((await dst.read(0, SIZE)).equals(await src.read(0, SIZE))).toBe(true);
+      if (native) {
+        expect(await dst.extents(0, SIZE)).toEqual(await src.extents(0, SIZE));
+        expect((await fsp.stat(dstPath)).blocks * 512).toBeLessThanOrEqual(2 * MiB);
+      }
+    } finally {
+      await kc.destroy();
+      await src.close();
+      await dst.close();
+    }
+  });
+});
+
+/** `losetup` needs root and the loop driver; CI must have both (scripts/setup.sh installs `mount`). */
+function loopAvailable(): string | null {
+  try {
+    execFileSync("losetup", ["--version"], { stdio: "ignore" });
+  } catch {
+    return "losetup is not installed";
+  }
+  if (process.getuid?.() !== 0) return "losetup needs root";
+  return null;
+}
+const loopMissing = loopAvailable();
+
+describe("FileDevice on a loop device", () => {
+  it.skipIf(!CI || !loopMissing)("has losetup and root (required under CI)", () => {
+    expect(loopMissing).toBeNull();
+  });
+});
+
+describe.each(MODES)("FileDevice on a loop device, $mode path", ({ native, runs }) => {
+  const SIZE = 8 * MiB;
+  const BLOCK = 4096;
+  let backing: string;
+  let loop: string | undefined;
+  let dev: FileDevice;
+  let saved: string | undefined;
+  const active = runs && (loopMissing === null || CI);
+
+  beforeAll(async () => {
+    if (!active) return;
+    if (loopMissing) throw new Error(`cannot test loop devices: ${loopMissing}`);
+    saved = process.env[NO_NATIVE_ENV];
+    if (native) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = "1";
+    backing = join(dir, `${native ? "n" : "js"}-loop-backing.img`);
+    await fsp.writeFile(backing, Buffer.alloc(0));
+    await fsp.truncate(backing, SIZE);
+    loop = execFileSync("losetup", ["-f", "--show", "-b", String(BLOCK), backing], {
+      encoding: "utf8",
+    }).trim();
+    dev = await FileDevice.open(loop);
+  });
+  afterAll(async () => {
+    if (!active) return;
+    await dev?.close();
+    if (loop) execFileSync("losetup", ["-d", loop]);
+    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = saved;
+  });
+
+  it.skipIf(!active)("takes its size and logical block size from sysfs", () => {
+    expect(dev.isBlockDevice).toBe(true);
+    expect(dev.sizeBytes).toBe(SIZE);
+    expect(dev.logicalBlockSize).toBe(BLOCK);
+    expect(dev.name).toBe(loop);
+  });
+
+  it.skipIf(!active)("writes at odd offsets reach the backing file after flush", async () => {
+    const data = randomBytes(3 * BLOCK + 123);
+    await dev.write(BLOCK + 7, data);
+    await dev.flush();
+    expect((await dev.read(BLOCK + 7, data.length)).equals(data)).toBe(true);
+    const fh = await fsp.open(backing, "r");
+    try {
+      const onDisk = Buffer.alloc(data.length);
+      await fh.read(onDisk, 0, data.length, BLOCK + 7);
+      expect(onDisk.equals(data)).toBe(true);
+    } finally {
+      await fh.close();
+    }
+  });
+
+  it.skipIf(!active)("writeZeroes (BLKZEROOUT inside, written zeros at the unaligned edges)", async () => {
+    const model = randomBytes(2 * MiB);
+    await dev.write(MiB, model);
+    await dev.writeZeroes(MiB + 1000, MiB + 3 * BLOCK + 5, { fua: true });
+    model.fill(0, 1000, 1000 + MiB + 3 * BLOCK + 5);
+    await dev.writeZeroes(MiB + 2 * MiB - 100, 50);
+    model.fill(0, 2 * MiB - 100, 2 * MiB - 50);
+    expect((await dev.read(MiB, 2 * MiB)).equals(model)).toBe(true);
+  });
+
+  it.skipIf(!active)("discard (BLKDISCARD) drops whole blocks; without the addon it is a no-op", async () => {
+    const data = randomBytes(MiB);
+    const at = 4 * MiB;
+    await dev.write(at, data);
+    await dev.flush();
+    await dev.discard(at + 100, 4 * BLOCK, { fua: true });
+    const after = await dev.read(at, MiB);
+    // Partial blocks at the edges are left alone: [at+100, at+BLOCK) and [at+4*BLOCK, at+4*BLOCK+100).
+    expect(after.subarray(0, BLOCK).equals(data.subarray(0, BLOCK))).toBe(true);
+    expect(after.subarray(4 * BLOCK).equals(data.subarray(4 * BLOCK))).toBe(true);
+    const inner = after.subarray(BLOCK, 4 * BLOCK);
+    // The loop driver discards by punching its backing file, so discarded blocks read as zeros.
+    if (native) expect(inner.every((b) => b === 0)).toBe(true);
+    else expect(inner.equals(data.subarray(BLOCK, 4 * BLOCK))).toBe(true);
+  });
+
+  it.skipIf(!active)("reports all of a block device as data", async () => {
+    expect(await dev.extents(0, SIZE)).toEqual([{ offsetBytes: 0, lengthBytes: SIZE, kind: "data" }]);
+    expect(await dev.extents(BLOCK, 10)).toEqual([{ offsetBytes: BLOCK, lengthBytes: 10, kind: "data" }]);
+  });
+});
+
+describe("FileDevice.open", () => {
+  it("refuses what is neither a file nor a block device, naming it", async () => {
+    await expect(FileDevice.open(dir, { readOnly: true })).rejects.toThrow(
+      /udm-filedev-.*: not a regular file or block device/,
+    );
+    await expect(FileDevice.open(dir)).rejects.toMatchObject({ code: "EISDIR" });
+    await expect(FileDevice.open("/dev/null")).rejects.toThrow(/not a regular file or block device/);
+  });
+
+  it("creates a sparse file of the asked size and never shrinks an existing one", async () => {
+    const path = join(dir, "create.img");
+    const dev = await FileDevice.open(path, { createSizeBytes: 10 * GiB });
+    expect(dev.sizeBytes).toBe(10 * GiB);
+    await dev.close();
+    expect((await fsp.stat(path)).blocks).toBe(0);
+    const again = await FileDevice.open(path, { createSizeBytes: MiB });
+    expect(again.sizeBytes).toBe(10 * GiB);
+    await again.close();
+  });
+});

@@ -83,11 +83,11 @@ export function textTable(rows) {
 export function markdownTable(rows) {
   const columns = columnsOf(rows);
   const numeric = columns.map((c) => rows.some((r) => typeof r[c] === "number"));
-  const escape = (s) => s.replaceAll("|", "\\|");
+  const escapePipes = (s) => s.replaceAll("|", "\\|");
   return [
-    `| ${columns.map(escape).join(" | ")} |`,
+    `| ${columns.map(escapePipes).join(" | ")} |`,
     `| ${numeric.map((n) => (n ? "---:" : "---")).join(" | ")} |`,
-    ...rows.map((r) => `| ${columns.map((c) => escape(cell(r[c]))).join(" | ")} |`),
+    ...rows.map((r) => `| ${columns.map((c) => escapePipes(cell(r[c]))).join(" | ")} |`),
   ].join("\n");
 }
 

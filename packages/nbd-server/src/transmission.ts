@@ -233,6 +233,7 @@ export class TransmissionSession {
       this.paused = false;
       this.stream.resume();
     }
+    if (this.draining) this.endWhenIdle();
   }
 
   private onRequest(req: NbdRequest): void {
@@ -351,7 +352,8 @@ export class TransmissionSession {
   /** Half-closes once nothing is in flight (after DISC, a drain, or the client's end). */
   private endWhenIdle(): void {
     if (this.inFlightRequests > 0 || this.isClosed) return;
-    if (!this.ending && (this.mode === "stopped" || this.draining)) {
+    // A drain waits for a WRITE whose header arrived to get its payload (it is then served).
+    if (!this.ending && (this.mode === "stopped" || (this.draining && this.mode === "header"))) {
       this.ending = true;
       this.stopReading();
       this.stream.end();

@@ -1,1 +1,15 @@
-export {};
+export * from "./cli.js";
+export * from "./control-protocol.js";
+export * from "./control-server.js";
+export * from "./copy-command.js";
+export * from "./device-manager.js";
+export * from "./device-pool.js";
+export * from "./embedded-default.js";
+export * from "./gate-device.js";
+export * from "./logger.js";
+export * from "./progress.js";
+export * from "./segmented-device.js";
+export * from "./serve.js";
+export * from "./table-parser.js";
+export * from "./targets.js";
+export * from "./usage-error.js";

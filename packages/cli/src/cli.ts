@@ -1,0 +1,589 @@
+import { readFileSync } from "node:fs";
+import { dirname, resolve } from "node:path";
+import { formatSize, parseSize, SECTOR_SIZE } from "@udm/kcopyd";
+import { Command, CommanderError, Option } from "commander";
+import { ControlError, ControlUnavailableError, controlRequest } from "./control-protocol.js";
+import { formatCopySummary, runCopy } from "./copy-command.js";
+import type { DeviceInfo, SegmentLine } from "./device-manager.js";
+import { canonicalSpec } from "./device-pool.js";
+import { createLogger, LOG_LEVELS, type Logger, type LogLevel } from "./logger.js";
+import { createProgress } from "./progress.js";
+import { CONTROL_SOCKET_NAME, DEFAULT_DATA_DIR, runServe } from "./serve.js";
+import { formatTableLine, TableParseError } from "./table-parser.js";
+import { offlineInspectors } from "./targets.js";
+import { EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError } from "./usage-error.js";
+
+/** Interval between polls of a running merge. */
+const MERGE_POLL_MS = 500;
+
+function sizeOption(text: string, option: string): number {
+  try {
+    return parseSize(text);
+  } catch (err) {
+    throw new UsageError(`${option}: ${(err as Error).message}`);
+  }
+}
+
+function sectorsOption(text: string, option: string): number {
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(Number(text))) {
+    throw new UsageError(`${option} "${text}": expected a whole number of 512-byte sectors`);
+  }
+  return Number(text);
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+interface GlobalOptions {
+  control?: string;
+  logLevel?: LogLevel;
+}
+
+function controlPath(cmd: Command): string {
+  const opts = cmd.optsWithGlobals<GlobalOptions>();
+  return resolve(opts.control ?? process.env.UDM_CONTROL ?? `${DEFAULT_DATA_DIR}/${CONTROL_SOCKET_NAME}`);
+}
+
+function logger(cmd: Command, fallback: LogLevel): Logger {
+  const level =
+    cmd.optsWithGlobals<GlobalOptions>().logLevel ??
+    (process.env.UDM_LOG_LEVEL as LogLevel | undefined) ??
+    fallback;
+  return createLogger(LOG_LEVELS.includes(level) ? level : fallback);
+}
+
+function print(lines: string | string[]): void {
+  const text = Array.isArray(lines) ? lines.join("\n") : lines;
+  if (text !== "") process.stdout.write(`${text}\n`);
+}
+
+function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+}
+
+/** Reads `--table LINE...` or `--table-file F` into the request arguments of create/reload. */
+function tableArgs(opts: { table?: string[]; tableFile?: string }): Record<string, unknown> {
+  const cwd = process.cwd();
+  if (opts.table?.length && opts.tableFile) throw new UsageError("give --table or --table-file, not both");
+  if (opts.tableFile) {
+    const file = resolve(opts.tableFile);
+    let text: string;
+    try {
+      text = readFileSync(file, "utf8");
+    } catch (err) {
+      throw new UsageError(`--table-file ${opts.tableFile}: ${(err as Error).message}`);
+    }
+    return { lines: [text], file: opts.tableFile, cwd, baseDir: dirname(file) };
+  }
+  if (!opts.table?.length)
+    throw new UsageError(
+      "a table is needed: --table '<start> <length> <target> <args...>' or --table-file FILE",
+    );
+  return { lines: opts.table, file: "--table", cwd };
+}
+
+function formatSegments(entries: Array<{ name: string; lines: SegmentLine[] }>, named: boolean): string[] {
+  return entries.flatMap((e) => e.lines.map((l) => formatTableLine(named ? e.name : null, l)));
+}
+
+function formatInfo(info: DeviceInfo & { connections: number }): string[] {
+  const p = info.progress;
+  return [
+    `Name:              ${info.name}`,
+    `State:             ${info.state.toUpperCase()}`,
+    `Size:              ${info.sizeSectors} sectors (${formatSize(info.sizeBytes)})`,
+    `Number of targets: ${info.targets.length}`,
+    `Targets:           ${info.targets.join(" ")}`,
+    `Open count:        ${info.connections}`,
+    `Uses:              ${info.uses.map((u) => `@${u}`).join(" ") || "-"}`,
+    `Used by:           ${info.usedBy.join(" ") || "-"}`,
+    ...(info.state === "suspended" ? [`Held requests:     ${info.heldRequests}`] : []),
+    ...(p
+      ? [
+          `Progress:          ${p.operation} ${formatSize(p.doneBytes)} / ${formatSize(p.totalBytes)}${p.etaSeconds !== undefined ? `, ETA ${Math.ceil(p.etaSeconds)} s` : ""}`,
+        ]
+      : []),
+  ];
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/**
+ * Builds the `udm` command line (commander). Every command has `--help` with an example.
+ *
+ * @example
+ * ```ts
+ * await buildProgram().parseAsync(["node", "udm", "ls"]);
+ * ```
+ */
+export function buildProgram(): Command {
+  const program = new Command("udm")
+    .description(
+      "udm: a userspace device-mapper (kcopyd, mirror, snapshot) served over NBD, managed like dmsetup.\n" +
+        "Exit codes: 0 ok, 1 operation failed, 2 usage error.",
+    )
+    .option(
+      "--control <path>",
+      `control socket of a running "udm serve" (env UDM_CONTROL; default ${DEFAULT_DATA_DIR}/${CONTROL_SOCKET_NAME})`,
+    )
+    .addOption(new Option("--log-level <level>", "log level (env UDM_LOG_LEVEL)").choices(LOG_LEVELS))
+    .showHelpAfterError("(run with --help for usage)")
+    .enablePositionalOptions(false)
+    .exitOverride();
+  const example = (cmd: Command, text: string) =>
+    cmd.addHelpText("after", `\nExample:\n  ${text.split("\n").join("\n  ")}\n`);
+
+  // serve
+  example(
+    program
+      .command("serve")
+      .description(
+        "serve every device of a table (or --export, or the embedded default) as NBD exports of the same name",
+      )
+      .option(
+        "--table <file>",
+        "table file: NAME: <start> <length> <target> <args...> lines (paths relative to the file)",
+      )
+      .option(
+        "--export <name=device>",
+        "serve DEVICE (path, file:, mem:SIZE, nbd://) as export NAME (repeatable)",
+        collect,
+        [],
+      )
+      .option("--listen <host:port>", "TCP address (default 127.0.0.1:10809; port 0 picks a free one)")
+      .option("--unix <path>", "also (or only, without --listen) serve on a Unix socket")
+      .option(
+        "--data-dir <dir>",
+        "directory of the embedded default and the control socket",
+        DEFAULT_DATA_DIR,
+      )
+      .option("--tls-cert <file>", "TLS certificate (PEM)")
+      .option("--tls-key <file>", "TLS private key (PEM)")
+      .option("--tls-ca <file>", "CA to verify client certificates")
+      .option("--tls-verify-client", "require a client certificate signed by --tls-ca")
+      .option("--tls-required", "refuse clients that do not start TLS")
+      .action(async (opts, cmd: Command) => {
+        const log = logger(cmd, "info");
+        if (Boolean(opts.tlsCert) !== Boolean(opts.tlsKey))
+          throw new UsageError("--tls-cert and --tls-key go together");
+        if ((opts.tlsVerifyClient || opts.tlsRequired || opts.tlsCa) && !opts.tlsCert) {
+          throw new UsageError(
+            "--tls-ca, --tls-verify-client and --tls-required need --tls-cert and --tls-key",
+          );
+        }
+        await runServe(
+          {
+            tableFile: opts.table,
+            exports: opts.export,
+            listen: opts.listen,
+            unix: opts.unix,
+            control: cmd.optsWithGlobals<GlobalOptions>().control,
+            dataDir: opts.dataDir,
+            ...(opts.tlsCert && {
+              tls: {
+                certFile: opts.tlsCert,
+                keyFile: opts.tlsKey,
+                caFile: opts.tlsCa,
+                verifyClient: Boolean(opts.tlsVerifyClient),
+                required: Boolean(opts.tlsRequired),
+              },
+            }),
+          },
+          log,
+        );
+      }),
+    "udm serve                         # embedded default in ./udm-data on 127.0.0.1:10809\n" +
+      "udm serve --table my.table --listen 0.0.0.0:10809\n" +
+      "udm serve --export disk=disk.img --export scratch=mem:1G",
+  );
+
+  // copy
+  example(
+    program
+      .command("copy")
+      .description(
+        "copy SRC to 1..8 destinations with kcopyd; the last line gives bytes, MiB/s and the write error bit mask",
+      )
+      .argument("<src>", "source device (path, file:, mem:SIZE, nbd://, @NAME of --table-file)")
+      .argument("<dest...>", "destination devices")
+      .option("--sector <n>", "first sector on the source and the destinations", "0")
+      .option("--count <n>", "sectors to copy (default: to the end of the source)")
+      .option("--size <size>", "bytes to copy instead of --count: 512, 4k, 1G, 1GiB")
+      .option("--pages <n>", "kcopyd memory budget in 4 KiB pages")
+      .option("--ignore-error", "keep copying after errors (every sub-job is tried)")
+      .option("--seq", "write sub-jobs in ascending order (WRITE_SEQ)")
+      .option("--skip-holes", "write zeroes for source holes instead of reading them")
+      .option(
+        "--table-file <file>",
+        "table file whose devices @NAME arguments refer to (repeatable)",
+        collect,
+        [],
+      )
+      .option(
+        "--table <line>",
+        "inline 'NAME: <start> <length> <target> <args>' line (repeatable)",
+        collect,
+        [],
+      )
+      .action(async (src: string, dests: string[], opts, cmd: Command) => {
+        const log = logger(cmd, "warn");
+        if (opts.count !== undefined && opts.size !== undefined)
+          throw new UsageError("--count and --size are mutually exclusive");
+        let count: number | undefined;
+        if (opts.count !== undefined) count = sectorsOption(opts.count, "--count");
+        if (opts.size !== undefined) {
+          const bytes = sizeOption(opts.size, "--size");
+          if (bytes % SECTOR_SIZE)
+            throw new UsageError(`--size ${opts.size}: must be a multiple of 512 bytes`);
+          count = bytes / SECTOR_SIZE;
+        }
+        let pages: number | undefined;
+        if (opts.pages !== undefined) {
+          pages = sectorsOption(opts.pages, "--pages");
+          if (pages < 1) throw new UsageError("--pages must be at least 1");
+        }
+        const summary = await runCopy(
+          src,
+          dests,
+          {
+            sector: sectorsOption(opts.sector, "--sector"),
+            ...(count !== undefined && { count }),
+            ...(pages !== undefined && { pages }),
+            ignoreError: Boolean(opts.ignoreError),
+            seq: Boolean(opts.seq),
+            skipHoles: Boolean(opts.skipHoles),
+            tableFiles: opts.tableFile,
+            tableLines: opts.table,
+          },
+          log,
+        );
+        print(formatCopySummary(summary, dests));
+        if (summary.readErr || summary.writeErr) process.exitCode = EXIT_FAILED;
+      }),
+    "udm copy a.img b.img c.img d.img\n" +
+      "udm copy --size 1G --skip-holes disk.img nbd://backup:10809/disk\n" +
+      "udm copy --ignore-error --table 'bad: 0 2048 error' a.img b.img @bad",
+  );
+
+  // dmsetup verbs against a running server
+  const request = (cmd: Command, verb: string, args: Record<string, unknown> = {}) =>
+    controlRequest(controlPath(cmd), verb, args);
+
+  example(
+    program
+      .command("create")
+      .description("create a device from a table (several lines = several segments)")
+      .argument(
+        "[name]",
+        "device name (optional with a NAME:-format --table-file: creates every device in it)",
+      )
+      .option("--table <line>", "table line '<start> <length> <target> <args...>' (repeatable)", collect, [])
+      .option("--table-file <file>", "file of table lines (dmsetup format, or NAME: lines)")
+      .action(async (name: string | undefined, opts, cmd: Command) => {
+        const result = (await request(cmd, "create", { ...(name && { name }), ...tableArgs(opts) })) as {
+          created: string[];
+        };
+        print(`created ${result.created.join(", ")}`);
+      }),
+    "udm create lin --table '0 2048 linear /srv/a.img 0'\n" +
+      "udm create big --table '0 2048 linear a.img 0' --table '2048 2048 linear b.img 0'\n" +
+      "udm create snapm --table '0 2097152 snapshot-origin @mirror0'",
+  );
+
+  example(
+    program
+      .command("remove")
+      .description("remove a device (refused while another device uses it); its clients are drained first")
+      .argument("<name>")
+      .action(async (name: string, _opts, cmd: Command) => {
+        await request(cmd, "remove", { name });
+        print(`removed ${name}`);
+      }),
+    "udm remove lin",
+  );
+
+  example(
+    program
+      .command("ls")
+      .description("list devices")
+      .option("--json", "machine-readable output")
+      .action(async (opts, cmd: Command) => {
+        const rows = (await request(cmd, "ls")) as Array<DeviceInfo & { connections: number }>;
+        if (opts.json) return printJson(rows);
+        if (rows.length === 0) return print("No devices found");
+        print(
+          rows.map(
+            (r) =>
+              `${r.name}\t(${r.sizeSectors} sectors, ${r.targets.join("+")}, ${r.state}${r.connections ? `, ${r.connections} connection(s)` : ""})`,
+          ),
+        );
+      }),
+    "udm ls --json",
+  );
+
+  for (const verb of ["table", "status"] as const) {
+    example(
+      program
+        .command(verb)
+        .description(
+          verb === "table"
+            ? "print the table of a device (or all, as NAME: lines) in dmsetup's format"
+            : "print the status of a device (or all) in dmsetup's format",
+        )
+        .argument("[name]")
+        .option("--json", "machine-readable output")
+        .action(async (name: string | undefined, opts, cmd: Command) => {
+          const entries = (await request(cmd, verb, name ? { name } : {})) as Array<{
+            name: string;
+            lines: SegmentLine[];
+          }>;
+          if (opts.json) return printJson(entries);
+          if (entries.length === 0) return print("No devices found");
+          print(formatSegments(entries, !name));
+        }),
+      verb === "table"
+        ? "udm table mirror0      # 0 2097152 mirror disk 3 /srv/mirror0.log 1024 nosync 2 ..."
+        : "udm status            # snap0: 0 2097152 snapshot 16/2228224 16",
+    );
+  }
+
+  example(
+    program
+      .command("info")
+      .description("show state, size, targets, users and background progress of a device (or all)")
+      .argument("[name]")
+      .option("--json", "machine-readable output")
+      .action(async (name: string | undefined, opts, cmd: Command) => {
+        const rows = (await request(cmd, "info", name ? { name } : {})) as Array<
+          DeviceInfo & { connections: number }
+        >;
+        if (opts.json) return printJson(rows);
+        print(rows.map((r) => formatInfo(r).join("\n")).join("\n\n"));
+      }),
+    "udm info mirror0",
+  );
+
+  example(
+    program
+      .command("suspend")
+      .description("drain in-flight I/O, hold new I/O (clients wait, they are not failed) and flush")
+      .argument("<name>")
+      .action(async (name: string, _opts, cmd: Command) => {
+        await request(cmd, "suspend", { name });
+        print(`suspended ${name}`);
+      }),
+    "udm suspend origin && cp --sparse=always udm-data/origin.img backup.img && udm resume origin",
+  );
+
+  example(
+    program
+      .command("resume")
+      .description("release held I/O and restart background work")
+      .argument("<name>")
+      .action(async (name: string, _opts, cmd: Command) => {
+        await request(cmd, "resume", { name });
+        print(`resumed ${name}`);
+      }),
+    "udm resume origin",
+  );
+
+  example(
+    program
+      .command("reload")
+      .description("load a new table and switch to it (suspend, swap, resume): clients stay connected")
+      .argument("<name>")
+      .option("--table <line>", "table line (repeatable)", collect, [])
+      .option("--table-file <file>", "file of table lines")
+      .action(async (name: string, opts, cmd: Command) => {
+        await request(cmd, "reload", { name, ...tableArgs(opts) });
+        print(`reloaded ${name}`);
+      }),
+    "udm reload mirror0 --table '0 2097152 mirror core 1 1024 2 a.img 0 c.img 0'",
+  );
+
+  example(
+    program
+      .command("message")
+      .description("send a message to the target at SECTOR (dmsetup message)")
+      .argument("<name>")
+      .argument("<sector>")
+      .argument("<message...>")
+      .action(async (name: string, sector: string, message: string[], _opts, cmd: Command) => {
+        const result = (await request(cmd, "message", {
+          name,
+          sector: sectorsOption(sector, "sector"),
+          argv: message,
+        })) as {
+          reply: string | null;
+        };
+        if (result.reply !== null) print(result.reply);
+      }),
+    "udm message flaky 0 error_reads",
+  );
+
+  // snapshot
+  const snapshot = program
+    .command("snapshot")
+    .description("dm-snapshot: create, merge and inspect snapshots");
+  example(
+    snapshot
+      .command("create")
+      .description(
+        "take a snapshot of a snapshot-origin device on a running server (origin suspended meanwhile: no write lost)",
+      )
+      .argument("<origin>", "name of a snapshot-origin device")
+      .argument("<name>", "name of the new snapshot device")
+      .requiredOption("--cow <device>", "COW device (path, file:, mem:SIZE, nbd://)")
+      .option("--size <size>", "create a missing COW file of this size (sparse): 1G, 512M")
+      .option("--chunk <sectors>", "chunk size in sectors (power of two)", "8")
+      .option("--chunk-size <size>", "chunk size in bytes instead of --chunk: 4k, 16k")
+      .option("--transient", "transient store (N): exceptions live in memory only")
+      .option("--overflow-ok", "persistent store PO: a full COW fails writes instead of invalidating")
+      .action(async (origin: string, name: string, opts, cmd: Command) => {
+        let chunkSectors = sectorsOption(opts.chunk, "--chunk");
+        if (opts.chunkSize !== undefined) {
+          const bytes = sizeOption(opts.chunkSize, "--chunk-size");
+          if (bytes % SECTOR_SIZE) throw new UsageError("--chunk-size must be a multiple of 512 bytes");
+          chunkSectors = bytes / SECTOR_SIZE;
+        }
+        if (opts.transient && opts.overflowOk)
+          throw new UsageError("--overflow-ok applies to persistent snapshots only");
+        await request(cmd, "snapshot-create", {
+          origin,
+          name,
+          cow: canonicalSpec(opts.cow, process.cwd()),
+          ...(opts.size !== undefined && { createSizeBytes: sizeOption(opts.size, "--size") }),
+          chunkSectors,
+          persistent: !opts.transient,
+          overflowOk: Boolean(opts.overflowOk),
+        });
+        print(`created snapshot ${name} of ${origin}`);
+      }),
+    "udm snapshot create origin snap1 --cow udm-data/snap1.cow --size 1G",
+  );
+  example(
+    snapshot
+      .command("merge")
+      .description(
+        "merge a snapshot back into its origin (reload as snapshot-merge); the device is removed when done",
+      )
+      .argument("<name>")
+      .option("--no-wait", "start the merge and return")
+      .action(async (name: string, opts, cmd: Command) => {
+        await request(cmd, "snapshot-merge", { name });
+        if (!opts.wait) return print(`merging ${name}`);
+        let progress: ReturnType<typeof createProgress> | undefined;
+        for (;;) {
+          const s = (await request(cmd, "merge-status", { name })) as {
+            state: string;
+            error?: string;
+            progress: { doneBytes: number; totalBytes: number } | null;
+          };
+          if (s.progress) {
+            progress ??= createProgress("merge", s.progress.totalBytes);
+            progress.update(s.progress.doneBytes, s.progress.totalBytes);
+          }
+          if (s.state === "done") break;
+          if (s.state === "failed") {
+            progress?.stop();
+            throw new ControlError("EIO", `merge of ${name} failed: ${s.error}`);
+          }
+          await sleep(MERGE_POLL_MS);
+        }
+        progress?.stop();
+        print(`merged ${name} into its origin`);
+      }),
+    "udm snapshot merge snap0",
+  );
+  example(
+    snapshot
+      .command("inspect")
+      .description(
+        "read a COW device offline: header, metadata areas, exceptions, usage; explains a corrupt header",
+      )
+      .argument("<cow>", "COW device (path, file:, ...)")
+      .option("--json", "machine-readable output")
+      .action(async (cow: string, opts) => {
+        const inspect = offlineInspectors().cow;
+        if (!inspect) throw new ControlError("ENOTSUP", "snapshot inspection is not available in this build");
+        const report = await inspect(canonicalSpec(cow, process.cwd()));
+        print(opts.json ? JSON.stringify(report.json, null, 2) : report.text);
+        if (!report.ok) process.exitCode = EXIT_FAILED;
+      }),
+    "udm snapshot inspect udm-data/snap0.cow",
+  );
+
+  // mirror
+  const mirror = program.command("mirror").description("dm-mirror: inspect disk logs");
+  example(
+    mirror
+      .command("inspect-log")
+      .description("read a mirror disk log offline: header, region count, out-of-sync regions")
+      .argument("<log>", "log device (path, file:, ...)")
+      .option("--json", "machine-readable output")
+      .action(async (log: string, opts) => {
+        const inspect = offlineInspectors().mirrorLog;
+        if (!inspect)
+          throw new ControlError("ENOTSUP", "mirror log inspection is not available in this build");
+        const report = await inspect(canonicalSpec(log, process.cwd()));
+        print(opts.json ? JSON.stringify(report.json, null, 2) : report.text);
+        if (!report.ok) process.exitCode = EXIT_FAILED;
+      }),
+    "udm mirror inspect-log udm-data/mirror0.log",
+  );
+
+  return program;
+}
+
+/**
+ * Runs the udm command line and returns its exit code (0 ok, 1 failed, 2 usage).
+ *
+ * @example
+ * ```ts
+ * process.exitCode = await runCli(process.argv);
+ * ```
+ */
+export async function runCli(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  const setExit = (cmd: Command) => {
+    cmd.exitOverride();
+    cmd.configureOutput({ writeErr: (s) => process.stderr.write(s), outputError: (s, write) => write(s) });
+    for (const sub of cmd.commands) setExit(sub);
+  };
+  setExit(program);
+  try {
+    await program.parseAsync(argv);
+    return typeof process.exitCode === "number" ? process.exitCode : EXIT_OK;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (
+        err.code === "commander.helpDisplayed" ||
+        err.code === "commander.version" ||
+        err.code === "commander.help"
+      ) {
+        return EXIT_OK;
+      }
+      if (err.code === "commander.executeSubCommandAsync") return EXIT_USAGE;
+      return err.exitCode === 0 ? EXIT_OK : EXIT_USAGE;
+    }
+    if (err instanceof UsageError) {
+      process.stderr.write(`udm: ${err.message}\n(run with --help for usage)\n`);
+      return EXIT_USAGE;
+    }
+    if (
+      err instanceof ControlError ||
+      err instanceof ControlUnavailableError ||
+      err instanceof TableParseError
+    ) {
+      process.stderr.write(`udm: ${err.message}\n`);
+      return EXIT_FAILED;
+    }
+    const e = err as Error;
+    process.stderr.write(`udm: ${e?.message ?? String(err)}\n`);
+    if (process.env.UDM_DEBUG) process.stderr.write(`${e?.stack}\n`);
+    return EXIT_FAILED;
+  }
+}

@@ -1,0 +1,191 @@
+import {
+  type Extent,
+  IoError,
+  type StatusContext,
+  type TargetDevice,
+  type TargetProgress,
+  type WriteOptions,
+  type WriteZeroesOptions,
+} from "@udm/kcopyd";
+
+/** Where a gate is in `dmsetup suspend`/`resume`. */
+export type GateState = "active" | "suspended" | "closed";
+
+/**
+ * The stable face of one udm device (what NBD exports and `@NAME` users hold): forwards I/O to the
+ * current table's device, and on suspend drains in-flight I/O and HOLDS new I/O (callers wait,
+ * they are not failed) until resume. While suspended the table can be swapped (`udm reload`).
+ *
+ * @example
+ * ```ts
+ * const gate = new GateDevice("vol", table);
+ * await gate.suspend();            // in-flight I/O done and flushed, new I/O waits
+ * const old = gate.swap(newTable); // reload
+ * await gate.resume();             // waiting I/O goes to newTable
+ * ```
+ */
+export class GateDevice implements TargetDevice {
+  readonly name: string;
+  private inner: TargetDevice;
+  private stateValue: GateState = "active";
+  private inFlight = 0;
+  private drainWaiters: Array<() => void> = [];
+  private held: Array<{ resolve: () => void; reject: (err: Error) => void }> = [];
+  /** Serialises suspend/resume/swap so a resume cannot overtake a suspend in progress. */
+  private transition: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    readonly deviceName: string,
+    inner: TargetDevice,
+  ) {
+    this.name = `@${deviceName}`;
+    this.inner = inner;
+  }
+
+  get state(): GateState {
+    return this.stateValue;
+  }
+
+  /** The table device currently behind the gate. */
+  get current(): TargetDevice {
+    return this.inner;
+  }
+
+  /** Requests waiting for resume. */
+  get heldRequests(): number {
+    return this.held.length;
+  }
+
+  get targetType(): string {
+    return this.inner.targetType;
+  }
+  get sizeBytes(): number {
+    return this.inner.sizeBytes;
+  }
+  get logicalBlockSize(): number {
+    return this.inner.logicalBlockSize;
+  }
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+
+  table(): string {
+    return this.inner.table();
+  }
+  status(): string {
+    return this.inner.status();
+  }
+  progress(): TargetProgress | null {
+    return this.inner.progress?.() ?? null;
+  }
+
+  async message(argv: string[]): Promise<string | undefined> {
+    if (!this.inner.message) {
+      throw new IoError("EINVAL", this.deviceName, `target ${this.inner.targetType} takes no messages`);
+    }
+    return this.inner.message(argv);
+  }
+
+  /**
+   * dmsetup suspend: stop the target's background work, hold new I/O, wait for in-flight I/O,
+   * flush. Resolves when the device is quiescent. Suspending a suspended device does nothing.
+   */
+  suspend(): Promise<void> {
+    return this.serialise(async () => {
+      if (this.stateValue !== "active") return;
+      await this.inner.suspend?.();
+      this.stateValue = "suspended";
+      await this.drained();
+      await this.inner.flush();
+    });
+  }
+
+  /** dmsetup resume: restart the target's background work and release held I/O. */
+  resume(): Promise<void> {
+    return this.serialise(async () => {
+      if (this.stateValue !== "suspended") return;
+      await this.inner.resume?.();
+      this.stateValue = "active";
+      for (const waiter of this.held.splice(0)) waiter.resolve();
+    });
+  }
+
+  /** Replaces the table device while suspended; returns the old one (the caller closes it). */
+  swap(next: TargetDevice): TargetDevice {
+    if (this.stateValue !== "suspended") {
+      throw new Error(`${this.deviceName}: the device must be suspended to swap its table`);
+    }
+    const old = this.inner;
+    this.inner = next;
+    return old;
+  }
+
+  /** Fails held and future I/O with ESHUTDOWN; does not close the table device. */
+  async close(): Promise<void> {
+    if (this.stateValue === "closed") return;
+    this.stateValue = "closed";
+    const err = new IoError("ESHUTDOWN", this.deviceName, "device removed");
+    for (const waiter of this.held.splice(0)) waiter.reject(err);
+    await this.drained();
+  }
+
+  private serialise(fn: () => Promise<void>): Promise<void> {
+    const run = this.transition.then(fn, fn);
+    this.transition = run.catch(() => undefined);
+    return run;
+  }
+
+  private drained(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  /** Runs one request against the current table, waiting first while suspended. */
+  private async gated<T>(op: (dev: TargetDevice) => Promise<T>): Promise<T> {
+    while (this.stateValue === "suspended") {
+      await new Promise<void>((resolve, reject) => this.held.push({ resolve, reject }));
+    }
+    if (this.stateValue === "closed") throw new IoError("ESHUTDOWN", this.deviceName, "device removed");
+    this.inFlight++;
+    try {
+      return await op(this.inner);
+    } finally {
+      if (--this.inFlight === 0) for (const done of this.drainWaiters.splice(0)) done();
+    }
+  }
+
+  read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+    return this.gated((d) => d.read(offsetBytes, lengthBytes));
+  }
+  readInto(offsetBytes: number, target: Buffer): Promise<void> {
+    return this.gated((d) => d.readInto(offsetBytes, target));
+  }
+  write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    return this.gated((d) => d.write(offsetBytes, data, options));
+  }
+  flush(): Promise<void> {
+    return this.gated((d) => d.flush());
+  }
+  discard(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    return this.gated((d) => d.discard(offsetBytes, lengthBytes, options));
+  }
+  writeZeroes(offsetBytes: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void> {
+    return this.gated((d) => d.writeZeroes(offsetBytes, lengthBytes, options));
+  }
+  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    return this.gated((d) => d.extents(offsetBytes, lengthBytes));
+  }
+
+  /** The current table's meta contexts, with queries gated like I/O. */
+  statusContexts(): StatusContext[] {
+    return (this.inner.statusContexts?.() ?? []).map((ctx) => ({
+      name: ctx.name,
+      description: ctx.description,
+      query: (offsetBytes: number, lengthBytes: number) =>
+        this.gated((d) => {
+          const now = d.statusContexts?.().find((c) => c.name === ctx.name);
+          return now ? now.query(offsetBytes, lengthBytes) : Promise.resolve([{ lengthBytes, flags: 0 }]);
+        }),
+    }));
+  }
+}

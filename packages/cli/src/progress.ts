@@ -1,0 +1,75 @@
+import { formatSize } from "@udm/kcopyd";
+import cliProgress from "cli-progress";
+
+/** How often plain (non-TTY) progress lines are printed. */
+export const PLAIN_PROGRESS_INTERVAL_MS = 2000;
+
+/** Reports the progress of long work: a bar on a TTY, periodic plain lines otherwise. */
+export interface ProgressReporter {
+  update(doneBytes: number, totalBytes?: number): void;
+  stop(): void;
+}
+
+/**
+ * A progress reporter on `stream` (stderr by default): cli-progress bar when it is a TTY,
+ * otherwise one line every few seconds such as `copy: 512.0 MiB / 1.00 GiB (50.0%), 120.3 MiB/s, ETA 4 s`.
+ *
+ * @example
+ * ```ts
+ * const progress = createProgress("copy", totalBytes);
+ * client.on("progress", (p) => progress.update(p.doneSectors * 512));
+ * progress.stop();
+ * ```
+ */
+export function createProgress(
+  label: string,
+  totalBytes: number,
+  options: { stream?: NodeJS.WriteStream; tty?: boolean } = {},
+): ProgressReporter {
+  const stream = options.stream ?? process.stderr;
+  const started = Date.now();
+  let total = totalBytes;
+  const rate = (done: number) => done / 2 ** 20 / Math.max((Date.now() - started) / 1000, 0.001);
+  if (options.tty ?? stream.isTTY === true) {
+    const bar = new cliProgress.SingleBar(
+      {
+        stream,
+        format: `${label} [{bar}] {percentage}% | {doneText} / {totalText} | {rate} MiB/s | ETA {eta_formatted}`,
+        hideCursor: true,
+        etaBuffer: 50,
+      },
+      cliProgress.Presets.shades_classic,
+    );
+    bar.start(total, 0, { doneText: formatSize(0), totalText: formatSize(total), rate: "0.0" });
+    return {
+      update(done, newTotal) {
+        if (newTotal !== undefined && newTotal !== total) {
+          total = newTotal;
+          bar.setTotal(total);
+        }
+        bar.update(done, {
+          doneText: formatSize(done),
+          totalText: formatSize(total),
+          rate: rate(done).toFixed(1),
+        });
+      },
+      stop: () => bar.stop(),
+    };
+  }
+  let lastPrinted = started;
+  return {
+    update(done, newTotal) {
+      if (newTotal !== undefined) total = newTotal;
+      const now = Date.now();
+      if (now - lastPrinted < PLAIN_PROGRESS_INTERVAL_MS) return;
+      lastPrinted = now;
+      const mibps = rate(done);
+      const pct = total > 0 ? ((100 * done) / total).toFixed(1) : "100.0";
+      const eta = mibps > 0 && total > done ? `, ETA ${Math.ceil((total - done) / 2 ** 20 / mibps)} s` : "";
+      stream.write(
+        `${label}: ${formatSize(done)} / ${formatSize(total)} (${pct}%), ${mibps.toFixed(1)} MiB/s${eta}\n`,
+      );
+    },
+    stop() {},
+  };
+}

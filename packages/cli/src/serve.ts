@@ -1,0 +1,235 @@
+import { mkdirSync, readFileSync } from "node:fs";
+import { dirname, resolve } from "node:path";
+import { type BlockDevice, formatSize, SECTOR_SIZE } from "@udm/kcopyd";
+import { controlHandlers, startControlServer } from "./control-server.js";
+import { DeviceManager, type ExportTable, type TableRequest } from "./device-manager.js";
+import { canonicalSpec } from "./device-pool.js";
+import { ensureEmbeddedDefault } from "./embedded-default.js";
+import type { Logger } from "./logger.js";
+import { checkDeviceName, parseTableFile } from "./table-parser.js";
+import { allTargets, createNbdServer, registerDeviceSchemes } from "./targets.js";
+import { UsageError } from "./usage-error.js";
+
+/** The NBD port the protocol registers (IANA), used when `--listen` is not given. */
+export const DEFAULT_NBD_PORT = 10809;
+export const DEFAULT_LISTEN_HOST = "127.0.0.1";
+/** Where `udm serve` keeps the embedded default and the control socket. */
+export const DEFAULT_DATA_DIR = "udm-data";
+export const CONTROL_SOCKET_NAME = "control.sock";
+
+/** What serve needs from the NBD server (`NbdServer` of @udm/nbd-server). */
+export interface NbdServerLike extends ExportTable {
+  exports(): Array<{ name: string; connections: number | { size: number } | unknown[] }>;
+  listen(address: { host?: string; port?: number } | { path: string }): Promise<string>;
+  close(options?: { force?: boolean }): Promise<void>;
+}
+
+export interface ServeOptions {
+  tableFile?: string;
+  exports: string[];
+  listen?: string;
+  unix?: string;
+  control?: string;
+  dataDir: string;
+  tls?: { certFile: string; keyFile: string; caFile?: string; verifyClient: boolean; required: boolean };
+}
+
+/** Parses `HOST:PORT`, `[v6]:PORT` or `PORT`. */
+export function parseListen(text: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text) ?? /^()()(\d+)$/.exec(text);
+  const port = m ? Number(m[3]) : Number.NaN;
+  if (!m || !Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new UsageError(
+      `--listen "${text}": expected HOST:PORT (e.g. 127.0.0.1:10809, [::1]:10809, 0.0.0.0:0)`,
+    );
+  }
+  return { host: m[1] || m[2] || DEFAULT_LISTEN_HOST, port };
+}
+
+/** Parses `NAME=DEVICE` of `--export`. */
+export function parseExport(text: string): { name: string; spec: string } {
+  const eq = text.indexOf("=");
+  if (eq <= 0 || eq === text.length - 1) {
+    throw new UsageError(`--export "${text}": expected NAME=DEVICE (e.g. disk=disk.img, scratch=mem:1G)`);
+  }
+  const name = text.slice(0, eq);
+  try {
+    checkDeviceName(name, { file: "--export", line: 1 });
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+  return { name, spec: text.slice(eq + 1) };
+}
+
+function connectionCount(c: unknown): number {
+  if (typeof c === "number") return c;
+  if (Array.isArray(c)) return c.length;
+  if (c && typeof (c as { size?: unknown }).size === "number") return (c as { size: number }).size;
+  return 0;
+}
+
+/** Attach hints for one export (printed on start). */
+export function attachHints(
+  name: string,
+  address: { host: string; port: number } | { path: string },
+): string[] {
+  if ("path" in address) {
+    return [
+      `nbd-client -unix ${address.path} -N ${name} /dev/nbd0`,
+      `nbdinfo 'nbd+unix:///${name}?socket=${address.path}'`,
+    ];
+  }
+  const host = address.host.includes(":") ? `[${address.host}]` : address.host;
+  return [
+    `nbd-client ${address.host} ${address.port} -N ${name} /dev/nbd0`,
+    `nbdinfo nbd://${host}:${address.port}/${name}`,
+  ];
+}
+
+/**
+ * `udm serve`: builds every device of the table (or `--export`s, or the embedded default in the
+ * data directory), serves each as an NBD export of the same name, answers the control socket,
+ * and on SIGTERM/SIGINT drains, flushes and closes everything (a second signal forces exit).
+ * Resolves when the server has stopped.
+ */
+export async function runServe(options: ServeOptions, log: Logger): Promise<void> {
+  const listen = options.listen
+    ? parseListen(options.listen)
+    : options.unix
+      ? undefined
+      : { host: DEFAULT_LISTEN_HOST, port: DEFAULT_NBD_PORT };
+  const exportsWanted = options.exports.map(parseExport);
+  const dataDir = resolve(options.dataDir);
+  const controlPath = resolve(options.control ?? resolve(dataDir, CONTROL_SOCKET_NAME));
+
+  registerDeviceSchemes();
+  const tls = options.tls && {
+    cert: readFileSync(options.tls.certFile),
+    key: readFileSync(options.tls.keyFile),
+    ...(options.tls.caFile && { ca: readFileSync(options.tls.caFile) }),
+    requireClientCert: options.tls.verifyClient,
+    required: options.tls.required,
+  };
+  const server: NbdServerLike = await createNbdServer({ log, ...(tls && { tls }) });
+  const manager = new DeviceManager({ targets: allTargets(), log, exports: server });
+
+  let tableFile = options.tableFile;
+  let createdDefault = false;
+  if (!tableFile && exportsWanted.length === 0) {
+    const made = await ensureEmbeddedDefault(dataDir);
+    tableFile = made.tableFile;
+    createdDefault = made.created;
+    log.info(
+      { tableFile, created: made.created },
+      made.created ? "embedded default created" : "embedded default reused",
+    );
+  }
+  const requests: TableRequest[] = [];
+  if (tableFile) {
+    const text = readFileSync(tableFile, "utf8");
+    for (const table of parseTableFile(text, tableFile, manager.registry)) {
+      requests.push({ table, baseDir: dirname(resolve(tableFile)) });
+    }
+  }
+  await manager.create(requests);
+  for (const e of exportsWanted) {
+    // A whole-device linear table: the spec is served as it is, and stays reloadable.
+    const spec = canonicalSpec(e.spec, process.cwd());
+    const dev: BlockDevice = await manager.pool.acquire(spec);
+    try {
+      const sectors = Math.floor(dev.sizeBytes / SECTOR_SIZE);
+      await manager.create([
+        {
+          table: {
+            name: e.name,
+            lines: [
+              {
+                startSectors: 0,
+                lengthSectors: sectors,
+                targetType: "linear",
+                args: [spec, "0"],
+                source: { file: "--export", line: 1 },
+              },
+            ],
+          },
+          baseDir: process.cwd(),
+        },
+      ]);
+    } finally {
+      await manager.pool.release(spec);
+    }
+  }
+
+  mkdirSync(dirname(controlPath), { recursive: true, mode: 0o700 });
+  const control = await startControlServer(
+    controlPath,
+    controlHandlers(manager, () =>
+      server.exports().map((x) => ({ name: x.name, connections: connectionCount(x.connections) })),
+    ),
+    log,
+  );
+
+  const addresses: Array<{ host: string; port: number } | { path: string }> = [];
+  try {
+    if (listen) {
+      const bound = await server.listen(listen);
+      const port = Number(/:(\d+)\/?$/.exec(bound)?.[1] ?? listen.port);
+      addresses.push({ host: listen.host, port });
+    }
+    if (options.unix) {
+      await server.listen({ path: resolve(options.unix) });
+      addresses.push({ path: resolve(options.unix) });
+    }
+  } catch (err) {
+    await control.close();
+    await manager.closeAll().catch(() => undefined);
+    throw err;
+  }
+
+  const out: string[] = [];
+  for (const a of addresses) {
+    out.push(
+      `udm: listening on ${"path" in a ? `nbd+unix:///?socket=${a.path}` : `nbd://${a.host.includes(":") ? `[${a.host}]` : a.host}:${a.port}`} (control: ${controlPath})`,
+    );
+  }
+  if (createdDefault) out.push(`udm: created the embedded default in ${dataDir} (table: ${tableFile})`);
+  for (const name of manager.names()) {
+    const info = manager.info(name);
+    out.push(`  ${name}: ${info.targets.join("+")}, ${formatSize(info.sizeBytes)}`);
+    for (const a of addresses) for (const hint of attachHints(name, a)) out.push(`      ${hint}`);
+  }
+  process.stdout.write(`${out.join("\n")}\n`);
+
+  await new Promise<void>((resolveStopped) => {
+    let stopping = false;
+    const stop = (signal: NodeJS.Signals) => {
+      if (stopping) {
+        log.warn({ signal }, "second signal: forcing exit");
+        server.close({ force: true }).finally(() => process.exit(1));
+        setTimeout(() => process.exit(1), 2000).unref();
+        return;
+      }
+      stopping = true;
+      log.info({ signal }, "stopping: draining connections, flushing and closing devices");
+      (async () => {
+        await control.close();
+        await server.close();
+        await manager.closeAll();
+      })().then(
+        () => {
+          log.info("stopped");
+          process.off("SIGINT", stop);
+          process.off("SIGTERM", stop);
+          resolveStopped();
+        },
+        (err: Error) => {
+          log.error({ err }, "stopping failed");
+          process.exitCode = 1;
+          resolveStopped();
+        },
+      );
+    };
+    process.on("SIGINT", stop);
+    process.on("SIGTERM", stop);
+  });
+}

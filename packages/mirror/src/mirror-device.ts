@@ -117,7 +117,6 @@ export class MirrorDevice implements TargetDevice {
   readonly stale: Uint16Array;
   private readonly legs: MirrorLeg[];
   private readonly allLegsMask: number;
-  private readonly regionShift: number;
   private readonly logger: TargetLogger | undefined;
   private readonly sharedKcopyd: KcopydClient;
   private ownKcopyd: KcopydClient | undefined;
@@ -152,7 +151,6 @@ export class MirrorDevice implements TargetDevice {
     this.log = log;
     this.regionSectors = log.regionSectors;
     this.regionBytes = log.regionSectors * SECTOR_SIZE;
-    this.regionShift = Math.log2(this.regionBytes);
     this.regionCount = log.regionCount;
     this.handleErrors = !!options.handleErrors;
     this.keepLog = !!options.keepLog;

@@ -188,6 +188,7 @@ class ClientConnection {
   }
 
   private take(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
     const head = this.chunks[0] as Buffer;
     if (head.length >= n) {
       const out = head.subarray(0, n);

@@ -181,7 +181,7 @@ export function infoData(exportName: string, infos: number[], nameLengthOverride
   b.writeUInt32BE(nameLengthOverride ?? name.length, 0);
   name.copy(b, 4);
   b.writeUInt16BE(infos.length, 4 + name.length);
-  infos.forEach((t, i) => b.writeUInt16BE(t, 6 + name.length + 2 * i));
+  for (const [i, t] of infos.entries()) b.writeUInt16BE(t, 6 + name.length + 2 * i);
   return b;
 }
 

@@ -1,0 +1,166 @@
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { IoError, MemoryDevice, openDevice } from "@udm/kcopyd";
+import fc from "fast-check";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { NbdDevice } from "./nbd-device.js";
+import { registerNbdSchemes } from "./register.js";
+import { NbdServer } from "./server.js";
+
+const SIZE = 1 << 20;
+let server: NbdServer;
+let disk: MemoryDevice;
+let uri: string;
+const devices: NbdDevice[] = [];
+
+async function connect(options: Parameters<typeof NbdDevice.connect>[1] = {}): Promise<NbdDevice> {
+  const d = await NbdDevice.connect(uri, options);
+  devices.push(d);
+  return d;
+}
+
+beforeEach(async () => {
+  server = new NbdServer();
+  disk = new MemoryDevice(SIZE);
+  server.addExport("disk", disk);
+  server.addExport("ro", new MemoryDevice(SIZE), { readOnly: true });
+  uri = `nbd://${await server.listen({ host: "127.0.0.1", port: 0 })}/disk`;
+});
+
+afterEach(async () => {
+  for (const d of devices.splice(0)) await d.close().catch(() => {});
+  await server.close({ force: true });
+});
+
+describe("NbdDevice against NbdServer", () => {
+  it("behaves like the device it reaches (fast-check model)", async () => {
+    const dev = await connect();
+    expect(dev.sizeBytes).toBe(SIZE);
+    expect(dev.structuredReplies).toBe(true);
+    const model = Buffer.alloc(SIZE);
+    const range = fc
+      .tuple(fc.integer({ min: 0, max: SIZE - 1 }), fc.integer({ min: 1, max: 200_000 }))
+      .map(([o, l]) => [o, Math.min(l, SIZE - o)] as const);
+    const op = fc.oneof(
+      fc.record({
+        kind: fc.constant("write" as const),
+        r: range,
+        byte: fc.integer({ min: 1, max: 255 }),
+        fua: fc.boolean(),
+      }),
+      fc.record({ kind: fc.constant("zero" as const), r: range, mayTrim: fc.boolean() }),
+      fc.record({ kind: fc.constant("discard" as const), r: range }),
+      fc.record({ kind: fc.constant("read" as const), r: range }),
+      fc.record({ kind: fc.constant("flush" as const) }),
+    );
+    await fc.assert(
+      fc.asyncProperty(fc.array(op, { minLength: 1, maxLength: 25 }), async (ops) => {
+        // Ops run one after another; the pipelining test below covers concurrency.
+        for (const o of ops) {
+          if (o.kind === "write") {
+            const [off, len] = o.r;
+            const data = Buffer.alloc(len, o.byte);
+            await dev.write(off, data, { fua: o.fua });
+            data.copy(model, off);
+          } else if (o.kind === "zero") {
+            await dev.writeZeroes(o.r[0], o.r[1], { mayTrim: o.mayTrim });
+            model.fill(0, o.r[0], o.r[0] + o.r[1]);
+          } else if (o.kind === "discard") {
+            await dev.discard(o.r[0], o.r[1]);
+            model.fill(0, o.r[0], o.r[0] + o.r[1]); // MemoryDevice discards to zeros
+          } else if (o.kind === "read") {
+            const got = await dev.read(o.r[0], o.r[1]);
+            expect(got.equals(model.subarray(o.r[0], o.r[0] + o.r[1]))).toBe(true);
+          } else await dev.flush();
+        }
+        const all = await dev.read(0, SIZE);
+        expect(all.equals(model)).toBe(true);
+        for (const e of await dev.extents(0, SIZE)) {
+          if (e.kind !== "data") {
+            expect(model.subarray(e.offsetBytes, e.offsetBytes + e.lengthBytes).every((b) => b === 0)).toBe(
+              true,
+            );
+          }
+        }
+      }),
+      { numRuns: 25 },
+    );
+  });
+
+  it("pipelines many concurrent reads and writes on one connection", async () => {
+    const dev = await connect();
+    await Promise.all(Array.from({ length: 128 }, (_, i) => dev.write(i * 4096, Buffer.alloc(4096, i))));
+    const reads = await Promise.all(Array.from({ length: 128 }, (_, i) => dev.read(i * 4096, 4096)));
+    reads.forEach((b, i) => {
+      expect(b.every((x) => x === i)).toBe(true);
+    });
+  });
+
+  it("reports holes from base:allocation", async () => {
+    await disk.write(128 * 1024, Buffer.alloc(65536, 1));
+    const dev = await connect();
+    expect(await dev.extents(0, 512 * 1024)).toEqual([
+      { offsetBytes: 0, lengthBytes: 128 * 1024, kind: "hole" },
+      { offsetBytes: 128 * 1024, lengthBytes: 65536, kind: "data" },
+      { offsetBytes: 192 * 1024, lengthBytes: 320 * 1024, kind: "hole" },
+    ]);
+  });
+
+  it("is read-only on a read-only export and names errors", async () => {
+    const ro = await NbdDevice.connect(uri.replace(/disk$/, "ro"));
+    devices.push(ro);
+    expect(ro.readOnly).toBe(true);
+    await expect(ro.write(0, Buffer.alloc(1))).rejects.toThrow(/read-only/);
+    const dev = await connect();
+    await expect(dev.read(SIZE - 1, 2)).rejects.toThrow(RangeError);
+    await expect(NbdDevice.connect(uri.replace(/disk$/, "missing"))).rejects.toThrow(/missing/);
+  });
+
+  it("opens through openDevice for nbd:// and nbd+unix:// URIs", async () => {
+    registerNbdSchemes();
+    const dir = mkdtempSync(join(tmpdir(), "udm-nbd-"));
+    try {
+      const sock = join(dir, "nbd.sock");
+      await server.listen({ path: sock });
+      await disk.write(0, Buffer.from("hello"));
+      const a = await openDevice(uri);
+      const b = await openDevice(`nbd+unix:///disk?socket=${sock}`, { readOnly: true });
+      expect((await a.read(0, 5)).toString()).toBe("hello");
+      expect((await b.read(0, 5)).toString()).toBe("hello");
+      expect(b.readOnly).toBe(true);
+      await a.close();
+      await b.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("fails requests with EIO when the connection drops and no reconnect is set", async () => {
+    const dev = await connect();
+    const health: boolean[] = [];
+    dev.watchHealth((h) => health.push(h));
+    await server.close({ force: true });
+    const err = await dev.read(0, 512).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(IoError);
+    expect((err as IoError).code).toBe("EIO");
+    expect(health).toEqual([false]);
+  });
+
+  it("reconnects, replays what was in flight and reports health", async () => {
+    const where = uri.replace(/^nbd:\/\//, "").replace(/\/disk$/, "");
+    const port = Number(where.split(":")[1]);
+    const dev = await connect({ reconnect: { retries: 50, delayMs: 20 } });
+    const health: boolean[] = [];
+    dev.watchHealth((h) => health.push(h));
+    await dev.write(0, Buffer.alloc(4096, 3));
+    await server.close({ force: true });
+    const pending = dev.read(0, 4096);
+    await new Promise((r) => setTimeout(r, 60));
+    server = new NbdServer();
+    server.addExport("disk", disk);
+    await server.listen({ host: "127.0.0.1", port });
+    expect((await pending).every((b) => b === 3)).toBe(true);
+    expect(health).toEqual([false, true]);
+  });
+});

@@ -1,1 +1,11 @@
-export {};
+export * from "./cow-format.js";
+export * from "./exception-store.js";
+export * from "./merge-device.js";
+export * from "./origin-device.js";
+export * from "./origin-state.js";
+export * from "./persistent-store.js";
+export * from "./snapshot-device.js";
+export * from "./snapshot-state.js";
+export * from "./targets.js";
+export * from "./transient-store.js";
+export * from "./write-cache-device.js";

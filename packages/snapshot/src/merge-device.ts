@@ -1,0 +1,336 @@
+import {
+  checkRange,
+  type Extent,
+  IoError,
+  type KcopydClient,
+  mergeExtents,
+  SECTOR_SIZE,
+  type TargetDevice,
+  type TargetLogger,
+  type TargetProgress,
+  type WriteOptions,
+  type WriteZeroesOptions,
+} from "@udm/kcopyd";
+import type { MergingTarget, OriginState } from "./origin-state.js";
+import { snapshotStatus, snapshotTable } from "./snapshot-device.js";
+import { type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
+
+/** A merge that stopped on an error (copy, origin flush or metadata write), or never could start. */
+export class SnapshotMergeError extends Error {
+  override name = "SnapshotMergeError";
+}
+
+/** The chunks being copied back right now; writes to them wait for `done` (true = failed). */
+interface MergeBatch {
+  firstChunk: number;
+  count: number;
+  done: Promise<boolean>;
+  finish: (failed: boolean) => void;
+}
+
+/**
+ * dm `snapshot-merge <origin> <cow> P <chunk>`: the origin as the snapshot sees it, while the
+ * snapshot's exceptions are copied back, newest first, in runs of consecutive chunks. Each run:
+ * copy-outs in other snapshots of the origin, COW -> origin copy, origin flush, then the entries
+ * are cleared on disk (FUA), so a crash at any point resumes without loss. Chunks not yet merged
+ * are read and written on the COW; a write to a run being merged waits for it.
+ *
+ * @example
+ * ```ts
+ * const merge = (await snapshotMergeTarget.create([origin, cow, "P", "0"], size, ctx)) as MergeDevice;
+ * merge.progress(); // { operation: "merge", doneBytes, totalBytes }
+ * await merge.whenMerged(); // origin now holds the snapshot's content
+ * ```
+ */
+export class MergeDevice implements TargetDevice, MergingTarget {
+  readonly targetType = "snapshot-merge";
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly logicalBlockSize: number;
+  readonly readOnly: boolean;
+  private readonly totalChunks: number;
+  private mergedChunks = 0;
+  private batch: MergeBatch | null = null;
+  private running: Promise<void> | null = null;
+  private shutdown = false;
+  private finished = false;
+  private closed = false;
+  private readonly merged: Promise<void>;
+  private resolveMerged!: () => void;
+  private rejectMerged!: (err: Error) => void;
+
+  constructor(
+    readonly state: SnapshotState,
+    private readonly originState: OriginState,
+    private readonly kcopyd: KcopydClient,
+    private readonly log?: TargetLogger,
+    name?: string,
+  ) {
+    this.name = name ?? `snapshot-merge(${state.cow.name})`;
+    this.sizeBytes = state.lengthBytes;
+    this.logicalBlockSize = Math.max(state.origin.logicalBlockSize, state.cow.logicalBlockSize);
+    this.readOnly = state.origin.readOnly;
+    this.totalChunks = state.complete.size;
+    this.merged = new Promise<void>((resolve, reject) => {
+      this.resolveMerged = resolve;
+      this.rejectMerged = reject;
+    });
+    // Callers that never ask must not see an unhandled rejection.
+    this.merged.catch(() => undefined);
+  }
+
+  table(): string {
+    return snapshotTable(this.state);
+  }
+
+  status(): string {
+    return snapshotStatus(this.state);
+  }
+
+  progress(): TargetProgress {
+    const chunkBytes = this.state.chunkBytes;
+    return {
+      operation: "merge",
+      doneBytes: this.mergedChunks * chunkBytes,
+      totalBytes: this.totalChunks * chunkBytes,
+    };
+  }
+
+  /** Resolves when no exception is left (the CLI then removes the device); rejects if the merge failed. */
+  whenMerged(): Promise<void> {
+    return this.merged;
+  }
+
+  /** Starts (or restarts after resume) the merge loop (`start_merge`). */
+  start(): void {
+    if (this.running || this.finished || this.closed) return;
+    this.shutdown = false;
+    this.running = this.mergeLoop().finally(() => {
+      this.running = null;
+    });
+  }
+
+  /** Stops after the current run and waits for it (`stop_merge`). */
+  async stop(): Promise<void> {
+    this.shutdown = true;
+    await this.running;
+  }
+
+  async suspend(): Promise<void> {
+    await this.stop();
+  }
+
+  async resume(): Promise<void> {
+    this.start();
+  }
+
+  private fail(message: string, err?: unknown): void {
+    this.log?.error({ snapshot: this.name, err }, message);
+    this.state.mergeFailed = true;
+    this.rejectMerged(new SnapshotMergeError(`${this.name}: ${message}`));
+  }
+
+  private async mergeLoop(): Promise<void> {
+    const s = this.state;
+    const store = s.store;
+    if (!store.prepareMerge || !store.commitMerge) {
+      this.fail("the exception store cannot merge (transient snapshot)");
+      return;
+    }
+    while (!this.shutdown) {
+      if (!s.valid) {
+        this.log?.error({ snapshot: this.name }, "snapshot is invalid: can't merge");
+        this.rejectMerged(new SnapshotMergeError(`${this.name}: snapshot is invalid: can't merge`));
+        return;
+      }
+      let run: Awaited<ReturnType<NonNullable<typeof store.prepareMerge>>>;
+      try {
+        run = await store.prepareMerge();
+      } catch (err) {
+        this.fail("read error in exception store: shutting down merge", err);
+        return;
+      }
+      if (!run) {
+        this.finished = true;
+        this.log?.info({ snapshot: this.name }, "merge complete");
+        this.resolveMerged();
+        return;
+      }
+      const firstOld = run.lastOldChunk + 1 - run.count;
+      const firstNew = run.lastNewChunk + 1 - run.count;
+      const cs = s.chunkSectors;
+      const originSectors = Math.floor(s.origin.sizeBytes / SECTOR_SIZE);
+      const count = Math.min(run.count * cs, originSectors - firstOld * cs);
+      // Other snapshots copy out what the merge is about to overwrite (`origin_write_extent`).
+      for (;;) {
+        const waits = this.originState.triggerExceptions(firstOld * s.chunkBytes, count * SECTOR_SIZE);
+        if (!waits.length) break;
+        await Promise.all(waits);
+      }
+      let finish!: (failed: boolean) => void;
+      const done = new Promise<boolean>((resolve) => {
+        finish = resolve;
+      });
+      this.batch = { firstChunk: firstOld, count: run.count, done, finish };
+      for (let i = 0; i < run.count; i++) await s.waitUntracked(firstOld + i);
+      const result = await this.kcopyd.copyAsync({ dev: s.cow, sector: firstNew * cs, count }, [
+        { dev: s.origin, sector: firstOld * cs, count },
+      ]);
+      let failure: string | null = null;
+      if (result.readErr) failure = "read error: shutting down merge";
+      else if (result.writeErr) failure = "write error: shutting down merge";
+      else {
+        try {
+          await s.origin.flush();
+        } catch {
+          failure = "flush after merge failed: shutting down merge";
+        }
+      }
+      if (!failure) {
+        try {
+          await store.commitMerge(run.count);
+        } catch {
+          failure = "write error in exception store: shutting down merge";
+        }
+      }
+      if (failure) {
+        this.fail(failure);
+        this.releaseBatch(true);
+        return;
+      }
+      for (let chunk = firstOld + run.count - 1; chunk >= firstOld; chunk--) s.complete.delete(chunk);
+      this.mergedChunks += run.count;
+      this.releaseBatch(false);
+    }
+  }
+
+  private releaseBatch(failed: boolean): void {
+    const batch = this.batch;
+    this.batch = null;
+    batch?.finish(failed);
+  }
+
+  private inBatch(chunk: number): MergeBatch | null {
+    const b = this.batch;
+    return b && chunk >= b.firstChunk && chunk < b.firstChunk + b.count ? b : null;
+  }
+
+  async mapRead(offsetBytes: number, target: Buffer): Promise<void> {
+    const s = this.state;
+    await Promise.all(
+      splitAtBoundaries(offsetBytes, target.length, s.chunkBytes, async (at, length, bufAt) => {
+        const piece = target.subarray(bufAt, bufAt + length);
+        const mapped = s.valid ? s.complete.get(Math.floor(at / s.chunkBytes)) : undefined;
+        if (mapped !== undefined) await s.cow.readInto(s.cowOffset(mapped, at), piece);
+        else await s.origin.readInto(at, piece);
+      }),
+    );
+  }
+
+  private async writePiece(
+    at: number,
+    length: number,
+    io: (dev: "cow" | "origin", offset: number) => Promise<void>,
+  ): Promise<void> {
+    const s = this.state;
+    for (;;) {
+      const chunk = Math.floor(at / s.chunkBytes);
+      const mapped = s.valid ? s.complete.get(chunk) : undefined;
+      if (mapped === undefined) break;
+      const batch = this.inBatch(chunk);
+      if (batch) {
+        if (await batch.done)
+          throw new IoError("EIO", this.name, "merge failed while this write waited for it");
+        continue;
+      }
+      s.track(chunk);
+      try {
+        await io("cow", s.cowOffset(mapped, at));
+      } finally {
+        s.untrack(chunk);
+      }
+      return;
+    }
+    await this.originState.originWrite(at, length, () => io("origin", at), false);
+  }
+
+  private boundary(): number {
+    return Math.min(this.originState.minimumChunkBytes() ?? this.state.chunkBytes, this.state.chunkBytes);
+  }
+
+  async mapWrite(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    const s = this.state;
+    await Promise.all(
+      splitAtBoundaries(offsetBytes, data.length, this.boundary(), (at, length, bufAt) =>
+        this.writePiece(at, length, (dev, offset) =>
+          (dev === "cow" ? s.cow : s.origin).write(offset, data.subarray(bufAt, bufAt + length), options),
+        ),
+      ),
+    );
+  }
+
+  async mapWriteZeroes(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    const s = this.state;
+    await Promise.all(
+      splitAtBoundaries(offsetBytes, lengthBytes, this.boundary(), (at, length) =>
+        this.writePiece(at, length, (dev, offset) =>
+          (dev === "cow" ? s.cow : s.origin).writeZeroes(offset, length, options),
+        ),
+      ),
+    );
+  }
+
+  async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(lengthBytes);
+    await this.readInto(offsetBytes, buf);
+    return buf;
+  }
+
+  async readInto(offsetBytes: number, target: Buffer): Promise<void> {
+    checkRange(this, offsetBytes, target.length);
+    await this.mapRead(offsetBytes, target);
+  }
+
+  async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    checkRange(this, offsetBytes, data.length);
+    await this.mapWrite(offsetBytes, data, options);
+  }
+
+  async writeZeroes(offsetBytes: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes);
+    await this.mapWriteZeroes(offsetBytes, lengthBytes, options);
+  }
+
+  /** Once merging, discards no longer change anything (`snapshot_merge_map`). */
+  async discard(offsetBytes: number, lengthBytes: number): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes);
+  }
+
+  async flush(): Promise<void> {
+    await Promise.all([this.state.origin.flush(), this.state.cow.flush()]);
+  }
+
+  async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    checkRange(this, offsetBytes, lengthBytes);
+    const s = this.state;
+    const parts = await Promise.all(
+      splitAtBoundaries(offsetBytes, lengthBytes, s.chunkBytes, async (at, length): Promise<Extent[]> => {
+        if (s.valid && s.complete.has(Math.floor(at / s.chunkBytes)))
+          return [{ offsetBytes: at, lengthBytes: length, kind: "data" }];
+        return s.origin.extents(at, length);
+      }),
+    );
+    return mergeExtents(parts.flat());
+  }
+
+  /** Stops the merge and detaches from the origin; an unfinished merge resumes when the table is loaded again. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.stop();
+    this.originState.unregister(this.state);
+    if (!this.finished)
+      this.rejectMerged(new SnapshotMergeError(`${this.name}: device removed before the merge finished`));
+    await this.state.drainPending();
+  }
+}

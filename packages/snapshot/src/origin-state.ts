@@ -1,0 +1,122 @@
+import type { BlockDevice, WriteOptions } from "@udm/kcopyd";
+import type { SnapshotState } from "./snapshot-state.js";
+
+/** What a snapshot-merge target offers the origin while it runs: the merged view of the origin. */
+export interface MergingTarget {
+  readonly state: SnapshotState;
+  mapRead(offsetBytes: number, target: Buffer): Promise<void>;
+  mapWrite(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void>;
+  mapWriteZeroes(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void>;
+}
+
+/**
+ * Everything attached to one origin device (the kernel's `struct origin`, found in its origin
+ * hash by block device): the snapshots of it, largest chunk first, and the merging one if any.
+ * Targets find it by device identity, since the CLI hands every table the same BlockDevice
+ * object for the same spec.
+ *
+ * @example
+ * ```ts
+ * const origin = originStateOf(dev);
+ * await origin.originWrite(0, 4096, () => dev.write(0, data)); // copies out first
+ * ```
+ */
+export class OriginState {
+  readonly snapshots: SnapshotState[] = [];
+  merging: MergingTarget | null = null;
+
+  constructor(readonly device: BlockDevice) {}
+
+  /** Adds a snapshot, keeping the list sorted by chunk size, largest first (`__insert_snapshot`). */
+  register(snap: SnapshotState): void {
+    if (this.snapshots.includes(snap)) return;
+    const at = this.snapshots.findIndex((s) => s.chunkSectors < snap.chunkSectors);
+    if (at < 0) this.snapshots.push(snap);
+    else this.snapshots.splice(at, 0, snap);
+  }
+
+  unregister(snap: SnapshotState): void {
+    const at = this.snapshots.indexOf(snap);
+    if (at >= 0) this.snapshots.splice(at, 1);
+    if (this.merging?.state === snap) this.merging = null;
+  }
+
+  /** Smallest chunk of all snapshots in bytes (`__minimum_chunk_size`), or null with none. */
+  minimumChunkBytes(): number | null {
+    let min: number | null = null;
+    for (const s of this.snapshots) if (min === null || s.chunkBytes < min) min = s.chunkBytes;
+    return min;
+  }
+
+  /** The live (not handed over) snapshot that uses `cow`, if any (`__find_snapshots_sharing_cow`). */
+  findSharingCow(cow: BlockDevice): SnapshotState | undefined {
+    return this.snapshots.find((s) => s.cow === cow && !s.handedOver);
+  }
+
+  /**
+   * Starts every copy-out an origin write of `[offset, offset+length)` needs (`__origin_write`
+   * without a bio): for each active, valid, non-merging snapshot lacking a chunk in the range,
+   * finds or creates the pending exception and starts its copy. Returns what to wait for; empty
+   * means the origin may be written now.
+   */
+  triggerExceptions(offsetBytes: number, lengthBytes: number): Array<Promise<unknown>> {
+    const waits: Array<Promise<unknown>> = [];
+    for (const snap of this.snapshots) {
+      if (snap.isMerge || offsetBytes >= snap.lengthBytes || !snap.valid || !snap.active) continue;
+      const first = Math.floor(offsetBytes / snap.chunkBytes);
+      const end = Math.min(offsetBytes + lengthBytes, snap.lengthBytes);
+      const last = Math.floor((end - 1) / snap.chunkBytes);
+      for (let chunk = first; chunk <= last && snap.valid; chunk++) {
+        let pe = snap.pending.get(chunk);
+        if (!pe) {
+          if (snap.complete.has(chunk)) continue;
+          pe = snap.createPending(chunk) ?? undefined;
+          if (!pe) {
+            // COW full: this snapshot is lost, the origin write goes on once that is on disk.
+            waits.push(snap.invalidate("ENOMEM"));
+            break;
+          }
+        }
+        if (!pe.started) snap.startCopy(pe);
+        waits.push(pe.done);
+      }
+    }
+    return waits;
+  }
+
+  /**
+   * Performs an origin write once every snapshot has durably copied out the old chunks
+   * (`do_origin`): triggers the copies, waits, and rechecks until nothing is left to copy, then
+   * runs `io` in the same tick as the last check. `limit` applies the COW-threshold throttle.
+   */
+  async originWrite(
+    offsetBytes: number,
+    lengthBytes: number,
+    io: () => Promise<void>,
+    limit = true,
+  ): Promise<void> {
+    for (;;) {
+      if (limit) {
+        for (const snap of this.snapshots) {
+          if (snap.inProgress > 0) await snap.waitForInProgress();
+        }
+      }
+      const waits = this.triggerExceptions(offsetBytes, lengthBytes);
+      if (!waits.length) break;
+      await Promise.all(waits);
+    }
+    await io();
+  }
+}
+
+const origins = new WeakMap<BlockDevice, OriginState>();
+
+/** The OriginState of a device, created on first use; kept as long as the device object lives. */
+export function originStateOf(dev: BlockDevice): OriginState {
+  let state = origins.get(dev);
+  if (!state) {
+    state = new OriginState(dev);
+    origins.set(dev, state);
+  }
+  return state;
+}

@@ -1,0 +1,249 @@
+import {
+  checkRange,
+  type Extent,
+  IoError,
+  mergeExtents,
+  type StatusContext,
+  type TargetDevice,
+  type WriteOptions,
+  type WriteZeroesOptions,
+} from "@udm/kcopyd";
+import type { OriginState } from "./origin-state.js";
+import { type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
+
+/** Name of the NBD meta context listing a snapshot's copied chunks. */
+export const SNAPSHOT_EXCEPTIONS_CONTEXT = "snapshot:exceptions";
+/** Flag of `snapshot:exceptions`: the chunk was copied, i.e. origin and snapshot may differ there. */
+export const SNAPSHOT_CHUNK_COPIED = 1;
+
+export interface SnapshotFeatures {
+  /** A discard of a whole chunk zeroes its COW chunk (`discard_zeroes_cow`). */
+  discardZeroesCow: boolean;
+  /** Discards also go to the origin (`discard_passdown_origin`). */
+  discardPassdownOrigin: boolean;
+}
+
+/** The `Invalid` / `Merge failed` / `Overflow` / usage status line of a snapshot or merge target. */
+export function snapshotStatus(state: SnapshotState): string {
+  if (!state.valid) return "Invalid";
+  if (state.mergeFailed) return "Merge failed";
+  if (state.overflowed) return "Overflow";
+  const u = state.store.usage();
+  return `${u.sectorsAllocated}/${u.totalSectors} ${u.metadataSectors}`;
+}
+
+/** `<origin> <cow> <P|PO|N> <chunk_sectors> [<n> <features>]`, as `snapshot_status` prints the table. */
+export function snapshotTable(state: SnapshotState, features?: SnapshotFeatures): string {
+  const base = `${state.origin.name} ${state.cow.name} ${state.store.tableType} ${state.chunkSectors}`;
+  const f: string[] = [];
+  if (features?.discardZeroesCow) f.push("discard_zeroes_cow");
+  if (features?.discardPassdownOrigin) f.push("discard_passdown_origin");
+  return f.length ? `${base} ${f.length} ${f.join(" ")}` : base;
+}
+
+/**
+ * dm `snapshot`: the origin frozen at the moment the snapshot went live, and writable. Reads of
+ * chunks that were copied (or written) come from the COW, the rest from the origin while holding
+ * off a racing copy-out; writes allocate an exception first (a whole-chunk write skips the copy).
+ *
+ * @example
+ * ```ts
+ * const snap = await snapshotTarget.create([originPath, cowPath, "P", "16"], size, context);
+ * await originDevice.write(0, newData); // snap still reads the old bytes
+ * console.log(snap.status());           // "48/131072 16"
+ * ```
+ */
+export class SnapshotDevice implements TargetDevice {
+  readonly targetType = "snapshot";
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly logicalBlockSize: number;
+  readonly readOnly: boolean;
+  private closed = false;
+
+  constructor(
+    readonly state: SnapshotState,
+    private readonly originState: OriginState,
+    readonly features: SnapshotFeatures,
+    name?: string,
+  ) {
+    this.name = name ?? `snapshot(${state.cow.name})`;
+    this.sizeBytes = state.lengthBytes;
+    this.logicalBlockSize = Math.max(state.origin.logicalBlockSize, state.cow.logicalBlockSize);
+    this.readOnly = state.cow.readOnly;
+  }
+
+  table(): string {
+    return snapshotTable(this.state, this.features);
+  }
+
+  status(): string {
+    return snapshotStatus(this.state);
+  }
+
+  private eio(what: string): IoError {
+    const s = this.state;
+    const why = !s.valid
+      ? s.handedOver
+        ? "snapshot was handed over to another target"
+        : "snapshot is invalid"
+      : what;
+    return new IoError("EIO", this.name, why);
+  }
+
+  async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(lengthBytes);
+    await this.readInto(offsetBytes, buf);
+    return buf;
+  }
+
+  async readInto(offsetBytes: number, target: Buffer): Promise<void> {
+    checkRange(this, offsetBytes, target.length);
+    await Promise.all(
+      splitAtBoundaries(offsetBytes, target.length, this.state.chunkBytes, (at, length, bufAt) =>
+        this.readPiece(at, target.subarray(bufAt, bufAt + length)),
+      ),
+    );
+  }
+
+  private async readPiece(offsetBytes: number, target: Buffer): Promise<void> {
+    const s = this.state;
+    if (!s.valid) throw this.eio("read");
+    const chunk = Math.floor(offsetBytes / s.chunkBytes);
+    const newChunk = s.complete.get(chunk);
+    if (newChunk !== undefined) {
+      await s.cow.readInto(s.cowOffset(newChunk, offsetBytes), target);
+      return;
+    }
+    // Tracked in the same tick as the lookup: a copy-out of this chunk now waits for us.
+    s.track(chunk);
+    try {
+      await s.origin.readInto(offsetBytes, target);
+    } finally {
+      s.untrack(chunk);
+    }
+  }
+
+  async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    checkRange(this, offsetBytes, data.length);
+    if (this.readOnly) throw new IoError("EPERM", this.name, "COW device is read-only");
+    await Promise.all(
+      splitAtBoundaries(offsetBytes, data.length, this.state.chunkBytes, (at, length, bufAt) =>
+        this.writePiece(at, data.subarray(bufAt, bufAt + length), options),
+      ),
+    );
+  }
+
+  private async writePiece(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    const s = this.state;
+    if (!s.valid || s.overflowed) throw this.eio("snapshot overflowed: writes fail, reads still work");
+    await s.waitForInProgress();
+    if (!s.valid || s.overflowed) throw this.eio("snapshot overflowed: writes fail, reads still work");
+    const chunk = Math.floor(offsetBytes / s.chunkBytes);
+    const mapped = s.complete.get(chunk);
+    if (mapped !== undefined) {
+      await s.cow.write(s.cowOffset(mapped, offsetBytes), data, options);
+      return;
+    }
+    let pe = s.pending.get(chunk);
+    if (!pe) {
+      pe = s.createPending(chunk) ?? undefined;
+      if (!pe) {
+        if (s.store.userspaceSupportsOverflow) {
+          s.overflowed = true;
+          throw new IoError("EIO", this.name, "snapshot overflowed: the COW device is full");
+        }
+        await s.invalidate("ENOMEM");
+        throw new IoError("EIO", this.name, "snapshot invalidated: the COW device is full");
+      }
+    }
+    if (!pe.started && data.length === s.chunkBytes) {
+      // The write covers the chunk: it becomes the chunk's content, no copy needed.
+      s.startFullWrite(pe, data, options);
+      if (!(await pe.done)) throw this.eio("snapshot write failed");
+      return;
+    }
+    if (!pe.started) s.startCopy(pe);
+    if (!(await pe.done)) throw this.eio("copy-out failed");
+    await s.cow.write(s.cowOffset(pe.newChunk, offsetBytes), data, options);
+  }
+
+  async writeZeroes(offsetBytes: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes);
+    await Promise.all(
+      splitAtBoundaries(offsetBytes, lengthBytes, this.state.chunkBytes, (at, length) =>
+        this.writePiece(at, Buffer.alloc(length), options),
+      ),
+    );
+  }
+
+  async flush(): Promise<void> {
+    if (!this.state.valid) throw this.eio("flush");
+    await this.state.cow.flush();
+  }
+
+  /**
+   * Without `discard_zeroes_cow` a discard is advisory and does nothing. With it, a discard of a
+   * whole copied chunk zeroes that COW chunk, a partial one is passed to the COW, and chunks
+   * never copied are left alone (`snapshot_map`).
+   */
+  async discard(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes);
+    const s = this.state;
+    if (!this.features.discardZeroesCow) return;
+    if (!s.valid || s.overflowed) throw this.eio("discard");
+    await Promise.all(
+      splitAtBoundaries(offsetBytes, lengthBytes, s.chunkBytes, async (at, length) => {
+        const mapped = s.complete.get(Math.floor(at / s.chunkBytes));
+        if (mapped === undefined) return;
+        if (length === s.chunkBytes) await s.cow.writeZeroes(s.cowOffset(mapped, at), length, options);
+        else await s.cow.discard(s.cowOffset(mapped, at), length, options);
+      }),
+    );
+    if (this.features.discardPassdownOrigin) await s.origin.discard(offsetBytes, lengthBytes, options);
+  }
+
+  async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    checkRange(this, offsetBytes, lengthBytes);
+    const s = this.state;
+    const parts = await Promise.all(
+      splitAtBoundaries(offsetBytes, lengthBytes, s.chunkBytes, async (at, length): Promise<Extent[]> => {
+        if (s.complete.has(Math.floor(at / s.chunkBytes)))
+          return [{ offsetBytes: at, lengthBytes: length, kind: "data" }];
+        return s.origin.extents(at, length);
+      }),
+    );
+    return mergeExtents(parts.flat());
+  }
+
+  /** `snapshot:exceptions`: flag 1 on chunks copied since the snapshot was taken. */
+  statusContexts(): StatusContext[] {
+    const s = this.state;
+    return [
+      {
+        name: SNAPSHOT_EXCEPTIONS_CONTEXT,
+        description:
+          "chunks copied to the COW since the snapshot (flag 1): what changed on the origin or the snapshot",
+        query: async (offsetBytes, lengthBytes) => {
+          checkRange(this, offsetBytes, lengthBytes);
+          const runs: Array<{ lengthBytes: number; flags: number }> = [];
+          splitAtBoundaries(offsetBytes, lengthBytes, s.chunkBytes, (at, length) => {
+            const flags = s.complete.has(Math.floor(at / s.chunkBytes)) ? SNAPSHOT_CHUNK_COPIED : 0;
+            const last = runs[runs.length - 1];
+            if (last && last.flags === flags) last.lengthBytes += length;
+            else runs.push({ lengthBytes: length, flags });
+          });
+          return runs;
+        },
+      },
+    ];
+  }
+
+  /** Waits for pending exceptions, then detaches from the origin (`snapshot_dtr`); the COW stays open. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.originState.unregister(this.state);
+    await this.state.drainPending();
+  }
+}

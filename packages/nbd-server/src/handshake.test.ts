@@ -1,4 +1,4 @@
-import { MemoryDevice } from "@udm/kcopyd";
+import { type BlockDevice, MemoryDevice, type StatusContext } from "@udm/kcopyd";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { infoData, metaContextData, RawPeer } from "./raw-peer.js";
 import { NbdServer } from "./server.js";
@@ -52,8 +52,12 @@ async function expectServing(): Promise<void> {
 beforeEach(async () => {
   server = new NbdServer({ handshakeTimeoutMs: 2000 });
   const disk = new MemoryDevice(1 << 20);
-  disk.statusContexts = () => [
-    { name: "udm:test", description: "test context", query: async (_o, l) => [{ lengthBytes: l, flags: 1 }] },
+  (disk as BlockDevice).statusContexts = (): StatusContext[] => [
+    {
+      name: "udm:test",
+      description: "test context",
+      query: async (_o: number, l: number) => [{ lengthBytes: l, flags: 1 }],
+    },
   ];
   server.addExport("disk", disk, { description: "the disk" });
   server.addExport("other", new MemoryDevice(4096));

@@ -1,4 +1,4 @@
-import { type BlockDevice, MemoryDevice } from "@udm/kcopyd";
+import { type BlockDevice, MemoryDevice, type StatusContext } from "@udm/kcopyd";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { RawPeer } from "./raw-peer.js";
 import { NbdServer } from "./server.js";
@@ -62,11 +62,11 @@ async function expectServing(): Promise<void> {
 beforeEach(async () => {
   server = new NbdServer();
   disk = new MemoryDevice(SIZE);
-  disk.statusContexts = () => [
+  (disk as BlockDevice).statusContexts = (): StatusContext[] => [
     {
       name: "udm:odd-megabytes",
       description: "flags 1 on odd MiB",
-      query: async (o, l) => {
+      query: async (o: number, l: number) => {
         const out: Array<{ lengthBytes: number; flags: number }> = [];
         for (let pos = o; pos < o + l; ) {
           const next = Math.min(o + l, (Math.floor(pos / (1 << 20)) + 1) * (1 << 20));

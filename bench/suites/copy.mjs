@@ -198,7 +198,7 @@ function fmtBytes(bytes) {
 export async function run(ctx) {
   const { workDir, quick, log } = ctx;
   const size = quick ? 256 * MiB : 2 * GiB;
-  const rounds = quick ? 1 : 3;
+  const rounds = quick ? 1 : 5;
   const sparseSize = quick ? 64 * GiB : TiB;
   const sparseData = quick ? 128 * MiB : GiB;
   const src = join(workDir, "src.img");
@@ -351,7 +351,7 @@ export function notes(rows, { quick }) {
   const lines = [
     "Source evicted from the page cache before every run (posix_fadvise DONTNEED); destinations are new",
     "files; every time includes fdatasync/sync of the destinations and, for kcopyd, Node's start-up.",
-    `Median of ${quick ? 1 : 3} rounds in rotating order. dd and cp write two destinations one after the other.`,
+    `Median of ${quick ? 1 : 5} rounds in rotating order. dd and cp write two destinations one after the other.`,
     "",
     "Targets (issue 2):",
   ];

@@ -63,7 +63,8 @@ export interface HandshakeConfig {
   lookup(name: string): ExportEntry | undefined;
   /** Exports to answer NBD_OPT_LIST with. */
   list(): ExportEntry[];
-  tls?: { context: tls.SecureContext; requireClientCert: boolean; required: boolean };
+  /** `serverOptions` holds cert/key/ca for a tls.Server wrapping the socket after STARTTLS. */
+  tls?: { serverOptions: tls.TlsOptions; requireClientCert: boolean; required: boolean };
   isShuttingDown(): boolean;
   log: TargetLogger;
   connectionId: number;
@@ -241,28 +242,28 @@ async function startTls(state: State, config: HandshakeConfig, data: Buffer): Pr
   reply(state, option, NBD_REP_ACK);
   const leftover = state.reader.detach();
   if (leftover.length) throw new NbdProtocolError("client sent data before the TLS handshake");
-  const secure = new tls.TLSSocket(state.stream as import("node:net").Socket, {
-    isServer: true,
-    secureContext: config.tls.context,
+  // A tls.Server (never listening) wraps the socket: it is what checks client certificates.
+  const tlsServer = tls.createServer({
+    ...config.tls.serverOptions,
     requestCert: config.tls.requireClientCert,
     rejectUnauthorized: config.tls.requireClientCert,
+  });
+  const raw = state.stream;
+  const secure = await new Promise<tls.TLSSocket>((resolve, reject) => {
+    const fail = (why: string) => reject(new NbdProtocolError(`TLS handshake failed: ${why}`));
+    const onClose = () => fail("connection closed (client certificate refused?)");
+    raw.once("close", onClose);
+    tlsServer.once("secureConnection", (s: tls.TLSSocket) => {
+      raw.off("close", onClose);
+      resolve(s);
+    });
+    tlsServer.once("tlsClientError", (err: Error) => fail(err.message));
+    tlsServer.emit("connection", raw);
   });
   // Later TLS errors are handled by whoever reads the stream; this keeps one from ever being unhandled.
   secure.on("error", (err) =>
     config.log.debug({ connection: config.connectionId, err: err.message }, "nbd TLS error"),
   );
-  await new Promise<void>((resolve, reject) => {
-    const onError = (err: Error) => {
-      secure.off("secure", onSecure);
-      reject(new NbdProtocolError(`TLS handshake failed: ${err.message}`));
-    };
-    const onSecure = () => {
-      secure.off("error", onError);
-      resolve();
-    };
-    secure.once("error", onError);
-    secure.once("secure", onSecure);
-  });
   if (config.tls.requireClientCert && !secure.authorized) {
     secure.destroy();
     throw new NbdProtocolError(`client certificate refused: ${secure.authorizationError}`);

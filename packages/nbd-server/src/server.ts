@@ -93,12 +93,14 @@ export class NbdServer extends EventEmitter {
     );
     if (options.tls) {
       const t = options.tls;
+      const serverOptions: tls.TlsOptions = {
+        cert: t.cert,
+        key: t.key,
+        ...(t.ca !== undefined && { ca: t.ca }),
+      };
+      tls.createSecureContext(serverOptions); // fails now, naming the bad PEM, rather than at the first STARTTLS
       this.tlsConfig = {
-        context: tls.createSecureContext({
-          cert: t.cert,
-          key: t.key,
-          ...(t.ca !== undefined && { ca: t.ca }),
-        }),
+        serverOptions,
         requireClientCert: t.requireClientCert ?? false,
         required: t.required ?? false,
       };

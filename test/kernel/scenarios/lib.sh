@@ -1,0 +1,43 @@
+# Helpers for the guest jobs (busybox sh): `. /run/udm/lib.sh`.
+# busybox sh runs its own applets before anything on PATH (mke2fs, blkdiscard, ...), so the real
+# tools are always called by full path.
+set -eu
+MKFS_EXT4=/usr/sbin/mkfs.ext4
+E2FSCK=/usr/sbin/e2fsck
+DMSETUP=/usr/sbin/dmsetup
+
+die() {
+  echo "FAIL: $*"
+  exit 1
+}
+
+# Prints a step so the host's failure message shows how far the job got.
+step() { echo "== $*"; }
+
+# host_call ARGS...: asks the test (onHostRequest) and waits; the answer is in $HOST_REPLY.
+host_call() {
+  echo "@@host $*" >/dev/ttyS1
+  IFS= read -r HOST_REPLY
+  [ "$HOST_REPLY" != "__UDM_HOST_ERROR__" ] || die "host_call $* failed on the host"
+}
+
+# mkfs_ext4 DEV [extra mkfs args]: a small, deterministic ext4 (no lazy init: the image is complete).
+mkfs_ext4() {
+  dev=$1
+  shift
+  "$MKFS_EXT4" -q -F -b 4096 -E lazy_itable_init=0,lazy_journal_init=0 "$@" "$dev"
+}
+
+# fsck_clean DEV: e2fsck -n (read-only) must report no problem.
+fsck_clean() {
+  "$E2FSCK" -fn "$1" >/tmp/fsck.out 2>&1 || {
+    cat /tmp/fsck.out
+    die "e2fsck -n $1 found problems"
+  }
+}
+
+# dm_create NAME TABLE: creates a dm device and checks the node is a block device (no udev here).
+dm_create() {
+  "$DMSETUP" create "$1" --table "$2" || die "dmsetup create $1"
+  [ -b "/dev/mapper/$1" ] || die "/dev/mapper/$1 is not a block device"
+}

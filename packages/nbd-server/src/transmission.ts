@@ -1,5 +1,6 @@
 import type { Duplex } from "node:stream";
 import type { BlockDevice, Extent, TargetLogger } from "@udm/kcopyd";
+import { BufferPool } from "./buffer-pool.js";
 import { BASE_ALLOCATION, deviceContexts, type ExportEntry, isReadOnly } from "./export-entry.js";
 import type { Negotiated } from "./handshake.js";
 import { nbdErrorOf, validateRequest } from "./validate.js";
@@ -46,6 +47,10 @@ export const MAX_IN_FLIGHT_REQUESTS = 1024;
 export const MAX_EXTENTS_PER_CHUNK = 8192;
 /** After DISC or a drain we half-close; a client that never closes its side is cut after this. */
 export const CLOSE_GRACE_MS = 5000;
+/** Reads shorter than this are sent as data without asking the device for holes (one await less per 4 KiB read). */
+export const HOLE_DETECT_MIN_BYTES = 64 * 1024;
+/** Idle READ reply buffers kept for reuse, shared by every connection of the process. */
+const replyBuffers = new BufferPool(64 * 1024 * 1024);
 /** OFFSET_DATA chunk overhead: chunk header plus the u64 offset. */
 const DATA_CHUNK_HEADER_BYTES = STRUCTURED_REPLY_BYTES + 8;
 
@@ -438,14 +443,19 @@ export class TransmissionSession {
   private async read(device: BlockDevice, req: NbdRequest, offset: number): Promise<void> {
     const length = req.length;
     if (!this.structured) {
-      const buf = Buffer.allocUnsafe(SIMPLE_REPLY_BYTES + length);
-      if (length) await device.readInto(offset, buf.subarray(SIMPLE_REPLY_BYTES));
+      const buf = replyBuffers.take(SIMPLE_REPLY_BYTES + length);
+      try {
+        if (length) await device.readInto(offset, buf.subarray(SIMPLE_REPLY_BYTES));
+      } catch (err) {
+        replyBuffers.give(buf);
+        throw err;
+      }
       writeSimpleReplyHeader(buf, 0, 0, req.cookie);
-      return this.send(buf);
+      return this.send(buf, true);
     }
     if (length === 0) return this.send(encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookie));
     let extents: Extent[] | null = null;
-    if ((req.flags & NBD_CMD_FLAG_DF) === 0) {
+    if ((req.flags & NBD_CMD_FLAG_DF) === 0 && length >= HOLE_DETECT_MIN_BYTES) {
       try {
         extents = await device.extents(offset, length);
       } catch {
@@ -456,11 +466,16 @@ export class TransmissionSession {
       if (extents?.length === 1 && extents[0]?.kind !== "data") {
         return this.send(encodeHoleChunk(NBD_REPLY_FLAG_DONE, req.cookie, req.offset, length));
       }
-      const buf = Buffer.allocUnsafe(DATA_CHUNK_HEADER_BYTES + length);
-      await device.readInto(offset, buf.subarray(DATA_CHUNK_HEADER_BYTES));
+      const buf = replyBuffers.take(DATA_CHUNK_HEADER_BYTES + length);
+      try {
+        await device.readInto(offset, buf.subarray(DATA_CHUNK_HEADER_BYTES));
+      } catch (err) {
+        replyBuffers.give(buf);
+        throw err;
+      }
       writeChunkHeader(buf, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + length);
       buf.writeBigUInt64BE(req.offset, STRUCTURED_REPLY_BYTES);
-      return this.send(buf);
+      return this.send(buf, true);
     }
     // Mixed data and holes: read the data runs concurrently, then send chunks in order.
     const runs = clampExtents(extents, offset, length);
@@ -565,14 +580,19 @@ export class TransmissionSession {
     if (!this.stream.destroyed) this.stream.uncork();
   };
 
-  private send(buf: Buffer): void {
-    if (this.isClosed || this.stream.destroyed || this.stream.writableEnded) return;
+  /** Queues a reply; a `pooled` buffer goes back to the pool once the socket is done with it. */
+  private send(buf: Buffer, pooled = false): void {
+    if (this.isClosed || this.stream.destroyed || this.stream.writableEnded) {
+      if (pooled) replyBuffers.give(buf);
+      return;
+    }
     if (!this.corked) {
       this.corked = true;
       this.stream.cork();
       setImmediate(this.uncork);
     }
-    this.stream.write(buf);
+    if (pooled) this.stream.write(buf, () => replyBuffers.give(buf));
+    else this.stream.write(buf);
   }
 }
 

@@ -100,9 +100,13 @@ async function startPeer(peer, disk, port) {
   } else if (peer === "nbdkit file") {
     child = spawn("nbdkit", ["-f", "-i", "127.0.0.1", "-p", String(port), "file", disk], { stdio: "ignore" });
   } else {
-    child = spawn("qemu-nbd", ["-f", "raw", "-b", "127.0.0.1", "-p", String(port), "-x", "", "-t", "-e", "16", disk], {
-      stdio: "ignore",
-    });
+    child = spawn(
+      "qemu-nbd",
+      ["-f", "raw", "-b", "127.0.0.1", "-p", String(port), "-x", "", "-t", "-e", "16", disk],
+      {
+        stdio: "ignore",
+      },
+    );
   }
   await waitForPort(port, child, peer);
   return child;
@@ -163,30 +167,52 @@ export async function run(ctx) {
     { case: "randwrite 4k QD1 (fio)", unit: "IOPS", rw: "randwrite", qd: 1 },
     { case: "randwrite 4k QD16 (fio)", unit: "IOPS", rw: "randwrite", qd: 16 },
   ];
-  /** results[workload][peer] = { value, cpu } */
-  const results = workloads.map(() => ({}));
+  const rounds = ctx.quick ? 1 : 3;
+  /** samples[workload][peer] = [{ value, cpu }, ...] over the rounds */
+  const samples = workloads.map(() => Object.fromEntries(peers.map((p) => [p, []])));
   try {
-    for (const peer of peers) {
-      const port = await freePort();
-      const child = await startPeer(peer, disk, port);
-      const uri = `nbd://127.0.0.1:${port}/`;
-      try {
-        for (const [i, w] of workloads.entries()) {
-          const cpu0 = cpuSeconds(child.pid);
-          let value;
-          if (i === 0) value = copyBytes / MiB / (await timed(() => exec("nbdcopy", [src, uri])));
-          else if (i === 1) value = diskBytes / MiB / (await timed(() => exec("nbdcopy", [uri, "null:"])));
-          else value = await fioIops(uri, w.rw, w.qd, fioSeconds);
-          results[i][peer] = { value, cpu: cpuSeconds(child.pid) - cpu0 };
+    for (let round = 0; round < rounds; round++) {
+      // Rotate the order each round so no peer always runs first (cold) or last.
+      const order = peers.map((_, i) => peers[(i + round) % peers.length]);
+      for (const peer of order) {
+        const port = await freePort();
+        const child = await startPeer(peer, disk, port);
+        const uri = `nbd://127.0.0.1:${port}/`;
+        try {
+          for (const [i, w] of workloads.entries()) {
+            ctx.log?.(`nbd: round ${round + 1}/${rounds} ${peer}: ${w.case}`);
+            const cpu0 = cpuSeconds(child.pid);
+            let value;
+            if (i === 0) value = copyBytes / MiB / (await timed(() => exec("nbdcopy", [src, uri])));
+            else if (i === 1) value = diskBytes / MiB / (await timed(() => exec("nbdcopy", [uri, "null:"])));
+            else value = await fioIops(uri, w.rw, w.qd, fioSeconds);
+            samples[i][peer].push({ value, cpu: cpuSeconds(child.pid) - cpu0 });
+          }
+        } finally {
+          await stopPeer(child);
         }
-      } finally {
-        await stopPeer(child);
       }
     }
   } finally {
     rmSync(disk, { force: true });
     rmSync(src, { force: true });
   }
+  const median = (xs) => {
+    const s = [...xs].sort((a, b) => a - b);
+    return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+  };
+  const results = samples.map((byPeer) =>
+    Object.fromEntries(
+      Object.entries(byPeer).map(([p, xs]) => [
+        p,
+        {
+          value: median(xs.map((x) => x.value)),
+          cpu: median(xs.map((x) => x.cpu)),
+          runs: xs.map((x) => x.value),
+        },
+      ]),
+    ),
+  );
   const fmt = (v, unit) => (unit === "IOPS" ? Math.round(v) : Math.round(v * 10) / 10);
   const ratio = (a, b) => (b > 0 ? Math.round((a / b) * 100) / 100 : "n/a");
   return workloads.map((w, i) => {
@@ -196,14 +222,28 @@ export async function run(ctx) {
     row["udm/qemu-nbd"] = ratio(r.udm.value, r["qemu-nbd"].value);
     row["udm/nbdkit"] = ratio(r.udm.value, r["nbdkit file"].value);
     for (const p of peers) row[`${p} cpu s`] = Math.round(r[p].cpu * 100) / 100;
+    row.runs = peers.map((p) => `${p}: ${r[p].runs.map((v) => fmt(v, w.unit)).join("/")}`).join("; ");
     return row;
   });
+}
+
+/** Markdown under the table: how the figures were made. */
+export function notes(_rows, { quick }) {
+  return [
+    `Medians of ${quick ? 1 : 3} rounds (peer order rotated each round); "runs" lists every round.`,
+    "One random-filled file (page cache warm) served in turn by udm (NbdServer over FileDevice, in a child",
+    "node process), `nbdkit -f file` and `qemu-nbd -f raw -t -e 16`; clients are nbdcopy 1.14 (seq write",
+    "from a random source file, seq read to null:) and fio's nbd engine (4 KiB, --ramp_time=1, time-based).",
+    "`cpu s` is the server process's user+system CPU during that workload (/proc/PID/stat).",
+    "Clients and servers share the machine's CPUs: compare columns within one run, not across runs.",
+  ].join("\n");
 }
 
 // Standalone: node bench/suites/nbd.mjs [--quick] [workDir]
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
   const quick = process.argv.includes("--quick");
-  const workDir = process.argv.slice(2).find((a) => !a.startsWith("--")) ?? (await import("node:os")).tmpdir();
-  const rows = await run({ workDir, quick });
+  const workDir =
+    process.argv.slice(2).find((a) => !a.startsWith("--")) ?? (await import("node:os")).tmpdir();
+  const rows = await run({ workDir, quick, log: (m) => console.error(m) });
   console.table(rows);
 }

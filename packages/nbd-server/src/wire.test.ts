@@ -68,7 +68,7 @@ describe("wire codecs", () => {
     const err = encodeErrorChunk(cookie, 5, "boom");
     expect(err.readUInt16BE(6)).toBe(NBD_REPLY_TYPE_ERROR);
     expect(err.readUInt32BE(16)).toBe(10);
-    expect(err.subarray(20).toString("hex")).toBe("00000005" + "0004" + Buffer.from("boom").toString("hex"));
+    expect(err.subarray(20).toString("hex")).toBe(`000000050004${Buffer.from("boom").toString("hex")}`);
     const errOff = encodeErrorChunk(cookie, 5, "", 77n);
     expect(errOff.readUInt16BE(6)).toBe(NBD_REPLY_TYPE_ERROR_OFFSET);
     expect(errOff.readBigUInt64BE(26)).toBe(77n);

@@ -26,7 +26,7 @@ const RC_MARKER = /__UDM_JOB_RC__=(\d+)/;
 const HOST_REQUEST = /^@@host (.*)$/;
 const PYTHON = "/usr/bin/python3";
 const RELAY_SOURCE = fileURLToPath(new URL("./relay.py", import.meta.url));
-const JOB_LIBRARY = fileURLToPath(new URL("./scenarios/lib.sh", import.meta.url));
+const SCENARIO_DIR = fileURLToPath(new URL("./scenarios/", import.meta.url));
 
 export interface GuestExport {
   /** Export name sent with NBD_OPT_GO (nbd-client -N). */
@@ -43,10 +43,15 @@ export interface RunGuestOptions {
   /** Port of the NBD server on 127.0.0.1. */
   port: number;
   exports: readonly GuestExport[];
-  /** The job: a path to a shell script, or its text. lib.sh is available as /run/udm/lib.sh. */
+  /**
+   * The job: a path to a shell script, or its text (anything with a newline). lib.sh is at
+   * /run/udm/lib.sh and every scenarios/*.sh at /run/udm/scenarios/.
+   */
   script: string;
   /** Extra per-run files, by absolute guest path (e.g. "/run/udm/pattern.bin"). */
   files?: Record<string, Buffer | string>;
+  /** Variables for the job, exported by lib.sh (names: shell identifiers; values: no newlines). */
+  env?: Record<string, string | number>;
   /** Answers `host_call ARGS` from the job; the returned line is sent back to it. */
   onHostRequest?: (request: string) => Promise<string> | string;
   timeoutMs?: number;
@@ -110,15 +115,31 @@ function perRunArchive(options: RunGuestOptions): Buffer {
     ["run/udm/port", `${options.port}\n`],
     ["run/udm/exports", `${exportsList.join("\n")}\n`],
     ["run/udm/job.sh", script],
-    ["run/udm/lib.sh", fs.readFileSync(JOB_LIBRARY)],
+    ["run/udm/lib.sh", fs.readFileSync(path.join(SCENARIO_DIR, "lib.sh"))],
   ]);
+  // Every scenario rides along, so a job can chain them: `DEV=/dev/nbd1 sh /run/udm/scenarios/x.sh`.
+  for (const name of fs.readdirSync(SCENARIO_DIR)) {
+    if (name.endsWith(".sh"))
+      files.set(`run/udm/scenarios/${name}`, fs.readFileSync(path.join(SCENARIO_DIR, name)));
+  }
+  const envLines = Object.entries(options.env ?? {}).map(([k, v]) => {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(k))
+      throw new RangeError(`env name "${k}" is not a shell identifier`);
+    const text = String(v);
+    if (/[\n\0]/.test(text)) throw new RangeError(`env ${k} must not contain newlines`);
+    return `export ${k}='${text.replace(/'/g, "'\\''")}'`;
+  });
+  files.set("run/udm/env", `${envLines.join("\n")}\n`);
   for (const [p, data] of Object.entries(options.files ?? {})) {
     if (!p.startsWith("/run/udm/")) throw new RangeError(`extra file "${p}" must be under /run/udm/`);
     files.set(p.slice(1), data);
   }
+  const dirs = new Set<string>();
+  for (const p of files.keys()) {
+    for (let d = path.dirname(p); d !== "."; d = path.dirname(d)) dirs.add(d);
+  }
   return writeCpio([
-    { kind: "dir", path: "run" },
-    { kind: "dir", path: "run/udm" },
+    ...[...dirs].sort().map((d) => ({ kind: "dir" as const, path: d })),
     ...[...files].map(([p, data]) => ({ kind: "file" as const, path: p, data, mode: 0o755 })),
   ]);
 }

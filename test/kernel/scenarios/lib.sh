@@ -2,6 +2,8 @@
 # busybox sh runs its own applets before anything on PATH (mke2fs, blkdiscard, ...), so the real
 # tools are always called by full path.
 set -eu
+# Per-run settings from runGuest({ env }) (DEV=/dev/nbd0 ...).
+[ ! -f /run/udm/env ] || . /run/udm/env
 MKFS_EXT4=/usr/sbin/mkfs.ext4
 E2FSCK=/usr/sbin/e2fsck
 DMSETUP=/usr/sbin/dmsetup
@@ -12,7 +14,7 @@ die() {
 }
 
 # Prints a step so the host's failure message shows how far the job got.
-step() { echo "== $*"; }
+step() { echo "== [$(cut -d" " -f1 /proc/uptime)s] $*"; }
 
 # host_call ARGS...: asks the test (onHostRequest) and waits; the answer is in $HOST_REPLY.
 host_call() {

@@ -1,4 +1,5 @@
 import { type BlockDevice, MemoryDevice, type StatusContext } from "@udm/kcopyd";
+import fc from "fast-check";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { infoData, metaContextData, RawPeer } from "./raw-peer.js";
 import { NbdServer } from "./server.js";
@@ -317,5 +318,37 @@ describe("limits and shutdown", () => {
     p.option(NBD_OPT_GO, infoData("other", []));
     expect((await p.optionReply()).replyType).toBe(NBD_REP_ERR_UNKNOWN);
     expect(() => server.addExport("disk", new MemoryDevice(1))).toThrow(/already exists/);
+  });
+});
+
+describe("hostile handshakes", () => {
+  it("no sequence of options or junk crashes the server or stops it serving others", async () => {
+    const option = fc
+      .record({
+        option: fc.oneof(fc.integer({ min: 1, max: 12 }), fc.integer({ min: 0, max: 0xffffffff })),
+        data: fc.oneof(
+          fc.uint8Array({ maxLength: 40 }).map((a) => Buffer.from(a)),
+          fc.constantFrom(infoData("disk", [1, 2, 3]), metaContextData("disk", ["base:allocation", "udm:"])),
+        ),
+      })
+      .map(({ option, data }) => encodeOption(option, data));
+    const junk = fc.uint8Array({ minLength: 1, maxLength: 32 }).map((a) => Buffer.from(a));
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 0, max: 3 }),
+        fc.array(fc.oneof({ weight: 5, arbitrary: option }, { weight: 1, arbitrary: junk }), {
+          maxLength: 10,
+        }),
+        async (flags, parts) => {
+          const p = await peer();
+          await p.greet(flags);
+          for (const part of parts) p.write(part);
+          await new Promise((r) => setTimeout(r, 5));
+          p.close();
+        },
+      ),
+      { numRuns: 60 },
+    );
+    await expectServing();
   });
 });

@@ -91,7 +91,7 @@ interface State {
   tls: boolean;
   noZeroes: boolean;
   structured: boolean;
-  meta: { exportName: string; contexts: Array<{ id: number; name: string }> } | null;
+  meta: { entry: ExportEntry; contexts: Array<{ id: number; name: string }> } | null;
   nextContextId: number;
   options: string[];
 }
@@ -221,8 +221,8 @@ function exportName(state: State, config: HandshakeConfig, data: Buffer): Negoti
 
 function finish(state: State, entry: ExportEntry): Negotiated {
   const leftover = state.reader.detach();
-  // Block status only counts if the final SET_META_CONTEXT named this export.
-  const metaContexts = state.meta && state.meta.exportName === entry.name ? state.meta.contexts : [];
+  // Block status only counts if the final SET_META_CONTEXT named this export ("" and its real name alike).
+  const metaContexts = state.meta && state.meta.entry === entry ? state.meta.contexts : [];
   return {
     stream: state.stream,
     leftover,
@@ -381,6 +381,6 @@ function metaContext(state: State, config: HandshakeConfig, option: number, data
     contexts.push({ id, name: m });
     reply(state, option, NBD_REP_META_CONTEXT, encodeMetaContextReplyData(id, m));
   }
-  if (isSet) state.meta = { exportName: entry.name, contexts };
+  if (isSet) state.meta = { entry, contexts };
   return reply(state, option, NBD_REP_ACK);
 }

@@ -174,15 +174,19 @@ export class NbdServer extends EventEmitter {
   async listen(address: { host?: string; port?: number } | { path: string }): Promise<string> {
     if (this.shuttingDown) throw new Error("NbdServer is closed");
     const server = net.createServer({ noDelay: true }, (socket) => this.onConnection(socket));
+    // After listening, errors (EMFILE on accept...) are logged: they must not end the process.
+    const onError = (err: Error) => this.log.error({ err: err.message }, "nbd listener error");
     if ("path" in address) {
       await removeStaleSocket(address.path);
       await listenOn(server, { path: address.path });
+      server.on("error", onError);
       this.netServers.push(server);
       this.log.info({ path: address.path }, "nbd server listening");
       return address.path;
     }
     const host = address.host ?? "127.0.0.1";
     await listenOn(server, { host, port: address.port ?? NBD_DEFAULT_PORT });
+    server.on("error", onError);
     this.netServers.push(server);
     const bound = server.address() as net.AddressInfo;
     const where =

@@ -1,4 +1,5 @@
 import { type BlockDevice, MemoryDevice, type StatusContext } from "@udm/kcopyd";
+import fc from "fast-check";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { RawPeer } from "./raw-peer.js";
 import { NbdServer } from "./server.js";
@@ -344,5 +345,55 @@ describe("exports at run time", () => {
     await removed;
     expect((await disk.read(0, 4096)).every((b) => b === 0x44)).toBe(true);
     expect(server.exports().map((e) => e.name)).toEqual(["ro"]);
+  });
+});
+
+describe("hostile input", () => {
+  it("no sequence of requests or junk bytes harms the server or another connection", async () => {
+    const { p: witness } = await open("disk", { structured: true });
+    const request = fc
+      .record({
+        type: fc.integer({ min: 0, max: 10 }),
+        flags: fc.oneof(fc.constant(0), fc.integer({ min: 0, max: 0xffff })),
+        offset: fc.oneof(
+          fc.bigInt({ min: 0n, max: BigInt(SIZE) }),
+          fc.bigInt({ min: 0n, max: 2n ** 64n - 1n }),
+        ),
+        length: fc.oneof(fc.integer({ min: 0, max: 70_000 }), fc.integer({ min: 0, max: 0xffffffff })),
+      })
+      .map((r) => {
+        const header = encodeRequest(
+          r.flags,
+          r.type === 2 ? 0 : r.type,
+          Buffer.alloc(8, 7),
+          r.offset,
+          r.length,
+        );
+        // Writes carry (part of) their payload; a lying length just leaves the server waiting for more.
+        return r.type === 1 ? Buffer.concat([header, Buffer.alloc(Math.min(r.length, 70_000), 1)]) : header;
+      });
+    const junk = fc.uint8Array({ minLength: 1, maxLength: 64 }).map((a) => Buffer.from(a));
+    await fc.assert(
+      fc.asyncProperty(
+        fc.boolean(),
+        fc.array(fc.oneof({ weight: 4, arbitrary: request }, { weight: 1, arbitrary: junk }), {
+          maxLength: 12,
+        }),
+        async (structured, parts) => {
+          const { p } = await open(structured ? "disk" : "ro", {
+            structured,
+            contexts: structured ? ["base:allocation"] : [],
+          });
+          for (const part of parts) p.write(part);
+          await new Promise((r) => setTimeout(r, 5));
+          p.close();
+          witness.request(NBD_CMD_READ, 0, 1n, 0n, 512);
+          const r = await witness.reply();
+          expect(r.type).toBe(NBD_REPLY_TYPE_OFFSET_DATA);
+        },
+      ),
+      { numRuns: 40 },
+    );
+    await expectServing();
   });
 });

@@ -168,7 +168,17 @@ export class TransmissionSession {
     if (this.mode === "stopped") return;
     this.chunks.push(chunk);
     this.bufferedBytes += chunk.length;
-    this.pump();
+    try {
+      this.pump();
+    } catch (err) {
+      // A bug must cost this connection, never the process and its other clients.
+      this.log.error(
+        { connection: this.connectionId, export: this.entry.name, err: errorMessage(err) },
+        "nbd parser failed",
+      );
+      this.stopReading();
+      this.stream.destroy();
+    }
   }
 
   private onClose(): void {

@@ -92,6 +92,8 @@ interface Pending {
   /** BLOCK_STATUS: descriptors of the base:allocation context. */
   status: Array<{ lengthBytes: number; flags: number }> | null;
   error: { code: number; message: string } | null;
+  /** READ with structured replies: bytes the data and hole chunks covered. */
+  covered: number;
   resolve: () => void;
   reject: (err: Error) => void;
 }
@@ -227,6 +229,9 @@ class ClientConnection {
   private finish(p: Pending): void {
     this.pending.delete(this.currentCookie);
     this.current = null;
+    if (!p.error && p.type === NBD_CMD_READ && this.agreed.structured && p.covered < p.length) {
+      p.error = { code: NBD_EIO, message: `server answered ${p.covered} of ${p.length} bytes of a read` };
+    }
     if (p.error) p.reject(toIoError(p.error, this.agreed));
     else p.resolve();
   }
@@ -298,6 +303,7 @@ class ClientConnection {
             throw new NbdProtocolError("OFFSET_DATA chunk outside the request");
           this.dataAt = at;
           this.dataLeft = len;
+          p.covered += len;
           this.mode = "chunk-data";
           if (len === 0) {
             this.endChunk(p);
@@ -344,6 +350,7 @@ class ClientConnection {
       const len = payload.readUInt32BE(8);
       if (at < 0 || at + len > p.length) throw new NbdProtocolError("OFFSET_HOLE chunk outside the request");
       (p.target as Buffer).fill(0, at, at + len);
+      p.covered += len;
       return;
     }
     if (type === NBD_REPLY_TYPE_BLOCK_STATUS) {
@@ -614,6 +621,7 @@ export class NbdDevice implements BlockDevice {
       target,
       status: null,
       error: null,
+      covered: 0,
       resolve,
       reject,
     };
@@ -692,6 +700,7 @@ export class NbdDevice implements BlockDevice {
     for (const p of inFlight) {
       p.error = null;
       p.status = null;
+      p.covered = 0;
     }
     this.waiting.unshift(...inFlight);
     this.reconnect();

@@ -348,6 +348,42 @@ describe("exports at run time", () => {
   });
 });
 
+describe("server shutdown", () => {
+  it("close() lets requests in flight finish, answers new ones ESHUTDOWN, then flushes the device", async () => {
+    let release!: () => void;
+    const gate = new Promise<void>((r) => {
+      release = r;
+    });
+    let flushes = 0;
+    const slow: BlockDevice = Object.create(disk);
+    slow.write = async (o, d, opt) => {
+      await gate;
+      return disk.write(o, d, opt);
+    };
+    slow.flush = async () => {
+      flushes++;
+    };
+    server.replaceExportDevice("disk", slow);
+    const { p } = await open();
+    p.request(NBD_CMD_WRITE, 0, 1n, 8192n, 4096, Buffer.alloc(4096, 0x66));
+    await new Promise((r) => setTimeout(r, 20));
+    let closed = false;
+    const closing = server.close().then(() => {
+      closed = true;
+    });
+    p.request(NBD_CMD_READ, 0, 2n, 0n, 512);
+    expect((await p.reply()).error).toBe(NBD_ESHUTDOWN);
+    expect(closed).toBe(false);
+    release();
+    const done = await p.reply();
+    expect([done.cookie, done.error]).toEqual([1n, 0]);
+    await closing;
+    expect(flushes).toBe(1);
+    expect((await disk.read(8192, 4096)).every((b) => b === 0x66)).toBe(true);
+    await expect(RawPeer.connect(address)).rejects.toThrow();
+  });
+});
+
 describe("hostile input", () => {
   it("no sequence of requests or junk bytes harms the server or another connection", async () => {
     const { p: witness } = await open("disk", { structured: true });

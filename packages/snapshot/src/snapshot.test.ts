@@ -1,0 +1,358 @@
+import { randomBytes } from "node:crypto";
+import {
+  type BlockDevice,
+  KcopydClient,
+  MemoryDevice,
+  TargetArgError,
+  type TargetContext,
+  type TargetDevice,
+} from "@udm/kcopyd";
+import { describe, expect, it } from "vitest";
+import { inspectCow } from "./cow-format.js";
+import type { OriginDevice } from "./origin-device.js";
+import { SNAPSHOT_EXCEPTIONS_CONTEXT, type SnapshotDevice } from "./snapshot-device.js";
+import { snapshotOriginTarget, snapshotTarget } from "./targets.js";
+import { WriteCacheDevice } from "./write-cache-device.js";
+
+const KiB = 1024;
+const MiB = 1 << 20;
+
+function contextFor(devices: Record<string, BlockDevice>, kcopyd = new KcopydClient()): TargetContext {
+  return {
+    openDevice: async (spec) => {
+      const dev = devices[spec];
+      if (!dev) throw new RangeError(`no device ${spec}`);
+      return dev;
+    },
+    kcopyd,
+  };
+}
+
+/** Counts reads per origin chunk and can hold the next read of a chunk until released. */
+class ObservedDevice extends MemoryDevice {
+  readsAt: number[] = [];
+  private gate: { offset: number; released: Promise<void>; entered: () => void } | null = null;
+
+  /** The next read starting at `offset` waits for the returned release(); `entered` resolves when it started. */
+  holdNextReadAt(offset: number): { entered: Promise<void>; release: () => void } {
+    let release!: () => void;
+    let entered!: () => void;
+    const released = new Promise<void>((r) => {
+      release = r;
+    });
+    const enteredP = new Promise<void>((r) => {
+      entered = r;
+    });
+    this.gate = { offset, released, entered };
+    return { entered: enteredP, release };
+  }
+
+  override async readInto(offsetBytes: number, target: Buffer): Promise<void> {
+    this.readsAt.push(offsetBytes);
+    const gate = this.gate;
+    if (gate && gate.offset === offsetBytes) {
+      this.gate = null;
+      gate.entered();
+      await gate.released;
+    }
+    await super.readInto(offsetBytes, target);
+  }
+}
+
+async function setup(
+  originSize: number,
+  snaps: Array<{ cow: string; type?: string; chunk: number; cowSize?: number }>,
+) {
+  const origin = new ObservedDevice(originSize, { name: "origin" });
+  const initial = randomBytes(originSize);
+  await origin.write(0, initial);
+  const devices: Record<string, BlockDevice> = { origin };
+  for (const s of snaps) devices[s.cow] = new MemoryDevice(s.cowSize ?? originSize * 2, { name: s.cow });
+  const ctx = contextFor(devices);
+  const o = (await snapshotOriginTarget.create(["origin"], originSize, ctx)) as OriginDevice;
+  const snapshots: SnapshotDevice[] = [];
+  for (const s of snaps) {
+    snapshots.push(
+      (await snapshotTarget.create(
+        ["origin", s.cow, s.type ?? "P", String(s.chunk)],
+        originSize,
+        ctx,
+      )) as SnapshotDevice,
+    );
+  }
+  return { origin, initial, devices, ctx, o, snapshots };
+}
+
+describe("copy-on-write", () => {
+  it("keeps every snapshot's view through unaligned writes, with three chunk sizes", async () => {
+    const size = 512 * KiB;
+    const { o, snapshots, initial } = await setup(size, [
+      { cow: "c8", chunk: 8 },
+      { cow: "c16", chunk: 16, type: "N" },
+      { cow: "c64", chunk: 64 },
+    ]);
+    const model = Buffer.from(initial);
+    const writes: Array<[number, number]> = [
+      [1, 1],
+      [4095, 2],
+      [5000, 20000],
+      [65536 - 7, 100],
+      [size - 3, 3],
+      [100_000, 4096],
+      [200_000, 70_000],
+    ];
+    for (const [at, len] of writes) {
+      const data = randomBytes(len);
+      await o.write(at, data);
+      data.copy(model, at);
+    }
+    expect((await o.read(0, size)).equals(model)).toBe(true);
+    for (const s of snapshots) expect((await s.read(0, size)).equals(initial)).toBe(true);
+    // Unaligned reads across chunk boundaries too.
+    expect((await snapshots[0]!.read(4000, 9000)).equals(initial.subarray(4000, 13000))).toBe(true);
+    await Promise.all(snapshots.map((s) => s.close()));
+  });
+
+  it("writes to the snapshot land in the COW only; a whole-chunk write skips the copy", async () => {
+    const size = 256 * KiB;
+    const { o, snapshots, initial, origin } = await setup(size, [{ cow: "cow", chunk: 16 }]);
+    const s = snapshots[0]!;
+    const view = Buffer.from(initial);
+    const partial = randomBytes(3000);
+    await s.write(8192 + 100, partial);
+    partial.copy(view, 8192 + 100);
+    origin.readsAt = [];
+    const whole = randomBytes(8192);
+    await s.write(5 * 8192, whole);
+    whole.copy(view, 5 * 8192);
+    expect(origin.readsAt).toEqual([]);
+    expect((await s.read(0, size)).equals(view)).toBe(true);
+    expect((await o.read(0, size)).equals(initial)).toBe(true);
+    // Origin writes to chunks the snapshot already owns copy nothing more.
+    const before = s.status();
+    await o.write(5 * 8192, randomBytes(8192));
+    expect(s.status()).toBe(before);
+    expect((await s.read(0, size)).equals(view)).toBe(true);
+    await s.close();
+  });
+
+  it("concurrent writes to one chunk share one pending exception", async () => {
+    const { o, snapshots, initial } = await setup(128 * KiB, [{ cow: "cow", chunk: 8 }]);
+    const s = snapshots[0]!;
+    await Promise.all(
+      Array.from({ length: 10 }, (_, i) => o.write(4096 + i * 100, Buffer.alloc(100, i + 1))),
+    );
+    // Header, area 0 and one data chunk: next_free = 3.
+    expect(s.status()).toBe(`24/512 16`);
+    expect((await s.read(4096, 4096)).equals(initial.subarray(4096, 8192))).toBe(true);
+    const now = await o.read(4096, 1000);
+    for (let i = 0; i < 10; i++) expect(now[i * 100]).toBe(i + 1);
+    await s.close();
+  });
+
+  it("a snapshot read racing with a copy-out still sees the old data", async () => {
+    const { o, snapshots, initial, origin } = await setup(64 * KiB, [{ cow: "cow", chunk: 8 }]);
+    const s = snapshots[0]!;
+    const hold = origin.holdNextReadAt(3 * 4096);
+    const read = s.read(3 * 4096, 4096);
+    await hold.entered;
+    const write = o.write(3 * 4096, Buffer.alloc(4096, 0x55));
+    // Give the copy-out and commit every chance to run: the origin must stay untouched.
+    for (let i = 0; i < 50; i++) await new Promise((r) => setImmediate(r));
+    expect((await origin.read(3 * 4096, 4096)).equals(initial.subarray(3 * 4096, 4 * 4096))).toBe(true);
+    hold.release();
+    expect((await read).equals(initial.subarray(3 * 4096, 4 * 4096))).toBe(true);
+    await write;
+    expect((await origin.read(3 * 4096, 4096)).every((b) => b === 0x55)).toBe(true);
+    expect((await s.read(3 * 4096, 4096)).equals(initial.subarray(3 * 4096, 4 * 4096))).toBe(true);
+    await s.close();
+  });
+
+  it("write-zeroes and discards on the origin copy out first; the snapshot publishes what was copied", async () => {
+    const { o, snapshots, initial } = await setup(128 * KiB, [{ cow: "cow", chunk: 16 }]);
+    const s = snapshots[0]!;
+    await o.writeZeroes(8192, 8192);
+    await o.discard(5 * 8192, 100);
+    expect((await s.read(0, 128 * KiB)).equals(initial)).toBe(true);
+    const ctx = s.statusContexts()[0]!;
+    expect(ctx.name).toBe(SNAPSHOT_EXCEPTIONS_CONTEXT);
+    expect(await ctx.query(0, 128 * KiB)).toEqual([
+      { lengthBytes: 8192, flags: 0 },
+      { lengthBytes: 8192, flags: 1 },
+      { lengthBytes: 3 * 8192, flags: 0 },
+      { lengthBytes: 8192, flags: 1 },
+      { lengthBytes: 10 * 8192, flags: 0 },
+    ]);
+    expect(await ctx.query(8192 + 10, 100)).toEqual([{ lengthBytes: 100, flags: 1 }]);
+    await s.close();
+  });
+
+  it("transient snapshots allocate from COW chunk 0 and report N usage", async () => {
+    const { o, snapshots, initial, devices } = await setup(64 * KiB, [{ cow: "cow", chunk: 8, type: "N" }]);
+    const s = snapshots[0]!;
+    await o.write(2 * 4096, Buffer.alloc(4096, 9));
+    expect(s.status()).toBe("8/256 0");
+    expect(s.table()).toBe("origin cow N 8");
+    expect((await devices.cow!.read(0, 4096)).equals(initial.subarray(2 * 4096, 3 * 4096))).toBe(true);
+    await s.close();
+  });
+});
+
+describe("overflow", () => {
+  it("P: a full COW invalidates the snapshot on disk; the origin write still happens", async () => {
+    // Header + area + 2 data chunks.
+    const { o, snapshots, devices } = await setup(64 * KiB, [{ cow: "cow", chunk: 8, cowSize: 4 * 4096 }]);
+    const s = snapshots[0]!;
+    await o.write(0, Buffer.alloc(4096, 1));
+    await o.write(4096, Buffer.alloc(4096, 2));
+    expect(s.status()).toBe("32/32 16");
+    await o.write(2 * 4096, Buffer.alloc(4096, 3));
+    expect((await o.read(2 * 4096, 4096)).every((b) => b === 3)).toBe(true);
+    expect(s.status()).toBe("Invalid");
+    expect((await devices.cow!.read(4, 4)).readUInt32LE(0)).toBe(0);
+    await expect(s.read(0, 512)).rejects.toMatchObject({ code: "EIO" });
+    await expect(s.write(0, Buffer.alloc(512))).rejects.toMatchObject({ code: "EIO" });
+    await s.close();
+    // It stays invalid when loaded again.
+    const again = (await snapshotTarget.create(
+      ["origin", "cow", "P", "8"],
+      64 * KiB,
+      contextFor(devices),
+    )) as SnapshotDevice;
+    expect(again.status()).toBe("Invalid");
+    expect((await inspectCow(devices.cow!)).valid).toBe(false);
+    await again.close();
+  });
+
+  it("PO: snapshot writes that find the COW full report Overflow, reads keep working", async () => {
+    const { o, snapshots, initial } = await setup(64 * KiB, [
+      { cow: "cow", chunk: 8, type: "PO", cowSize: 4 * 4096 },
+    ]);
+    const s = snapshots[0]!;
+    const mine = randomBytes(4096);
+    await s.write(0, mine);
+    await s.write(4096, mine);
+    await expect(s.write(2 * 4096, Buffer.alloc(10))).rejects.toMatchObject({ code: "EIO" });
+    expect(s.status()).toBe("Overflow");
+    expect(s.table()).toBe("origin cow PO 8");
+    expect((await s.read(0, 4096)).equals(mine)).toBe(true);
+    expect((await s.read(2 * 4096, 4096)).equals(initial.subarray(2 * 4096, 3 * 4096))).toBe(true);
+    await expect(s.write(0, Buffer.alloc(10))).rejects.toMatchObject({ code: "EIO" });
+    // An origin write needing a copy cannot be held forever: the snapshot is dropped, the origin written.
+    await o.write(3 * 4096, Buffer.alloc(4096, 7));
+    expect((await o.read(3 * 4096, 1))[0]).toBe(7);
+    expect(s.status()).toBe("Invalid");
+    await s.close();
+  });
+});
+
+describe("tables and status", () => {
+  it("round-trips table lines and takes chunk 0 from the header", async () => {
+    const { snapshots, ctx, o } = await setup(64 * KiB, [{ cow: "cow", chunk: 16 }]);
+    expect(o.table()).toBe("origin");
+    expect(o.status()).toBe("");
+    await snapshots[0]!.close();
+    const again = (await snapshotTarget.create(["origin", "cow", "P", "0"], 64 * KiB, ctx)) as SnapshotDevice;
+    expect(again.table()).toBe("origin cow P 16");
+    expect(again.status()).toBe("32/256 32");
+    await again.close();
+    const withFeatures = (await snapshotTarget.create(
+      ["origin", "cow", "po", "16", "2", "discard_zeroes_cow", "discard_passdown_origin"],
+      64 * KiB,
+      ctx,
+    )) as TargetDevice;
+    expect(withFeatures.table()).toBe("origin cow PO 16 2 discard_zeroes_cow discard_passdown_origin");
+    const args = withFeatures.table().split(" ");
+    await withFeatures.close();
+    const roundTrip = (await snapshotTarget.create(args, 64 * KiB, ctx)) as TargetDevice;
+    expect(roundTrip.table()).toBe(args.join(" "));
+    await roundTrip.close();
+  });
+
+  it("rejects bad arguments, naming which one", async () => {
+    const { ctx } = await setup(64 * KiB, [{ cow: "cow", chunk: 8 }]);
+    const bad = async (args: string[], index: number | null, message: RegExp) => {
+      const err = await snapshotTarget.create(args, 64 * KiB, ctx).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(TargetArgError);
+      expect((err as TargetArgError).argIndex).toBe(index);
+      expect((err as Error).message).toMatch(message);
+    };
+    await bad(["origin", "cow", "P"], null, /requires 4 or more arguments/);
+    await bad(["origin", "cow", "X", "8"], 2, /P, PO or N/);
+    await bad(["origin", "cow", "P", "12"], 3, /power of two/);
+    await bad(["origin", "cow", "N", "0"], 3, /chunk size not set/);
+    await bad(["origin", "cow", "P", "8", "1", "bogus"], 5, /unrecognised feature/);
+    await bad(["origin", "cow", "P", "8", "2", "discard_zeroes_cow"], 4, /does not match/);
+    await bad(
+      ["origin", "cow", "P", "8", "1", "discard_passdown_origin"],
+      null,
+      /depends on discard_zeroes_cow/,
+    );
+    await bad(["origin", "origin", "P", "8"], 1, /cannot be the same as origin/);
+    await expect(snapshotOriginTarget.create([], 512, ctx)).rejects.toBeInstanceOf(TargetArgError);
+  });
+
+  it("discard_zeroes_cow zeroes whole copied chunks of the snapshot", async () => {
+    const { o, ctx, snapshots } = await setup(64 * KiB, [{ cow: "cow", chunk: 8 }]);
+    await snapshots[0]!.close();
+    const s = (await snapshotTarget.create(
+      ["origin", "cow", "P", "8", "1", "discard_zeroes_cow"],
+      64 * KiB,
+      ctx,
+    )) as SnapshotDevice;
+    await o.write(0, Buffer.alloc(8192, 1));
+    await s.discard(0, 4096);
+    expect((await s.read(0, 4096)).every((b) => b === 0)).toBe(true);
+    expect((await s.read(4096, 4096)).every((b) => b === 0)).toBe(false);
+    await s.close();
+  });
+});
+
+describe("persistence", () => {
+  it("restores every committed exception after a clean close", async () => {
+    const { o, ctx, snapshots, initial } = await setup(256 * KiB, [{ cow: "cow", chunk: 8 }]);
+    const view = Buffer.from(initial);
+    await snapshots[0]!.write(70_000, Buffer.alloc(5000, 0xab));
+    view.fill(0xab, 70_000, 75_000);
+    for (let i = 0; i < 20; i++) await o.write(i * 9000, randomBytes(3000));
+    await snapshots[0]!.close();
+    const again = (await snapshotTarget.create(
+      ["origin", "cow", "P", "8"],
+      256 * KiB,
+      ctx,
+    )) as SnapshotDevice;
+    expect((await again.read(0, 256 * KiB)).equals(view)).toBe(true);
+    await again.close();
+  });
+
+  it("after a power cut in the middle of copy-outs, the snapshot still shows the origin as it was", async () => {
+    for (let round = 0; round < 12; round++) {
+      const size = 256 * KiB;
+      const originMedium = new MemoryDevice(size, { name: "origin" });
+      const cowMedium = new MemoryDevice(size, { name: "cow" });
+      const initial = randomBytes(size);
+      await originMedium.write(0, initial);
+      const origin = new WriteCacheDevice(originMedium, { name: "origin" });
+      const cow = new WriteCacheDevice(cowMedium, { name: "cow" });
+      const ctx = contextFor({ origin, cow });
+      const o = (await snapshotOriginTarget.create(["origin"], size, ctx)) as OriginDevice;
+      const s = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx)) as SnapshotDevice;
+      const inflight = Array.from({ length: 40 }, (_, i) =>
+        o.write(((i * 7919) % 60) * 4096 + (i % 3) * 100, randomBytes(2000)).catch(() => undefined),
+      );
+      const ticks = 1 + ((round * 37) % 60);
+      for (let t = 0; t < ticks; t++) await new Promise((r) => setImmediate(r));
+      const survive = (i: number) => (i * 31 + round) % 3 === 0;
+      await cow.crash(survive);
+      await origin.crash(survive);
+      await Promise.all(inflight);
+      await s.close();
+      // Reboot: the same media, new devices, the snapshot loaded from disk.
+      const ctx2 = contextFor({ origin: originMedium, cow: cowMedium });
+      const again = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx2)) as SnapshotDevice;
+      expect(again.status()).not.toBe("Invalid");
+      expect((await again.read(0, size)).equals(initial)).toBe(true);
+      await again.close();
+    }
+  });
+});

@@ -162,7 +162,14 @@ export class DeviceManager {
 
   /** dmsetup suspend: drain and hold I/O, flush. */
   suspend(name: string): Promise<void> {
-    return this.exclusive(() => this.get(name).gate.suspend());
+    return this.exclusive(() => this.suspendGate(this.get(name).gate));
+  }
+
+  private async suspendGate(gate: GateDevice): Promise<void> {
+    await gate.suspend();
+    if (gate.lastFlushError) {
+      this.log.warn({ device: gate.deviceName, err: gate.lastFlushError }, "suspended, but the flush failed");
+    }
   }
 
   /** dmsetup resume. */
@@ -362,7 +369,7 @@ export class DeviceManager {
       for (const name of names) {
         const gate = this.get(name).gate;
         if (gate.state !== "active") continue;
-        await gate.suspend();
+        await this.suspendGate(gate);
         suspended.push(gate);
       }
       return await fn();
@@ -556,7 +563,7 @@ export class DeviceManager {
     const built = await this.buildTable(request, dev);
     const wasSuspended = dev.gate.state === "suspended";
     try {
-      await dev.gate.suspend();
+      await this.suspendGate(dev.gate);
     } catch (err) {
       await Promise.allSettled(built.segments.map((s) => s.close()));
       for (const spec of built.held) await this.pool.release(spec).catch(() => undefined);

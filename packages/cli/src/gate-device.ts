@@ -31,6 +31,8 @@ export class GateDevice implements TargetDevice {
   private inFlight = 0;
   private drainWaiters: Array<() => void> = [];
   private held: Array<{ resolve: () => void; reject: (err: Error) => void }> = [];
+  /** Why the flush of the last suspend failed, if it did (the suspend itself succeeded). */
+  lastFlushError: Error | null = null;
   /** Serialises suspend/resume/swap so a resume cannot overtake a suspend in progress. */
   private transition: Promise<unknown> = Promise.resolve();
 
@@ -96,7 +98,13 @@ export class GateDevice implements TargetDevice {
       await this.inner.suspend?.();
       this.stateValue = "suspended";
       await this.drained();
-      await this.inner.flush();
+      // A device that cannot flush (an `error` segment) still suspends; the caller logs why.
+      this.lastFlushError = null;
+      try {
+        await this.inner.flush();
+      } catch (err) {
+        this.lastFlushError = err as Error;
+      }
     });
   }
 

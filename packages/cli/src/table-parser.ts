@@ -202,6 +202,9 @@ export async function probeTableLine(
   checkSpec: (spec: string) => void,
 ): Promise<void> {
   const target = registry.get(line.targetType)!;
+  // Set once the probe stopped the target: whatever it throws from then on (targets may wrap
+  // the stop in their own error) is the stop, not a problem with the line.
+  let stopped = false;
   const probe: TargetContext = {
     ...context,
     async openDevice(spec: string) {
@@ -210,7 +213,8 @@ export async function probeTableLine(
       } catch (err) {
         throw new TargetArgError(argIndexOf(line, spec), (err as Error).message);
       }
-      throw new ProbeStop();
+      stopped = true;
+      throw new ProbeStop("probe: table arguments checked up to the first device");
     },
   };
   try {
@@ -218,7 +222,7 @@ export async function probeTableLine(
     // A target that opens no device (zero, error) is complete: release what it built.
     await dev.close();
   } catch (err) {
-    if (err instanceof ProbeStop) return;
+    if (stopped || err instanceof ProbeStop) return;
     throw targetError(line, err, registry);
   }
 }

@@ -1,0 +1,196 @@
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { type LinearDevice, SECTOR_SIZE } from "@udm/kcopyd";
+import { pino } from "pino";
+import { afterEach, beforeEach, describe, expect, test } from "vitest";
+import { DeviceManager, type TableRequest } from "./device-manager.js";
+import { parseDeviceTable, parseTableFile, TableParseError } from "./table-parser.js";
+import { allTargets } from "./targets.js";
+
+const log = pino({ level: "silent" });
+let dir: string;
+let manager: DeviceManager;
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), "udm-dm-"));
+  manager = new DeviceManager({ targets: allTargets(), log });
+});
+
+afterEach(async () => {
+  await manager.closeAll();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+function file(name: string, sizeBytes: number): string {
+  const path = join(dir, name);
+  writeFileSync(path, Buffer.alloc(sizeBytes));
+  return path;
+}
+
+function tables(text: string): TableRequest[] {
+  return parseTableFile(text, "test.table", manager.registry).map((table) => ({ table, baseDir: dir }));
+}
+
+function line(name: string, text: string): TableRequest {
+  return { table: parseDeviceTable(name, text, "--table", manager.registry), baseDir: dir };
+}
+
+describe("DeviceManager", () => {
+  test("the same spec yields the same BlockDevice while held, closed after the last holder", async () => {
+    const path = file("a.img", 64 * SECTOR_SIZE);
+    await manager.create(
+      tables(`a: 0 8 linear a.img 0\nb: 0 8 linear file:${path} 8\nc: 0 8 linear ./a.img 16\n`),
+    );
+    const inner = (name: string) => (manager.device(name).current as LinearDevice).inner;
+    expect(inner("a")).toBe(inner("b"));
+    expect(inner("a")).toBe(inner("c"));
+    expect(manager.pool.refs(path)).toBe(3);
+    const shared = inner("a");
+    await manager.remove("a");
+    await manager.remove("b");
+    expect(manager.pool.refs(path)).toBe(1);
+    await manager.device("c").write(0, Buffer.from("still open"));
+    await manager.remove("c");
+    expect(manager.pool.refs(path)).toBe(0);
+    await expect(shared.read(0, 512)).rejects.toThrow();
+  });
+
+  test("@NAME stacks devices; a used device cannot be removed", async () => {
+    await manager.create(tables("top: 0 8 linear @base 8\nbase: 0 16 linear mem:1M 0\n"));
+    expect(manager.names()).toEqual(["base", "top"]); // dependency order
+    await manager.device("top").write(0, Buffer.from("through top"));
+    expect((await manager.device("base").read(8 * SECTOR_SIZE, 11)).toString()).toBe("through top");
+    expect(manager.info("base").usedBy).toEqual(["top"]);
+    await expect(manager.remove("base")).rejects.toMatchObject({
+      code: "EBUSY",
+      message: expect.stringMatching(/in use by top/),
+    });
+    await manager.remove("top");
+    await manager.remove("base");
+  });
+
+  test("unknown @NAME, self-use and cycles are refused before anything is opened", async () => {
+    const path = file("x.img", 64 * SECTOR_SIZE);
+    await expect(manager.create(tables("a: 0 8 linear x.img 0\nb: 0 8 linear @nope 0\n"))).rejects.toThrow(
+      'test.table:2: linear argument 1 ("@nope"): no udm device "nope"',
+    );
+    await expect(manager.create(tables("a: 0 8 linear @a 0\n"))).rejects.toThrow(/cannot use itself/);
+    await expect(manager.create(tables("a: 0 8 linear @b 0\nb: 0 8 linear @a 0\n"))).rejects.toThrow(/cycle/);
+    expect(manager.pool.refs(path)).toBe(0);
+    expect(manager.names()).toEqual([]);
+  });
+
+  test("create is all or nothing: a device that fails to build rolls back the batch", async () => {
+    const path = file("a.img", 64 * SECTOR_SIZE);
+    const err = await manager
+      .create(tables("a: 0 8 linear a.img 0\nb: 0 8 linear missing.img 0\n"))
+      .catch((e) => e);
+    expect(err).toBeInstanceOf(TableParseError);
+    expect(err.message).toMatch(
+      /^test\.table:2: linear argument 1 \("missing\.img"\): device ".*missing\.img" does not exist/,
+    );
+    expect(manager.names()).toEqual([]);
+    expect(manager.pool.refs(path)).toBe(0);
+    const tooBig = await manager.create(tables("a: 0 128 linear a.img 0\n")).catch((e) => e);
+    expect(tooBig.message).toMatch(/^test\.table:1: linear argument 2 \("0"\): .*does not fit/);
+  });
+
+  test("segments map offsets onto their targets; table and status print per segment", async () => {
+    file("a.img", 16 * SECTOR_SIZE);
+    file("b.img", 16 * SECTOR_SIZE);
+    await manager.create([line("big", "0 16 linear a.img 0\n16 8 linear b.img 8\n24 8 zero")]);
+    const big = manager.device("big");
+    expect(big.sizeBytes).toBe(32 * SECTOR_SIZE);
+    const data = Buffer.alloc(20 * SECTOR_SIZE, 7);
+    await big.write(4 * SECTOR_SIZE, data);
+    expect((await big.read(4 * SECTOR_SIZE, data.length)).equals(data)).toBe(true);
+    expect((await big.read(24 * SECTOR_SIZE, 512)).equals(Buffer.alloc(512))).toBe(true);
+    expect(
+      manager.table("big").map((l) => `${l.startSectors} ${l.lengthSectors} ${l.targetType} ${l.args}`),
+    ).toEqual([`0 16 linear ${join(dir, "a.img")} 0`, `16 8 linear ${join(dir, "b.img")} 8`, "24 8 zero "]);
+  });
+
+  test("reload swaps the table under live I/O: the gate stays, no request fails, old specs are released", async () => {
+    const a = file("a.img", 64 * SECTOR_SIZE);
+    const b = file("b.img", 64 * SECTOR_SIZE);
+    await manager.create([line("vol", "0 64 linear a.img 0")]);
+    const gate = manager.device("vol");
+    const writes: Array<Promise<void>> = [];
+    for (let i = 0; i < 32; i++) writes.push(gate.write(i * SECTOR_SIZE, Buffer.alloc(SECTOR_SIZE, i + 1)));
+    const reload = manager.reload("vol", line("vol", "0 64 linear b.img 0"));
+    for (let i = 32; i < 64; i++) writes.push(gate.write(i * SECTOR_SIZE, Buffer.alloc(SECTOR_SIZE, i + 1)));
+    await reload;
+    await Promise.all(writes);
+    expect(manager.device("vol")).toBe(gate);
+    expect(manager.pool.refs(a)).toBe(0);
+    expect(manager.pool.refs(b)).toBe(1);
+    expect(manager.table("vol")[0]!.args).toBe(`${b} 0`);
+    // Writes issued before the swap are on a.img; from now on the gate writes to b.img.
+    expect(readFileSync(a).subarray(0, SECTOR_SIZE).equals(Buffer.alloc(SECTOR_SIZE, 1))).toBe(true);
+    await gate.write(0, Buffer.from("on b"));
+    await gate.flush();
+    expect(readFileSync(b).subarray(0, 4).toString()).toBe("on b");
+    expect(readFileSync(a).subarray(0, 4).equals(Buffer.alloc(4, 1))).toBe(true);
+  });
+
+  test("reload refuses a table that would make a cycle and leaves the device as it was", async () => {
+    await manager.create(tables("base: 0 16 linear mem:1M 0\ntop: 0 8 linear @base 0\n"));
+    await expect(manager.reload("base", line("base", "0 8 linear @top 0"))).rejects.toThrow(
+      /no udm device "top"/,
+    );
+    expect(manager.table("base")[0]!.args).toBe("mem:1M 0");
+    expect(manager.device("base").state).toBe("active");
+  });
+
+  test("snapshot create on a busy origin loses no write; merge brings the origin back and removes the snapshot", async () => {
+    file("origin.img", 256 * SECTOR_SIZE);
+    await manager.create(tables("origin: 0 256 snapshot-origin origin.img\n"));
+    const origin = manager.device("origin");
+    await origin.write(0, Buffer.alloc(4096, 0xaa));
+    // Writes in flight while the snapshot is taken: each is either before it or after it, whole.
+    const during = [
+      origin.write(4096, Buffer.alloc(4096, 0xbb)),
+      origin.write(8192, Buffer.alloc(4096, 0xcc)),
+    ];
+    await manager.snapshotCreate("origin", "snap", {
+      cow: join(dir, "snap.cow"),
+      createSizeBytes: 1 << 20,
+      chunkSectors: 8,
+      persistent: true,
+      overflowOk: false,
+    });
+    await Promise.all(during);
+    const snap = manager.device("snap");
+    const frozen = await snap.read(0, 3 * 4096);
+    await origin.write(0, Buffer.alloc(3 * 4096, 0x11));
+    expect((await snap.read(0, 3 * 4096)).equals(frozen)).toBe(true);
+    expect(frozen.subarray(0, 4096).equals(Buffer.alloc(4096, 0xaa))).toBe(true);
+    for (const [i, fill] of [
+      [1, 0xbb],
+      [2, 0xcc],
+    ] as const) {
+      const chunk = frozen.subarray(i * 4096, (i + 1) * 4096);
+      expect(chunk.equals(Buffer.alloc(4096, fill)) || chunk.equals(Buffer.alloc(4096))).toBe(true);
+    }
+    expect(manager.status("snap")[0]!.args).toMatch(/^\d+\/2048 \d+$/);
+
+    await manager.snapshotMerge("snap");
+    for (let i = 0; i < 1000 && manager.has("snap"); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(manager.has("snap")).toBe(false);
+    expect(manager.mergeState("snap").state).toBe("done");
+    expect((await origin.read(0, 3 * 4096)).equals(frozen)).toBe(true);
+  });
+
+  test("snapshot create refuses an origin that is not a snapshot-origin device", async () => {
+    await manager.create([line("plain", "0 8 zero")]);
+    await expect(
+      manager.snapshotCreate("plain", "s", {
+        cow: "mem:1M",
+        chunkSectors: 8,
+        persistent: false,
+        overflowOk: false,
+      }),
+    ).rejects.toThrow(/plain is a zero device: a snapshot needs a snapshot-origin device/);
+  });
+});

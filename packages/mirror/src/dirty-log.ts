@@ -8,8 +8,10 @@ export const MIRROR_LOG_VERSION = 2;
 /** Byte offset of the clean bitmap (`LOG_OFFSET` = sector 2). */
 export const MIRROR_LOG_BITMAP_OFFSET = 1024;
 /**
- * udm extension in the header's unused bytes 16..23: le32 `udmR` then le32 region size in sectors.
- * The kernel reads and rewrites the whole buffer, so it keeps these bytes; it never looks at them.
+ * udm extension in the header's unused bytes 16..27: le32 `udmR`, le32 region size in sectors,
+ * le32 mask of legs (by table position) that lack current data somewhere, so a restart copies
+ * from a leg that has it. The kernel reads and rewrites the whole buffer, so it keeps these
+ * bytes; it never looks at them.
  */
 export const UDM_LOG_EXTENSION_MAGIC = 0x526d6475;
 const UDM_LOG_EXTENSION_OFFSET = 16;
@@ -71,6 +73,10 @@ export class DirtyRegionLog {
   deviceFailed = false;
   /** Log device flush failed (`F` in status). */
   deviceFlushFailed = false;
+  /** Legs lacking current data in some region (udm header extension); set by the mirror. */
+  private staleLegsMask = 0;
+  /** The stale-legs mask a udm-written log held at resume, if any (not with `sync`/`nosync`). */
+  storedStaleLegs: number | undefined;
   /** Called before clean bits are written: flush every leg; false if that failed. */
   flushLegs: (() => Promise<boolean>) | undefined;
   /** Bumped whenever a clean bit is cleared; flushes record up to which value is durable. */
@@ -137,6 +143,9 @@ export class DirtyRegionLog {
           );
         }
         storedRegions = Math.min(Number(this.buffer.readBigUInt64LE(8)), this.regionCount);
+        if (this.buffer.readUInt32LE(UDM_LOG_EXTENSION_OFFSET) === UDM_LOG_EXTENSION_MAGIC) {
+          this.storedStaleLegs = this.buffer.readUInt32LE(UDM_LOG_EXTENSION_OFFSET + 8);
+        }
       }
     } catch (err) {
       if (err instanceof MirrorLogFormatError) throw err;
@@ -176,6 +185,18 @@ export class DirtyRegionLog {
   clearRegion(region: number): void {
     if (this.flushFailed) return;
     if (this.clean.set(region)) this.touchedCleaned = true;
+  }
+
+  /** Legs lacking current data somewhere; a change is written (and waited for) like a dirty bit. */
+  get staleLegs(): number {
+    return this.staleLegsMask;
+  }
+
+  set staleLegs(mask: number) {
+    if (mask === this.staleLegsMask) return;
+    this.staleLegsMask = mask;
+    this.touchedDirtied = true;
+    this.dirtySeq++;
   }
 
   /** Records whether all legs hold the same data in `region`; ends its recovery. */
@@ -273,6 +294,7 @@ export class DirtyRegionLog {
       this.durableDirtySeq = Math.max(this.durableDirtySeq, mark);
       return;
     }
+    this.buffer.writeUInt32LE(this.staleLegsMask, UDM_LOG_EXTENSION_OFFSET + 8);
     // Snapshot first: a clean bit set after this point waits for the next flush and its leg flush.
     const image = Buffer.from(this.buffer);
     if (cleaned && this.flushLegs && !(await this.flushLegs())) {

@@ -116,6 +116,8 @@ export class MirrorDevice implements TargetDevice {
   /** Per region: bit i set if leg i lacks the current data. Zero exactly for in-sync regions. */
   readonly stale: Uint16Array;
   private readonly legs: MirrorLeg[];
+  /** Per leg: regions where it lacks current data (feeds the log's stale-legs mask). */
+  private readonly staleCounts: number[];
   private readonly allLegsMask: number;
   private readonly logger: TargetLogger | undefined;
   private readonly sharedKcopyd: KcopydClient;
@@ -168,6 +170,7 @@ export class MirrorDevice implements TargetDevice {
       };
     });
     this.allLegsMask = (1 << legs.length) - 1;
+    this.staleCounts = legs.map(() => 0);
     this.logicalBlockSize = Math.max(...legs.map((l) => l.dev.logicalBlockSize));
     this.name = options.name ?? `mirror(${legs.map((l) => l.dev.name).join(",")})`;
     this.logger = options.logger;
@@ -204,28 +207,28 @@ export class MirrorDevice implements TargetDevice {
   }
 
   private initStale(handover: MirrorHandover | null): void {
-    const notDefault = this.allLegsMask & ~1;
+    // A udm log remembers which legs missed writes: copy from one that did not (the kernel: leg 0).
+    const untrusted = this.log.storedStaleLegs ?? 0;
+    const truth = this.legs.find((l) => !(untrusted & (1 << l.index)))?.index ?? 0;
+    const notDefault = this.allLegsMask & ~(1 << truth);
     const carry =
       handover &&
       this.log.sync === "default" &&
       handover.regionSectors === this.regionSectors &&
       handover.regionCount === this.regionCount;
     if (!handover || !carry) {
-      // Kernel rule: the log says which regions are out of sync; leg 0 is the truth there.
-      for (
-        let r = this.log.inSyncBits.findNext(false, 0);
-        r >= 0;
-        r = this.log.inSyncBits.findNext(false, r + 1)
-      ) {
-        this.stale[r] = notDefault;
-      }
+      // The log says which regions are out of sync; the truth leg is current there.
+      this.defaultLeg = truth;
+      const bits = this.log.inSyncBits;
+      for (let r = bits.findNext(false, 0); r >= 0; r = bits.findNext(false, r + 1))
+        this.setStale(r, notDefault);
       if (handover && this.log.sync === "default") {
         // Geometry changed: legs that are new get a full resync, the rest follow the log.
         const oldKeys = new Set(handover.legKeys);
         let newLegs = 0;
         for (const leg of this.legs) if (!oldKeys.has(this.legKey(leg))) newLegs |= 1 << leg.index;
-        if (newLegs)
-          for (let r = 0; r < this.regionCount; r++) this.markStale(r, newLegs & notDefault || newLegs);
+        const mask = newLegs & notDefault || newLegs;
+        if (newLegs) for (let r = 0; r < this.regionCount; r++) this.markStale(r, mask);
       }
       return;
     }
@@ -245,9 +248,9 @@ export class MirrorDevice implements TargetDevice {
           this.log.clearRegion(r);
           this.log.setRegionSync(r, true);
         }
-        this.stale[r] = 0;
+        this.setStale(r, 0);
       } else {
-        this.stale[r] = 0;
+        this.setStale(r, 0);
         this.markStale(r, mask);
       }
     }
@@ -259,11 +262,23 @@ export class MirrorDevice implements TargetDevice {
     }
   }
 
+  /** Sets a region's stale mask, keeping the per-leg counts and the log's stale-legs mask. */
+  private setStale(region: number, mask: number): void {
+    const old = this.stale[region]!;
+    if (old === mask) return;
+    const changed = old ^ mask;
+    for (let i = 0; i < this.legs.length; i++) {
+      if (changed & (1 << i)) this.staleCounts[i]! += mask & (1 << i) ? 1 : -1;
+    }
+    this.stale[region] = mask;
+    this.log.staleLegs = this.staleCounts.reduce((m, n, i) => (n > 0 ? m | (1 << i) : m), 0);
+  }
+
   /** Records that the legs in `mask` lack current data in `region`; durable at the next log flush. */
   private markStale(region: number, mask: number): void {
     if (!mask) return;
     const wasInSync = this.stale[region] === 0;
-    this.stale[region]! |= mask;
+    this.setStale(region, this.stale[region]! | mask);
     this.log.markRegion(region);
     if (this.log.inSync(region)) this.regionHash.markNosync(region);
     if (wasInSync) {
@@ -652,7 +667,16 @@ export class MirrorDevice implements TargetDevice {
         else runs.push({ first: r, last: r, mask });
       }
       const failures: string[] = [];
+      const markBefore = this.log.dirtyMark;
       await Promise.all(runs.map((run) => this.writeRun(run, start, end, base, op, failures)));
+      if (this.log.dirtyMark !== markBefore) {
+        // A leg missed this write: which legs are stale must survive a crash before we acknowledge.
+        await this.log
+          .waitDirtyDurable(this.log.dirtyMark)
+          .catch((err: unknown) =>
+            this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log write failed"),
+          );
+      }
       if (failures.length) {
         throw new IoError(
           "EIO",
@@ -863,7 +887,7 @@ export class MirrorDevice implements TargetDevice {
       }
     } finally {
       if (success) {
-        this.stale[region]! &= ~destMask;
+        this.setStale(region, this.stale[region]! & ~destMask);
         if (this.pass && this.stale[region] === 0) this.pass.doneBytes += this.regionLength(region);
       }
       if (this.stale[region] === 0) {

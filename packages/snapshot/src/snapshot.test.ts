@@ -15,7 +15,6 @@ import { snapshotOriginTarget, snapshotTarget } from "./targets.js";
 import { WriteCacheDevice } from "./write-cache-device.js";
 
 const KiB = 1024;
-const MiB = 1 << 20;
 
 function contextFor(devices: Record<string, BlockDevice>, kcopyd = new KcopydClient()): TargetContext {
   return {

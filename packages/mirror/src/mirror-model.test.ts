@@ -12,6 +12,7 @@ type Cmd =
   | { kind: "read"; offset: number; length: number }
   | { kind: "fail"; leg: number }
   | { kind: "repair"; leg: number }
+  | { kind: "burst"; writes: Array<{ offset: number; length: number; byte: number }> }
   | { kind: "recover" }
   | { kind: "restart" };
 
@@ -29,6 +30,26 @@ const cmd: fc.Arbitrary<Cmd> = fc.oneof(
   { weight: 3, arbitrary: range.map((r) => ({ kind: "read" as const, ...r })) },
   { weight: 1, arbitrary: fc.integer({ min: 0, max: 2 }).map((leg) => ({ kind: "fail" as const, leg })) },
   { weight: 1, arbitrary: fc.integer({ min: 0, max: 2 }).map((leg) => ({ kind: "repair" as const, leg })) },
+  {
+    // Concurrent writes, one per third of the device so they never overlap.
+    weight: 2,
+    arbitrary: fc
+      .array(
+        fc.tuple(
+          fc.integer({ min: 0, max: SIZE / 3 / 512 - 8 }),
+          fc.integer({ min: 1, max: 8 }),
+          fc.integer({ min: 1, max: 255 }),
+        ),
+        {
+          minLength: 3,
+          maxLength: 3,
+        },
+      )
+      .map((ws) => ({
+        kind: "burst" as const,
+        writes: ws.map(([s, n, byte], i) => ({ offset: (i * SIZE) / 3 + s * 512, length: n * 512, byte })),
+      })),
+  },
   { weight: 1, arbitrary: fc.constant({ kind: "recover" as const }) },
   { weight: 1, arbitrary: fc.constant({ kind: "restart" as const }) },
 );
@@ -88,6 +109,22 @@ async function run(cmds: Cmd[], features: string): Promise<void> {
             expect(String(err)).toMatch(/failed on every leg/);
             known.fill(0, c.offset, c.offset + c.length);
           }
+          break;
+        }
+        case "burst": {
+          const results = await Promise.allSettled(
+            c.writes.map((w) => m.write(w.offset, Buffer.alloc(w.length, w.byte))),
+          );
+          results.forEach((r, i) => {
+            const w = c.writes[i]!;
+            if (r.status === "fulfilled") {
+              model.fill(w.byte, w.offset, w.offset + w.length);
+              known.fill(1, w.offset, w.offset + w.length);
+            } else {
+              expect(down).toBeGreaterThanOrEqual(0);
+              known.fill(0, w.offset, w.offset + w.length);
+            }
+          });
           break;
         }
         case "read":

@@ -396,7 +396,7 @@ function infoData(name: string, infos: number[]): Buffer {
   out.writeUInt32BE(n.length, 0);
   n.copy(out, 4);
   out.writeUInt16BE(infos.length, 4 + n.length);
-  infos.forEach((t, i) => out.writeUInt16BE(t, 6 + n.length + 2 * i));
+  for (const [i, t] of infos.entries()) out.writeUInt16BE(t, 6 + n.length + 2 * i);
   return out;
 }
 
@@ -719,7 +719,7 @@ interface Planned {
 
 let cookieCounter = 1n;
 
-function plan(s: Session, e: Entered, r: RequestStep): Planned {
+function plan(e: Entered, r: RequestStep): Planned {
   const t = e.target;
   const size = t.sizeBytes;
   const len = Math.min(r.lengthBytes, size);
@@ -897,7 +897,7 @@ function plan(s: Session, e: Entered, r: RequestStep): Planned {
 }
 
 async function requestBatch(s: Session, steps: RequestStep[], e: Entered): Promise<void> {
-  const planned = steps.map((r) => plan(s, e, r));
+  const planned = steps.map((r) => plan(e, r));
   const bytes = Buffer.concat(planned.map((x) => x.bytes));
   send(s, bytes, cuts(s, bytes.length, 2));
   const byCookie = new Map(planned.map((x) => [x.cookie, x]));
@@ -935,7 +935,7 @@ async function requestBatch(s: Session, steps: RequestStep[], e: Entered): Promi
     checkShadow(s, e.target, x.offset, x.data, x.what);
   }
   for (const x of planned) {
-    if (x.type === CMD.BLOCK_STATUS && x.status && (x.error ?? 0) === 0) checkStatus(s, e, x);
+    if (x.type === CMD.BLOCK_STATUS && x.status && (x.error ?? 0) === 0) checkStatus(e, x);
   }
 }
 
@@ -950,7 +950,7 @@ function checkShadow(s: Session, t: FuzzTarget, offset: number, data: Buffer, wh
   s.result.bytesChecked += data.length;
 }
 
-function checkStatus(s: Session, e: Entered, x: Planned): void {
+function checkStatus(e: Entered, x: Planned): void {
   const ext = x.status ?? [];
   if (!ext.length) throw new Violation(`${x.what}: no extents`);
   let at = x.offset;

@@ -95,12 +95,18 @@ export class OriginState {
     io: () => Promise<void>,
     limit = true,
   ): Promise<void> {
+    // Only the first pass is throttled; retries after a copy-out are not (`retry_origin_bios`).
+    let throttle = limit;
     for (;;) {
-      if (limit) {
-        for (const snap of this.snapshots) {
-          if (snap.inProgress > 0) await snap.waitForInProgress();
+      if (throttle) {
+        const busy = this.snapshots.find((s) => s.overThreshold);
+        if (busy) {
+          await busy.waitForInProgress();
+          continue;
         }
+        throttle = false;
       }
+      // Checked and triggered in one tick, so the copies we start count for the next writer.
       const waits = this.triggerExceptions(offsetBytes, lengthBytes);
       if (!waits.length) break;
       await Promise.all(waits);

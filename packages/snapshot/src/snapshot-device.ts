@@ -137,7 +137,8 @@ export class SnapshotDevice implements TargetDevice {
   private async writePiece(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     const s = this.state;
     if (!s.valid || s.overflowed) throw this.eio("snapshot overflowed: writes fail, reads still work");
-    await s.waitForInProgress();
+    // Only yield when over the threshold: the check and the copy it starts happen in one tick.
+    while (s.overThreshold) await s.waitForInProgress();
     if (!s.valid || s.overflowed) throw this.eio("snapshot overflowed: writes fail, reads still work");
     const chunk = Math.floor(offsetBytes / s.chunkBytes);
     const mapped = s.complete.get(chunk);

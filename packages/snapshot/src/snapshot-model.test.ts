@@ -24,12 +24,17 @@ const write = fc.record({
 
 const op: fc.Arbitrary<Op> = fc.oneof(
   { weight: 5, arbitrary: write.map((w) => ({ kind: "write" as const, ...w })) },
-  { weight: 2, arbitrary: fc.array(write, { minLength: 2, maxLength: 6 }).map((writes) => ({ kind: "burst" as const, writes })) },
+  {
+    weight: 2,
+    arbitrary: fc
+      .array(write, { minLength: 2, maxLength: 6 })
+      .map((writes) => ({ kind: "burst" as const, writes })),
+  },
   {
     weight: 3,
-    arbitrary: fc.record({ target: fc.nat(4), offset: fc.nat(SIZE - 1), length: fc.integer({ min: 1, max: SIZE }) }).map(
-      (r) => ({ kind: "read" as const, ...r }),
-    ),
+    arbitrary: fc
+      .record({ target: fc.nat(4), offset: fc.nat(SIZE - 1), length: fc.integer({ min: 1, max: SIZE }) })
+      .map((r) => ({ kind: "read" as const, ...r })),
   },
   {
     weight: 2,
@@ -79,7 +84,9 @@ describe("snapshot model", () => {
         const check = async (target: number, offset: number, length: number) => {
           length = clip(offset, length);
           if (target === 0 || !snaps[target - 1]) {
-            expect((await originDev.read(offset, length)).equals(origin.subarray(offset, offset + length))).toBe(true);
+            expect(
+              (await originDev.read(offset, length)).equals(origin.subarray(offset, offset + length)),
+            ).toBe(true);
           } else {
             const s = snaps[target - 1]!;
             const got = await s.device.read(offset, length);
@@ -122,7 +129,13 @@ describe("snapshot model", () => {
               SIZE,
               ctx,
             )) as SnapshotDevice;
-            snaps.push({ cow, chunkSectors: o.chunkSectors, persistent: o.persistent, view: Buffer.from(origin), device });
+            snaps.push({
+              cow,
+              chunkSectors: o.chunkSectors,
+              persistent: o.persistent,
+              view: Buffer.from(origin),
+              device,
+            });
           } else {
             for (const s of snaps) await s.device.close();
             await originDev.close();
@@ -131,7 +144,11 @@ describe("snapshot model", () => {
             // Transient snapshots do not survive; persistent ones come back from their COW.
             const kept: ModelSnapshot[] = [];
             for (const s of snaps.filter((x) => x.persistent)) {
-              const device = (await snapshotTarget.create(["origin", s.cow, "P", "0"], SIZE, ctx)) as SnapshotDevice;
+              const device = (await snapshotTarget.create(
+                ["origin", s.cow, "P", "0"],
+                SIZE,
+                ctx,
+              )) as SnapshotDevice;
               expect(device.table()).toBe(`origin ${s.cow} P ${s.chunkSectors}`);
               kept.push({ ...s, device });
             }

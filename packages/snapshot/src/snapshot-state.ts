@@ -13,6 +13,25 @@ import type { ExceptionStore } from "./exception-store.js";
  */
 export const COW_THRESHOLD = 2048;
 
+const settings = { cowThreshold: COW_THRESHOLD };
+
+/**
+ * Sets the COW threshold of every snapshot without its own (the `snapshot_cow_threshold` module
+ * parameter); returns the previous value.
+ *
+ * @example
+ * ```ts
+ * const old = setSnapshotCowThreshold(64); // at most ~64 copy-outs in flight per snapshot
+ * ```
+ */
+export function setSnapshotCowThreshold(copies: number): number {
+  if (!Number.isInteger(copies) || copies < 1)
+    throw new RangeError(`COW threshold must be >= 1, got ${copies}`);
+  const old = settings.cowThreshold;
+  settings.cowThreshold = copies;
+  return old;
+}
+
 /** An exception being created (`struct dm_snap_pending_exception`). */
 export interface PendingException {
   oldChunk: number;
@@ -73,7 +92,7 @@ export class SnapshotState {
   inProgress = 0;
   private readonly kcopyd: KcopydClient;
   private readonly log: TargetLogger | undefined;
-  private readonly cowThreshold: number;
+  private readonly ownCowThreshold: number | undefined;
   private nextSequence = 0;
   private completeSequence = 0;
   private readonly outOfOrder = new Map<number, PendingException>();
@@ -91,7 +110,17 @@ export class SnapshotState {
     this.isMerge = options.isMerge;
     this.name = options.name;
     this.log = options.log;
-    this.cowThreshold = options.cowThreshold ?? COW_THRESHOLD;
+    this.ownCowThreshold = options.cowThreshold;
+  }
+
+  /** Copy-outs in flight above which writes wait. */
+  get cowThreshold(): number {
+    return this.ownCowThreshold ?? settings.cowThreshold;
+  }
+
+  /** True when writes must wait for copies to drain (`wait_for_in_progress` would sleep). */
+  get overThreshold(): boolean {
+    return this.inProgress > this.cowThreshold;
   }
 
   get chunkSectors(): number {

@@ -11,6 +11,7 @@ import { describe, expect, it } from "vitest";
 import { inspectCow } from "./cow-format.js";
 import type { OriginDevice } from "./origin-device.js";
 import { SNAPSHOT_EXCEPTIONS_CONTEXT, type SnapshotDevice } from "./snapshot-device.js";
+import { setSnapshotCowThreshold } from "./snapshot-state.js";
 import { snapshotOriginTarget, snapshotTarget } from "./targets.js";
 import { WriteCacheDevice } from "./write-cache-device.js";
 
@@ -353,5 +354,58 @@ describe("persistence", () => {
       expect((await again.read(0, size)).equals(initial)).toBe(true);
       await again.close();
     }
+  });
+});
+
+describe("throttle", () => {
+  /** A real kcopyd client that records how many jobs it had in flight at most. */
+  class CountingKcopyd extends KcopydClient {
+    inFlight = 0;
+    maxInFlight = 0;
+    override copy<C>(
+      from: Parameters<KcopydClient["copy"]>[0],
+      dests: Parameters<KcopydClient["copy"]>[1],
+      flags: number,
+      notify: (readErr: boolean, writeErr: number, context: C) => void,
+      context: C,
+    ): void {
+      this.inFlight++;
+      this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
+      super.copy(
+        from,
+        dests,
+        flags,
+        (readErr, writeErr, ctx: C) => {
+          this.inFlight--;
+          notify(readErr, writeErr, ctx);
+        },
+        context,
+      );
+    }
+  }
+
+  it("holds origin writes while more than cow_threshold copy-outs are in flight", async () => {
+    const run = async (threshold: number | null) => {
+      const old = threshold === null ? null : setSnapshotCowThreshold(threshold);
+      try {
+        const size = 64 * 4096;
+        const origin = new MemoryDevice(size, { name: "origin" });
+        const initial = randomBytes(size);
+        await origin.write(0, initial);
+        const kcopyd = new CountingKcopyd();
+        const ctx = contextFor({ origin, cow: new MemoryDevice(2 * size, { name: "cow" }) }, kcopyd);
+        const o = (await snapshotOriginTarget.create(["origin"], size, ctx)) as OriginDevice;
+        const s = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx)) as SnapshotDevice;
+        await Promise.all(Array.from({ length: 64 }, (_, i) => o.write(i * 4096, Buffer.alloc(4096, 1))));
+        expect((await s.read(0, size)).equals(initial)).toBe(true);
+        await s.close();
+        return kcopyd.maxInFlight;
+      } finally {
+        if (old !== null) setSnapshotCowThreshold(old);
+      }
+    };
+    expect(await run(null)).toBe(64);
+    // Writes wait while in_progress > threshold, so at most threshold + 1 copies run.
+    expect(await run(2)).toBeLessThanOrEqual(3);
   });
 });

@@ -1,0 +1,293 @@
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { NbdDevice } from "@udm/nbd-server";
+import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { buildCli, requireTool, type ServeProcess, startServe, udm, udmAsync } from "./cli-helpers.js";
+
+let dir: string;
+let serve: ServeProcess | undefined;
+const devices: NbdDevice[] = [];
+const hasNbdinfo = requireTool("nbdinfo");
+
+const ctl = () => ["--control", join(dir, "ctl.sock")];
+const run = (...args: string[]) => udm([...ctl(), ...args], { cwd: dir });
+const runAsync = (...args: string[]) => udmAsync([...ctl(), ...args], { cwd: dir });
+
+async function connect(name: string): Promise<NbdDevice> {
+  const dev = await NbdDevice.connect(`nbd://127.0.0.1:${serve!.port}/${name}`);
+  devices.push(dev);
+  return dev;
+}
+
+async function disconnectAll(): Promise<void> {
+  for (const d of devices.splice(0)) await d.close().catch(() => undefined);
+}
+
+beforeAll(async () => {
+  buildCli();
+  dir = mkdtempSync(join(tmpdir(), "udm-cli-serve-"));
+  serve = await startServe(["--data-dir", "data", "--listen", "127.0.0.1:0", ...ctl()], { cwd: dir });
+}, 300_000);
+
+afterAll(async () => {
+  await disconnectAll();
+  if (serve && serve.child.exitCode === null) {
+    serve.child.kill("SIGKILL");
+  }
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe("udm serve: the embedded default", () => {
+  test("creates ./data with a table file and prints how to attach each export", () => {
+    const out = serve!.stdout();
+    expect(out).toContain(`udm: created the embedded default in ${join(dir, "data")}`);
+    for (const name of ["origin", "snap0", "mirror0"]) {
+      expect(out).toContain(`nbd-client 127.0.0.1 ${serve!.port} -N ${name} /dev/nbd0`);
+      expect(out).toContain(`nbdinfo nbd://127.0.0.1:${serve!.port}/${name}`);
+    }
+    expect(readFileSync(join(dir, "data/udm.table"), "utf8")).toMatch(
+      /^origin: 0 2097152 snapshot-origin origin\.img$/m,
+    );
+    expect(statSync(join(dir, "ctl.sock")).mode & 0o777).toBe(0o600);
+  });
+
+  test.runIf(hasNbdinfo)("nbdinfo --list sees origin, snap0 and mirror0", () => {
+    const r = spawnSync("nbdinfo", ["--list", `nbd://127.0.0.1:${serve!.port}`], {
+      encoding: "utf8",
+      timeout: 30_000,
+    });
+    expect(r.status).toBe(0);
+    for (const name of ["origin", "snap0", "mirror0"]) expect(r.stdout).toContain(`export="${name}"`);
+    expect(r.stdout).toMatch(/export-size: 1073741824/);
+  });
+});
+
+describe("dmsetup verbs over the control socket", () => {
+  test("ls, table, status and info (human and --json)", () => {
+    expect(run("ls").stdout).toBe(
+      "origin\t(2097152 sectors, snapshot-origin, active)\nsnap0\t(2097152 sectors, snapshot, active)\nmirror0\t(2097152 sectors, mirror, active)\n",
+    );
+    const table = run("table");
+    expect(table.status).toBe(0);
+    expect(table.stdout).toContain(
+      `snap0: 0 2097152 snapshot ${join(dir, "data/origin.img")} ${join(dir, "data/snap0.cow")} P 8\n`,
+    );
+    expect(run("table", "origin").stdout).toBe(`0 2097152 snapshot-origin ${join(dir, "data/origin.img")}\n`);
+    expect(run("status", "snap0").stdout).toMatch(/^0 2097152 snapshot \d+\/2228224 \d+\n$/);
+    expect(run("status", "mirror0").stdout).toMatch(
+      /^0 2097152 mirror 2 \S+mirror0-a\.img \S+mirror0-b\.img 2048\/2048 1 AA 3 disk \S+mirror0\.log A\n$/,
+    );
+    const info = JSON.parse(run("info", "snap0", "--json").stdout);
+    expect(info).toMatchObject([
+      { name: "snap0", state: "active", sizeSectors: 2097152, targets: ["snapshot"] },
+    ]);
+    expect(run("info", "origin").stdout).toMatch(
+      /^Name: +origin\nState: +ACTIVE\nSize: +2097152 sectors \(1\.00 GiB\)/,
+    );
+    expect(JSON.parse(run("status", "--json").stdout)).toHaveLength(3);
+  });
+
+  test("create, table round trip through reload, message, remove", () => {
+    expect(
+      run("create", "lin", "--table", "0 2048 linear data/origin.img 0", "--table", "2048 8 zero").status,
+    ).toBe(0);
+    const table = run("table", "lin").stdout.trim().split("\n");
+    expect(table).toEqual([`0 2048 linear ${join(dir, "data/origin.img")} 0`, "2048 8 zero"]);
+    const reload = run("reload", "lin", ...table.flatMap((l) => ["--table", l]));
+    expect(reload.stderr).toBe("");
+    expect(run("table", "lin").stdout.trim().split("\n")).toEqual(table);
+
+    const mirrorTable = run("table", "mirror0").stdout.trim();
+    expect(run("reload", "mirror0", "--table", mirrorTable).status).toBe(0);
+    expect(run("table", "mirror0").stdout.trim()).toBe(mirrorTable);
+
+    expect(run("message", "mirror0", "0", "read_balance", "on").status).toBe(0);
+    const bad = run("message", "mirror0", "0", "bogus");
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/unknown mirror message "bogus"/);
+
+    expect(run("create", "top", "--table", "0 1024 linear @lin 1024").status).toBe(0);
+    const busy = run("remove", "lin");
+    expect(busy.status).toBe(1);
+    expect(busy.stderr).toMatch(/lin is in use by top: remove those first/);
+    expect(run("remove", "top").status).toBe(0);
+    expect(run("remove", "lin").status).toBe(0);
+    expect(run("ls").stdout).not.toContain("lin");
+  });
+
+  test.each([
+    [
+      ["create", "x", "--table", "0 2048 linear data/origin.img x"],
+      /^udm: --table:1: linear argument 2 \("x"\): offset \(sectors\) must be a non-negative whole number, got "x" \(usage: linear <dev> <offset_sectors>\)\n$/,
+    ],
+    [
+      ["create", "x", "--table", "0 2048 linear missing.img 0"],
+      /^udm: --table:1: linear argument 1 \("missing\.img"\): device ".*missing\.img" does not exist/,
+    ],
+    [
+      ["create", "x", "--table", "0 8 stripe"],
+      /^udm: --table:1: unknown target type "stripe": expected one of linear, zero, error, flakey, mirror, snapshot-origin, snapshot, snapshot-merge\n$/,
+    ],
+    [
+      ["create", "x", "--table", "0 8 zero", "--table", "16 8 zero"],
+      /^udm: --table:2: x: segment starts at sector 16, expected 8/,
+    ],
+    [
+      ["create", "x", "--table", "0 2097152 mirror core 1 1000 2 data/mirror0-a.img 0 data/mirror0-b.img 0"],
+      /^udm: --table:1: mirror argument 3 \("1000"\): .*power of two/,
+    ],
+    [
+      ["create", "x", "--table", "0 8 snapshot data/origin.img data/snap0.cow Q 8"],
+      /^udm: --table:1: snapshot argument 3 \("Q"\)/,
+    ],
+    [["create", "origin", "--table", "0 8 zero"], /device "origin" already exists/],
+    [["remove", "nope"], /^udm: no device "nope" \(devices: origin, snap0, mirror0\)\n$/],
+    [["suspend", "nope"], /no device "nope"/],
+  ])("%j fails with exit 1 and a message naming the problem", (args, message) => {
+    const r = run(...args);
+    expect(r.stderr).toMatch(message);
+    expect(r.status).toBe(1);
+    expect(run("ls").stdout.trim().split("\n")).toHaveLength(3);
+  });
+
+  test("a table file in NAME: format creates several devices", () => {
+    const file = join(dir, "more.table");
+    writeFileSync(file, "# two\nm1: 0 64 zero\nm2: 0 32 linear @m1 16\n");
+    const r = run("create", "--table-file", file);
+    expect(r.stdout).toBe("created m1, m2\n");
+    expect(run("remove", "m2").status).toBe(0);
+    expect(run("remove", "m1").status).toBe(0);
+  });
+
+  test("usage errors exit 2; no server exits 1", () => {
+    expect(run("create", "x").status).toBe(2);
+    expect(run("ls", "--bogus").status).toBe(2);
+    const none = udm(["--control", join(dir, "none.sock"), "ls"], { cwd: dir });
+    expect(none.status).toBe(1);
+    expect(none.stderr).toMatch(/no udm server at .*none\.sock/);
+    const env = udm(["ls"], { cwd: dir, env: { UDM_CONTROL: join(dir, "ctl.sock") } });
+    expect(env.status).toBe(0);
+  });
+});
+
+describe("suspend, snapshots and merge under live NBD clients", () => {
+  test("suspend holds I/O (the client waits, nothing fails) and resume releases it", async () => {
+    expect(run("create", "vol", "--table", "0 8192 linear mem:4M 0").status).toBe(0);
+    const vol = await connect("vol");
+    await vol.write(0, Buffer.alloc(4096, 1));
+    const suspended = await runAsync("suspend", "vol");
+    expect(suspended.status).toBe(0);
+    let settled = false;
+    const held = vol.write(4096, Buffer.alloc(4096, 2)).finally(() => {
+      settled = true;
+    });
+    // Wait until the server holds the request (it must arrive, and must not complete).
+    let heldRequests = 0;
+    for (let i = 0; i < 200 && heldRequests === 0; i++) {
+      heldRequests = JSON.parse((await runAsync("info", "vol", "--json")).stdout)[0].heldRequests;
+    }
+    expect(heldRequests).toBe(1);
+    expect(settled).toBe(false);
+    expect((await runAsync("info", "vol")).stdout).toMatch(/State: +SUSPENDED/);
+    expect((await runAsync("resume", "vol")).status).toBe(0);
+    await held;
+    expect(
+      (await vol.read(0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 2)])),
+    ).toBe(true);
+    await disconnectAll();
+    expect(run("remove", "vol").status).toBe(0);
+  });
+
+  test("snapshot create on a live origin keeps the old content; merge brings it back and removes the snapshot", async () => {
+    const origin = await connect("origin");
+    const before = Buffer.alloc(65536, 0xa5);
+    await origin.write(1 << 20, before);
+    await origin.flush();
+    const created = await runAsync(
+      "snapshot",
+      "create",
+      "origin",
+      "s1",
+      "--cow",
+      "s1.cow",
+      "--size",
+      "64M",
+      "--chunk-size",
+      "4k",
+    );
+    expect(created.stderr).toBe("");
+    expect(created.status).toBe(0);
+    expect(statSync(join(dir, "s1.cow")).size).toBe(64 * 2 ** 20);
+    await origin.write(1 << 20, Buffer.alloc(65536, 0x5a));
+    const s1 = await connect("s1");
+    expect((await s1.read(1 << 20, 65536)).equals(before)).toBe(true);
+    expect((await runAsync("status", "s1")).stdout).toMatch(/^0 2097152 snapshot \d+\/131072 \d+\n$/);
+    await disconnectAll();
+
+    const merged = await runAsync("snapshot", "merge", "s1");
+    expect(merged.stderr).toBe("");
+    expect(merged.stdout).toBe("merged s1 into its origin\n");
+    expect(merged.status).toBe(0);
+    expect((await runAsync("ls")).stdout).not.toContain("s1");
+    const again = await connect("origin");
+    expect((await again.read(1 << 20, 65536)).equals(before)).toBe(true);
+    await disconnectAll();
+  });
+
+  test("snapshot create refuses a device that is not a snapshot-origin", () => {
+    const r = run("snapshot", "create", "mirror0", "s2", "--cow", "mem:64M");
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/mirror0 is a mirror device: a snapshot needs a snapshot-origin device/);
+  });
+});
+
+describe("offline inspection", () => {
+  test("snapshot inspect reads the live COW; a non-COW is explained with exit 1", () => {
+    const ok = run("snapshot", "inspect", "data/snap0.cow");
+    expect(ok.status).toBe(0);
+    expect(ok.stdout).toMatch(/SnAp version 1, valid/);
+    expect(ok.stdout).toMatch(/chunk size: +8 sectors/);
+    expect(JSON.parse(run("snapshot", "inspect", "data/snap0.cow", "--json").stdout)).toMatchObject({
+      valid: true,
+      chunkSectors: 8,
+    });
+    const bad = run("snapshot", "inspect", "data/mirror0-a.img");
+    expect(bad.status).toBe(1);
+    expect(bad.stdout).toMatch(/not a usable snapshot COW store \(magic\)/);
+  });
+
+  test("mirror inspect-log reads the disk log", () => {
+    const r = run("mirror", "inspect-log", "data/mirror0.log");
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/2048 regions/);
+    expect(JSON.parse(run("mirror", "inspect-log", "data/mirror0.log", "--json").stdout)).toMatchObject({
+      regionCount: 2048,
+    });
+    expect(run("mirror", "inspect-log", "data/origin.img").status).toBe(1);
+  });
+});
+
+describe("shutdown and restart", () => {
+  test("SIGTERM drains, flushes and exits 0; a second start reuses the data", async () => {
+    const origin = await connect("origin");
+    await origin.write(0, Buffer.from("kept across restarts"));
+    await origin.flush();
+    await disconnectAll();
+    const tableBefore = readFileSync(join(dir, "data/udm.table"), "utf8");
+    expect(await serve!.stop()).toBe(0);
+    expect(serve!.stderr()).toMatch(/"msg":"stopped"/);
+
+    serve = await startServe(["--data-dir", "data", "--listen", "127.0.0.1:0", ...ctl()], { cwd: dir });
+    expect(serve.stdout()).not.toContain("created the embedded default");
+    expect(readFileSync(join(dir, "data/udm.table"), "utf8")).toBe(tableBefore);
+    const again = await connect("origin");
+    expect((await again.read(0, 20)).toString()).toBe("kept across restarts");
+    // snap0 still holds the origin as it was at first start (all zeros): its COW was reused.
+    const snap0 = await connect("snap0");
+    expect((await snap0.read(0, 20)).equals(Buffer.alloc(20))).toBe(true);
+    await disconnectAll();
+    expect(await serve.stop()).toBe(0);
+  });
+});

@@ -189,6 +189,27 @@ describe("snapshot-merge", () => {
     expect(cutMidway).toBeGreaterThanOrEqual(3);
   });
 
+  it("pauses on suspend and carries on after resume", async () => {
+    const size = 64 * CHUNK;
+    const origin = new MemoryDevice(size, { name: "origin" });
+    const cow = new MemoryDevice(size, { name: "cow" });
+    const changed = Array.from({ length: 40 }, (_, i) => (i * 13) % 64);
+    const { ctx, s, snapView } = await snapshotWithChanges(origin, cow, size, [...new Set(changed)]);
+    await s.close();
+    const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
+    await m.suspend();
+    const paused = m.progress();
+    expect(paused.doneBytes).toBeLessThan(paused.totalBytes);
+    for (let t = 0; t < 50; t++) await tick();
+    expect(m.progress()).toEqual(paused);
+    // While paused, the merged view is still right.
+    expect((await m.read(0, size)).equals(snapView)).toBe(true);
+    await m.resume();
+    await m.whenMerged();
+    expect((await origin.read(0, size)).equals(snapView)).toBe(true);
+    await m.close();
+  });
+
   it("stops on an origin write error: Merge failed, and whenMerged rejects", async () => {
     const size = 32 * CHUNK;
     const medium = new MemoryDevice(size, { name: "origin" });

@@ -210,9 +210,9 @@ async function handOver(
   isMerge: boolean,
   name: string,
 ): Promise<SnapshotState> {
-  // Exceptions are not made while the tables move: finish the ones in flight first.
-  source.active = false;
-  await source.drainPending();
+  // Finish the exceptions in flight; the source stays active meanwhile so no origin write slips
+  // past it, and the last check and the swap below happen in one tick.
+  while (source.pending.size) await source.drainPending();
   if (source.store instanceof PersistentStore) source.store.userspaceSupportsOverflow = parsed.overflow;
   const state = new SnapshotState({
     origin: source.origin,

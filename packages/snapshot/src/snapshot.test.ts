@@ -1,6 +1,10 @@
 import { randomBytes } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import {
   type BlockDevice,
+  FileDevice,
   KcopydClient,
   MemoryDevice,
   TargetArgError,
@@ -323,6 +327,39 @@ describe("persistence", () => {
     )) as SnapshotDevice;
     expect((await again.read(0, 256 * KiB)).equals(view)).toBe(true);
     await again.close();
+  });
+
+  it("works on files: a COW written in one session is read back by the next", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "udm-snapshot-"));
+    try {
+      const size = 256 * KiB;
+      const originPath = join(dir, "origin.img");
+      const cowPath = join(dir, "cow.img");
+      const initial = randomBytes(size);
+      const session = async () => {
+        const origin = await FileDevice.open(originPath, { createSizeBytes: size });
+        const cow = await FileDevice.open(cowPath, { createSizeBytes: size });
+        const ctx = contextFor({ [originPath]: origin, [cowPath]: cow });
+        const o = (await snapshotOriginTarget.create([originPath], size, ctx)) as OriginDevice;
+        const s = (await snapshotTarget.create([originPath, cowPath, "P", "0"], size, ctx)) as SnapshotDevice;
+        return { origin, cow, o, s };
+      };
+      const first = await session();
+      await first.origin.write(0, initial);
+      await first.o.write(1000, randomBytes(100_000));
+      expect(first.s.table()).toBe(`${originPath} ${cowPath} P 32`);
+      await first.s.close();
+      await first.origin.close();
+      await first.cow.close();
+      const second = await session();
+      expect((await second.s.read(0, size)).equals(initial)).toBe(true);
+      expect(second.s.status()).toBe(`${(2 + 7) * 32}/512 64`);
+      await second.s.close();
+      await second.origin.close();
+      await second.cow.close();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 
   it("after a power cut in the middle of copy-outs, the snapshot still shows the origin as it was", async () => {

@@ -111,6 +111,51 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
+/** Prints the status lines of the devices (or one) whose targets are of the given types. */
+async function targetStatus(
+  cmd: Command,
+  name: string | undefined,
+  types: string[],
+  json: boolean,
+): Promise<void> {
+  const path = controlPath(cmd);
+  const entries = (await controlRequest(path, "status", name ? { name } : {})) as Array<{
+    name: string;
+    lines: SegmentLine[];
+  }>;
+  const matching = entries.filter((e) => e.lines.some((l) => types.includes(l.targetType)));
+  if (name && matching.length === 0) {
+    throw new ControlError("EINVAL", `${name} has no ${types.join("/")} target`);
+  }
+  const infos = (await controlRequest(path, "info", name ? { name } : {})) as DeviceInfo[];
+  if (json) {
+    return printJson(
+      matching.map((e) => ({ ...e, progress: infos.find((i) => i.name === e.name)?.progress ?? null })),
+    );
+  }
+  const out: string[] = [];
+  for (const e of matching) {
+    out.push(...formatSegments([e], !name));
+    const p = infos.find((i) => i.name === e.name)?.progress;
+    if (p) out.push(`  ${p.operation}: ${formatSize(p.doneBytes)} / ${formatSize(p.totalBytes)}`);
+  }
+  print(out);
+}
+
+/** Polls a device's background progress with a bar until it has none. */
+async function waitForProgress(cmd: Command, name: string, label: string): Promise<void> {
+  let bar: ReturnType<typeof createProgress> | undefined;
+  for (;;) {
+    const [info] = (await controlRequest(controlPath(cmd), "info", { name })) as DeviceInfo[];
+    const p = info?.progress;
+    if (!p) break;
+    bar ??= createProgress(label, p.totalBytes);
+    bar.update(p.doneBytes, p.totalBytes);
+    await sleep(MERGE_POLL_MS);
+  }
+  bar?.stop();
+}
+
 /**
  * Builds the `udm` command line (commander). Every command has `--help` with an example.
  *
@@ -500,6 +545,17 @@ export function buildProgram(): Command {
   );
   example(
     snapshot
+      .command("status")
+      .description("status lines of the snapshot devices (or one): allocated/total and metadata sectors")
+      .argument("[name]")
+      .option("--json", "machine-readable output")
+      .action(async (name: string | undefined, opts, cmd: Command) => {
+        await targetStatus(cmd, name, ["snapshot-origin", "snapshot", "snapshot-merge"], Boolean(opts.json));
+      }),
+    "udm snapshot status snap0   # 0 2097152 snapshot 16/2228224 16",
+  );
+  example(
+    snapshot
       .command("inspect")
       .description(
         "read a COW device offline: header, metadata areas, exceptions, usage; explains a corrupt header",
@@ -517,7 +573,67 @@ export function buildProgram(): Command {
   );
 
   // mirror
-  const mirror = program.command("mirror").description("dm-mirror: inspect disk logs");
+  const mirror = program.command("mirror").description("dm-mirror: status, resync, inspect disk logs");
+  example(
+    mirror
+      .command("status")
+      .description("status lines of the mirror devices (or one), with resync progress")
+      .argument("[name]")
+      .option("--json", "machine-readable output")
+      .action(async (name: string | undefined, opts, cmd: Command) => {
+        await targetStatus(cmd, name, ["mirror"], Boolean(opts.json));
+      }),
+    "udm mirror status mirror0   # 0 2097152 mirror 2 a.img b.img 2048/2048 1 AA 3 disk m.log A",
+  );
+  example(
+    mirror
+      .command("resync")
+      .description(
+        "NAME: force a full resync of a running mirror and wait for it; PRIMARY LEG...: resync devices offline (only what the log marks, unless --full)",
+      )
+      .argument("<devices...>", "a mirror device NAME, or PRIMARY LEG... for an offline resync")
+      .option(
+        "--log <device>",
+        "offline: the mirror's disk log (default: a core log, which resyncs everything)",
+      )
+      .option("--core", "offline: no disk log (every region is resynced)")
+      .option("--region-size <sectors>", "offline: region size in sectors (power of two)")
+      .option("--full", "offline: resync every region whatever the log says")
+      .option("--no-wait", "online: start the resync and return")
+      .action(async (devices: string[], opts, cmd: Command) => {
+        const offline =
+          devices.length > 1 || opts.regionSize !== undefined || opts.log !== undefined || opts.core;
+        if (!offline) {
+          const name = devices[0]!;
+          await request(cmd, "message", { name, sector: 0, argv: ["resync"] });
+          if (!opts.wait) return print(`resyncing ${name}`);
+          await waitForProgress(cmd, name, "resync");
+          return print(`${name} is in sync`);
+        }
+        if (opts.log && opts.core) throw new UsageError("--log and --core are mutually exclusive");
+        if (opts.regionSize === undefined)
+          throw new UsageError("an offline resync needs --region-size <sectors>");
+        if (devices.length < 2)
+          throw new UsageError("an offline resync needs PRIMARY and at least one more LEG");
+        const { runOfflineResync } = await import("./mirror-resync-command.js");
+        const s = await runOfflineResync(
+          {
+            primary: devices[0]!,
+            legs: devices.slice(1),
+            regionSectors: sectorsOption(opts.regionSize, "--region-size"),
+            ...(opts.log && { log: opts.log }),
+            full: Boolean(opts.full),
+          },
+          logger(cmd, "warn"),
+        );
+        const mibps = s.bytes / 2 ** 20 / Math.max(s.seconds, 1e-6);
+        print(
+          `resynced ${s.regionsCopied} of ${s.regions} region(s), ${s.bytes} bytes (${formatSize(s.bytes)}) in ${s.seconds.toFixed(2)} s, ${mibps.toFixed(1)} MiB/s; ${s.inSync ? "all legs in sync" : `NOT in sync: ${s.status}`}`,
+        );
+        if (!s.inSync) process.exitCode = EXIT_FAILED;
+      }),
+    "udm mirror resync mirror0\n" + "udm mirror resync --log m.log --region-size 1024 a.img b.img",
+  );
   example(
     mirror
       .command("inspect-log")

@@ -45,6 +45,8 @@ import {
 export const MAX_IN_FLIGHT_REQUESTS = 1024;
 /** Extents per BLOCK_STATUS chunk; the spec asks for at most 2^20, we keep chunks small. */
 export const MAX_EXTENTS_PER_CHUNK = 8192;
+/** Refused requests logged at warn level per connection; later ones are logged at debug level. */
+export const MAX_LOGGED_REFUSALS = 20;
 /** After DISC or a drain we half-close; a client that never closes its side is cut after this. */
 export const CLOSE_GRACE_MS = 5000;
 /** Reads shorter than this are sent as data without asking the device for holes (one await less per 4 KiB read). */
@@ -100,6 +102,7 @@ export class TransmissionSession {
   private skipRefusal: { error: number; message: string } | null = null;
 
   private inFlightRequests = 0;
+  private refusals = 0;
   private inFlightBytes = 0;
   private paused = false;
   private corked = false;
@@ -548,8 +551,11 @@ export class TransmissionSession {
 
   /** Answers a request with an error (simple reply, or an ERROR chunk with the message). */
   private refuse(req: NbdRequest, error: number, message: string): void {
-    if (this.debug || error !== NBD_ESHUTDOWN) {
-      this.log.warn(
+    // A client looping on bad requests must not flood the log: after a few, refusals go to debug.
+    this.refusals++;
+    const level = error === NBD_ESHUTDOWN || this.refusals > MAX_LOGGED_REFUSALS ? "debug" : "warn";
+    if (level === "warn" || this.debug) {
+      this.log[level](
         {
           connection: this.connectionId,
           export: this.entry.name,

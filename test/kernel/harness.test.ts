@@ -63,7 +63,7 @@ describe("kernel harness (nbdkit file)", () => {
     expect(disk.subarray(64 * MiB - 4096).equals(pattern.subarray(MiB - 4096))).toBe(true);
     // Nothing else was written.
     expect(disk.subarray(MiB, 8 * MiB).every((b) => b === 0)).toBe(true);
-  });
+  }, 180_000);
 
   test("a job's failure status and output come back; aborting leaves no process behind", async () => {
     const failed = await runGuest({
@@ -94,5 +94,5 @@ describe("kernel harness (nbdkit file)", () => {
     // The relay of the attached connection is gone too (it was qemu's child, in its process group).
     await new Promise((r) => setTimeout(r, 100));
     expect(processesMatching(`relay.py ${server.port}`)).toEqual([]);
-  });
+  }, 180_000);
 });

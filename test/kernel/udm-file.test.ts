@@ -58,5 +58,5 @@ describe("kernel nbd client on plain udm file exports", () => {
     expect(Object.fromEntries(udm.connections)).toEqual({ disk: 1, raw: 4 });
     expectExt4Files(path.join(dir, "disk.img"), files, pattern);
     expectPatternLayout(fs.readFileSync(path.join(dir, "raw.img")), pattern);
-  });
+  }, 180_000);
 });

@@ -177,5 +177,5 @@ describe("kernel nbd client on udm mirrors", () => {
     hostFsckClean(img("mfa.img"));
     expect(ext4ReadFile(img("mfa.img"), "/after.txt").toString()).toBe("written after the leg failed\n");
     expect(fs.readFileSync(img("mfa.img")).equals(fs.readFileSync(img("mfb.img")))).toBe(false);
-  });
+  }, 240_000);
 });

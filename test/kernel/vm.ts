@@ -25,6 +25,7 @@ const RC_MARKER = /__UDM_JOB_RC__=(\d+)/;
 /** A line the job prints (via `host_call` in lib.sh) to ask the test for something mid-run. */
 const HOST_REQUEST = /^@@host (.*)$/;
 const PYTHON = "/usr/bin/python3";
+const SETPRIV = "/usr/bin/setpriv";
 const RELAY_SOURCE = fileURLToPath(new URL("./relay.py", import.meta.url));
 const SCENARIO_DIR = fileURLToPath(new URL("./scenarios/", import.meta.url));
 
@@ -85,6 +86,7 @@ export function checkGuestPrerequisites(): void {
     );
   }
   if (!fs.existsSync(PYTHON)) throw new GuestToolMissingError(`${PYTHON} is missing (install python3)`);
+  if (!fs.existsSync(SETPRIV)) throw new GuestToolMissingError(`${SETPRIV} is missing (install util-linux)`);
   prepareGuestImage();
 }
 
@@ -208,7 +210,12 @@ export async function runGuest(options: RunGuestOptions): Promise<GuestResult> {
     "-device",
     "virtio-net-pci,netdev=n0,romfile=",
   ];
-  const child = spawn(QEMU, args, { detached: true, stdio: ["pipe", "pipe", "pipe"] });
+  // setpriv execs qemu (same PID) with PR_SET_PDEATHSIG: if this process is killed outright, qemu
+  // dies too, and its relays follow when their guest socket closes.
+  const child = spawn(SETPRIV, ["--pdeathsig", "KILL", QEMU, ...args], {
+    detached: true,
+    stdio: ["pipe", "pipe", "pipe"],
+  });
   const chunks: Buffer[] = [];
   let stderr = "";
   let pending = "";

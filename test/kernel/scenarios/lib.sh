@@ -43,3 +43,14 @@ dm_create() {
   "$DMSETUP" create "$1" --table "$2" || die "dmsetup create $1"
   [ -b "/dev/mapper/$1" ] || die "/dev/mapper/$1 is not a block device"
 }
+
+# attach NAME DEV [CONNECTIONS]: connects one more export of the test's server mid-job.
+attach() {
+  /usr/sbin/nbd-client 10.0.2.100 "$(cat /run/udm/port)" "$2" -N "$1" -b 4096 -C "${3:-1}" >/tmp/attach.out 2>&1 || {
+    cat /tmp/attach.out
+    die "nbd-client could not attach export $1 on $2"
+  }
+}
+
+# detach DEV: NBD_CMD_DISC after the outstanding requests.
+detach() { /usr/sbin/nbd-client -d "$1" >/dev/null 2>&1 || die "nbd-client -d $1"; }

@@ -149,6 +149,9 @@ describe("dmsetup verbs over the control socket", () => {
     const r = run(...args);
     expect(r.stderr).toMatch(message);
     expect(r.status).toBe(1);
+  });
+
+  test("failed creates left nothing behind", () => {
     expect(run("ls").stdout.trim().split("\n")).toHaveLength(3);
   });
 
@@ -234,6 +237,22 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     const again = await connect("origin");
     expect((await again.read(1 << 20, 65536)).equals(before)).toBe(true);
     await disconnectAll();
+  });
+
+  test("mirror resync NAME forces a full resync and waits; mirror and snapshot status filter by target", async () => {
+    const r = await runAsync("mirror", "resync", "mirror0");
+    expect(r.stderr).toBe("");
+    expect(r.stdout).toBe("mirror0 is in sync\n");
+    expect((await runAsync("mirror", "status")).stdout).toMatch(
+      /^mirror0: 0 2097152 mirror 2 .* 2048\/2048 1 AA 3 disk .*A\n$/,
+    );
+    const snaps = (await runAsync("snapshot", "status")).stdout;
+    expect(snaps).toMatch(
+      /^origin: 0 2097152 snapshot-origin\nsnap0: 0 2097152 snapshot \d+\/2228224 \d+\n$/,
+    );
+    const notMirror = await runAsync("mirror", "status", "snap0");
+    expect(notMirror.status).toBe(1);
+    expect(notMirror.stderr).toMatch(/snap0 has no mirror target/);
   });
 
   test("snapshot create refuses a device that is not a snapshot-origin", () => {

@@ -628,7 +628,7 @@ export function buildProgram(): Command {
         );
         const mibps = s.bytes / 2 ** 20 / Math.max(s.seconds, 1e-6);
         print(
-          `resynced ${s.regionsCopied} of ${s.regions} region(s), ${s.bytes} bytes (${formatSize(s.bytes)}) in ${s.seconds.toFixed(2)} s, ${mibps.toFixed(1)} MiB/s; ${s.inSync ? "all legs in sync" : `NOT in sync: ${s.status}`}`,
+          `resynced ${s.regionsCopied} of ${s.regions} region(s), ${s.bytes} bytes (${formatSize(s.bytes)}) written to legs in ${s.seconds.toFixed(2)} s, ${mibps.toFixed(1)} MiB/s; ${s.inSync ? "all legs in sync" : `NOT in sync: ${s.status}`}`,
         );
         if (!s.inSync) process.exitCode = EXIT_FAILED;
       }),

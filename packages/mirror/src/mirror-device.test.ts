@@ -168,6 +168,20 @@ describe("writes and the dirty region log", () => {
     expect((await inspectDiskLog(log.inner)).cleanRegions).toBe(64);
   });
 
+  test("a sequential stream marks regions dirty ahead: few log writes, all cleaned once idle", async () => {
+    const trace: string[] = [];
+    const log = new TracedDevice("log", mem("log", MIB), trace);
+    const m = await mirror("disk 3 log 128 nosync 2 a 0 b 0", { log, a: mem("a"), b: mem("b") });
+    trace.length = 0;
+    for (let off = 0; off < 40 * REGION; off += REGION / 2) await m.write(off, fill(1, REGION / 2));
+    const logWrites = trace.filter((t) => t === "log:write:0").length;
+    expect(logWrites).toBeLessThanOrEqual(4);
+    const info = await inspectDiskLog(log.inner);
+    for (let r = 0; r < 40; r++) expect(info.clean(r)).toBe(false);
+    await m.settle();
+    expect((await inspectDiskLog(log.inner)).cleanRegions).toBe(64);
+  });
+
   test("in-sync regions are written to every leg; FUA and flush reach every leg", async () => {
     const trace: string[] = [];
     const a = new TracedDevice("a", mem("a"), trace);

@@ -26,7 +26,9 @@ export const MAX_REGIONS_IN_FLIGHT = 64;
  * Drained regions are marked clean at most this often: one log write (after a leg flush) covers
  * every region drained meanwhile, and a region written again before that costs no log I/O.
  */
-export const CLEAN_PASS_DELAY_MS = 50;
+export const CLEAN_PASS_DELAY_MS = 1000;
+/** Regions marked dirty ahead of a sequential write stream (costs at most this much resync after a crash). */
+export const DIRTY_AHEAD_REGIONS = 32;
 /** Large writes are handled in batches of this many regions, bounding per-request state. */
 const WRITE_BATCH_REGIONS = 256;
 
@@ -180,7 +182,8 @@ export class MirrorDevice implements TargetDevice {
     this.stale = new Uint16Array(this.regionCount);
     this.regionHash = new RegionHash(log);
     this.regionHash.onCleanable = () => this.scheduleCleanPass();
-    log.flushLegs = () => this.flushLegsForLog();
+    // The mirror flushes the legs itself before it sets clean bits (cleanPass), outside the log.
+    log.flushLegs = undefined;
   }
 
   /**
@@ -643,6 +646,18 @@ export class MirrorDevice implements TargetDevice {
       this.markStale(r, current & ~online);
       targets.push(current & online);
     }
+    // A sequential stream (the region before is dirty too): mark the next regions dirty in the
+    // same log write, so a stream costs one log flush per DIRTY_AHEAD_REGIONS regions.
+    if (
+      first > 0 &&
+      !this.log.isClean(first - 1) &&
+      last + 1 < this.regionCount &&
+      this.log.isClean(last + 1)
+    ) {
+      for (let r = last + 1; r <= Math.min(this.regionCount - 1, last + DIRTY_AHEAD_REGIONS); r++) {
+        if (!this.regionHash.dirtyAhead(r)) break;
+      }
+    }
     const mark = this.log.dirtyMark;
     try {
       try {
@@ -769,10 +784,6 @@ export class MirrorDevice implements TargetDevice {
     return okCount > 0;
   }
 
-  private async flushLegsForLog(): Promise<boolean> {
-    return (await this.flushLegs()) && !this.regionHash.flushFailure;
-  }
-
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     checkRange(this, offsetBytes, lengthBytes);
     const leg =
@@ -798,7 +809,12 @@ export class MirrorDevice implements TargetDevice {
 
   /** Marks drained regions clean and writes the log (flushing the legs first). */
   private async cleanPass(): Promise<void> {
-    this.regionHash.updateStates();
+    const candidates = this.regionHash.cleanCandidates();
+    if (candidates.length) {
+      // Data first: only regions whose writes are flushed on every leg may be declared clean.
+      const ok = await this.flushLegs();
+      if (ok && !this.regionHash.flushFailure) this.regionHash.commitClean(candidates);
+    }
     await this.log.flush();
   }
 
@@ -891,7 +907,7 @@ export class MirrorDevice implements TargetDevice {
         if (this.pass && this.stale[region] === 0) this.pass.doneBytes += this.regionLength(region);
       }
       if (this.stale[region] === 0) {
-        this.log.clearRegion(region);
+        // In sync now; the clean bit follows in the next clean pass, after a leg flush.
         this.log.setRegionSync(region, true);
       } else {
         // Failed, or a stale leg was unreachable: stays out of sync (the kernel without

@@ -16,6 +16,8 @@ export type RegionState = (typeof RegionState)[keyof typeof RegionState];
 interface RegionEntry {
   state: RegionState;
   pending: number;
+  /** Bumped by every write: a clean candidate is only cleaned if no write came since. */
+  gen: number;
   /** Writes parked while the region recovers (`dm_rh_delay`). */
   delayed: Array<() => void>;
   /** Recovery waiting for in-flight writes to drain (the quiesce step). */
@@ -27,8 +29,7 @@ interface RegionEntry {
  * other region's state comes from the log (in sync: CLEAN, else NOSYNC).
  *
  * Transitions: CLEAN -inc-> DIRTY (log `markRegion`); DIRTY -dec to 0-> CLEAN on the clean list;
- * `updateStates()` later sets the clean bit of listed regions (the caller then flushes the log,
- * which flushes the legs first); `markNosync` (a leg missed a write) -> NOSYNC; recovery:
+ * after a leg flush, `commitClean()` sets the clean bit of listed regions nobody wrote since; `markNosync` (a leg missed a write) -> NOSYNC; recovery:
  * any -> RECOVERING once no writes are pending -> removed (state from the log again).
  *
  * @example
@@ -36,7 +37,9 @@ interface RegionEntry {
  * const rh = new RegionHash(log);
  * rh.incPending(7);            // CLEAN -> DIRTY, clean bit cleared
  * rh.decPending(7);            // DIRTY -> CLEAN, queued for lazy cleaning
- * rh.updateStates();           // clean bit set; now `await log.flush()`
+ * const candidates = rh.cleanCandidates();
+ * await flushAllLegs();
+ * rh.commitClean(candidates);   // clean bit set; now `await log.flush()`
  * ```
  */
 export class RegionHash {
@@ -60,7 +63,7 @@ export class RegionHash {
     return n;
   }
 
-  /** Regions waiting for the next `updateStates()`. */
+  /** Regions waiting for the next clean pass. */
   get cleanListSize(): number {
     return this.cleanList.size;
   }
@@ -72,7 +75,7 @@ export class RegionHash {
   private entry(region: number): RegionEntry {
     let e = this.entries.get(region);
     if (!e) {
-      e = { state: this.logState(region), pending: 0, delayed: [], quiesced: null };
+      e = { state: this.logState(region), pending: 0, gen: 0, delayed: [], quiesced: null };
       this.entries.set(region, e);
     }
     return e;
@@ -82,6 +85,7 @@ export class RegionHash {
   incPending(region: number): void {
     const e = this.entry(region);
     e.pending++;
+    e.gen++;
     if (e.state === RegionState.CLEAN) {
       e.state = RegionState.DIRTY;
       this.cleanList.delete(region);
@@ -130,19 +134,51 @@ export class RegionHash {
     else e.state = RegionState.NOSYNC;
   }
 
-  /** Sets the clean bit of regions drained since the last pass (`dm_rh_update_states`); returns how many. */
-  updateStates(): number {
-    const list = this.cleanList;
-    this.cleanList = new Set();
-    let n = 0;
-    for (const region of list) {
+  /**
+   * Regions drained since the last pass, with their write generation. The caller flushes the
+   * legs, then passes them to `commitClean` (the two halves of `dm_rh_update_states`, split so a
+   * slow leg flush never holds the log).
+   */
+  cleanCandidates(): Array<[region: number, gen: number]> {
+    const out: Array<[number, number]> = [];
+    for (const region of this.cleanList) {
       const e = this.entries.get(region);
-      if (!e || e.state !== RegionState.CLEAN || e.pending > 0) continue;
+      if (e && e.state === RegionState.CLEAN && e.pending === 0) out.push([region, e.gen]);
+    }
+    return out;
+  }
+
+  /** Sets the clean bit of candidates nobody wrote since `cleanCandidates()`; returns how many. */
+  commitClean(candidates: Array<[region: number, gen: number]>): number {
+    let n = 0;
+    for (const [region, gen] of candidates) {
+      const e = this.entries.get(region);
+      if (!e || e.state !== RegionState.CLEAN || e.pending > 0 || e.gen !== gen) continue;
       this.log.clearRegion(region);
       this.entries.delete(region);
+      this.cleanList.delete(region);
       n++;
     }
     return n;
+  }
+
+  /** Sets the clean bit of every drained region at once (for callers whose legs are already flushed). */
+  updateStates(): number {
+    return this.commitClean(this.cleanCandidates());
+  }
+
+  /**
+   * Marks an idle in-sync region dirty ahead of an expected write (sequential streams), so one
+   * log write covers several regions. It sits on the clean list and is cleaned if unused.
+   */
+  dirtyAhead(region: number): boolean {
+    if (this.entries.has(region) || !this.log.inSync(region) || !this.log.isClean(region)) return false;
+    const e = this.entry(region);
+    this.log.markRegion(region);
+    e.state = RegionState.CLEAN;
+    this.cleanList.add(region);
+    this.onCleanable?.();
+    return true;
   }
 
   /** Marks `region` RECOVERING and resolves once no write is in flight there (quiesced). */
@@ -156,11 +192,21 @@ export class RegionHash {
     });
   }
 
-  /** Recovery of `region` ended; the log already says whether it is in sync. Parked writes go on. */
+  /**
+   * Recovery of `region` ended; the log already says whether it is in sync. A recovered region
+   * is cleaned lazily like a drained one (its copy must be flushed first). Parked writes go on.
+   */
   endRecovery(region: number): void {
     const e = this.entries.get(region);
     if (!e) return;
-    this.entries.delete(region);
+    if (this.log.inSync(region)) {
+      e.state = RegionState.CLEAN;
+      e.gen++;
+      this.cleanList.add(region);
+      this.onCleanable?.();
+    } else {
+      this.entries.delete(region);
+    }
     for (const wake of e.delayed) wake();
   }
 

@@ -573,3 +573,80 @@ describe("NBD meta context and life cycle", () => {
     expect(await same(a, b)).toBe(true);
   });
 });
+
+describe("errors around the log and flushes", () => {
+  test("with handle_errors a write whose dirty bit cannot be logged fails, and the log shows D", async () => {
+    const log = new TracedDevice("log", mem("log", MIB));
+    const a = mem("a");
+    const b = mem("b");
+    const m = await mirror("disk 3 log 128 nosync 2 a 0 b 0 1 handle_errors", { log, a, b });
+    log.hook = (op) => {
+      if (op === "write") throw new IoError("EIO", "log", "log write failed");
+    };
+    await expect(m.write(5 * REGION, fill(1))).rejects.toThrow(/the mirror log cannot be written/);
+    expect(m.status()).toBe("2 a b 64/64 1 AA 3 disk log D");
+    // Nothing reached the legs: no acknowledged write, no divergence.
+    expect((await a.read(5 * REGION, 4096)).equals(fill(0))).toBe(true);
+  });
+
+  test("without handle_errors the kernel writes on when the log fails", async () => {
+    const log = new TracedDevice("log", mem("log", MIB));
+    const m = await mirror("disk 3 log 128 nosync 2 a 0 b 0", { log, a: mem("a"), b: mem("b") });
+    log.hook = (op) => {
+      if (op === "flush") throw new IoError("EIO", "log", "log flush failed");
+    };
+    await m.write(5 * REGION, fill(1));
+    expect(m.status()).toBe("2 a b 64/64 1 AA 3 disk log F");
+    expect((await m.read(5 * REGION, 4096)).equals(fill(1))).toBe(true);
+  });
+
+  test("a leg whose flush fails is F and is resynced from the others", async () => {
+    const a = mem("a");
+    const b = new TracedDevice("b", mem("b"));
+    const m = await mirror("core 2 128 nosync 2 a 0 b 0", { a, b });
+    await m.write(0, fill(2, REGION));
+    b.hook = (op) => {
+      if (op === "flush") throw new IoError("EIO", "b", "flush failed");
+    };
+    await m.flush();
+    expect(m.status()).toBe("2 a b 0/64 1 AF 1 core");
+    b.hook = undefined;
+    await m.message(["resync"]);
+    await m.waitForSync();
+    expect(m.status()).toBe("2 a b 64/64 1 AA 1 core");
+    expect(await same(a, b)).toBe(true);
+  });
+
+  test("the resync throttle still completes the resync", async () => {
+    const a = mem("a");
+    const b = mem("b");
+    await a.write(0, fill(6, REGION * 4));
+    const m = await mirror("core 1 128 2 a 0 b 0", { a, b });
+    await m.message(["resync_throttle", "50"]);
+    await m.message(["resync"]);
+    await m.waitForSync();
+    expect(await same(a, b)).toBe(true);
+    await expect(m.message(["resync_throttle", "0"])).rejects.toThrow(/usage: resync_throttle <1..100>/);
+  });
+
+  test("a reload that fails leaves the old table working", async () => {
+    const a = mem("a");
+    const b = mem("b");
+    const log = mem("log", MIB);
+    const m1 = await mirror("disk 3 log 128 nosync 2 a 0 b 0", { a, b, log });
+    const bad = mem("bad-log", MIB);
+    const header = Buffer.alloc(16);
+    header.writeUInt32LE(0x4d695272, 0);
+    header.writeUInt32LE(9, 4);
+    await bad.write(0, header);
+    await expect(
+      mirrorTarget.create(
+        "disk 2 bad-log 128 2 a 0 b 0".split(" "),
+        SIZE,
+        ctx({ a, b, "bad-log": bad }, { previous: m1 }),
+      ),
+    ).rejects.toThrow(/dm-log version 9/);
+    await m1.write(0, fill(3));
+    expect((await b.read(0, 4096)).equals(fill(3))).toBe(true);
+  });
+});

@@ -194,9 +194,15 @@ export class MirrorDevice implements TargetDevice {
     const mirror = new MirrorDevice(options);
     // The old table lets go of the log first: it flushes it, then never writes it again.
     const handover = options.previous ? await options.previous.detachForReload() : null;
-    await mirror.log.resume();
-    mirror.initStale(handover);
-    await mirror.log.flush();
+    try {
+      await mirror.log.resume();
+      mirror.initStale(handover);
+      await mirror.log.flush();
+    } catch (err) {
+      // The reload failed: the old table stays in charge.
+      if (handover) options.previous!.reattachAfterFailedReload();
+      throw err;
+    }
     mirror.watchLegs();
     mirror.updateInSync();
     mirror.startRecovery();
@@ -1017,6 +1023,14 @@ export class MirrorDevice implements TargetDevice {
       regionCount: this.regionCount,
       stale: Uint16Array.from(this.stale),
     };
+  }
+
+  /** Undoes `detachForReload` when the new table could not be activated. */
+  reattachAfterFailedReload(): void {
+    if (!this.detached || this.closed) return;
+    this.detached = false;
+    this.watchLegs();
+    this.startRecovery();
   }
 
   /** Stops the resync and writes the log; the legs and log device belong to the table and stay open. */

@@ -164,6 +164,13 @@ describe("dmsetup verbs over the control socket", () => {
     expect(run("remove", "m1").status).toBe(0);
   });
 
+  test("a second server on the same control socket refuses to start and opens nothing", () => {
+    const r = udm(["serve", "--data-dir", "data", "--listen", "127.0.0.1:0", ...ctl()], { cwd: dir });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/another udm server is listening on .*ctl\.sock/);
+    expect(run("ls").status).toBe(0);
+  });
+
   test("usage errors exit 2; no server exits 1", () => {
     expect(run("create", "x").status).toBe(2);
     expect(run("ls", "--bogus").status).toBe(2);
@@ -253,6 +260,39 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     const notMirror = await runAsync("mirror", "status", "snap0");
     expect(notMirror.status).toBe(1);
     expect(notMirror.stderr).toMatch(/snap0 has no mirror target/);
+  });
+
+  test("snapshot create under a stream of writes: no write fails, none is lost or torn in the snapshot", async () => {
+    const origin = await connect("origin");
+    const base = 8 << 20;
+    const block = 4096;
+    let stop = false;
+    let written = 0;
+    const writer = (async () => {
+      for (let i = 0; !stop || i < 8; i++) {
+        await origin.write(base + i * block, Buffer.alloc(block, (i % 250) + 1));
+        written = i + 1;
+      }
+    })();
+    const created = await runAsync("snapshot", "create", "origin", "s3", "--cow", "s3.cow", "--size", "64M");
+    stop = true;
+    await writer;
+    expect(created.status).toBe(0);
+    const s3 = await connect("s3");
+    const snapView = await s3.read(base, written * block);
+    const originView = await origin.read(base, written * block);
+    for (let i = 0; i < written; i++) {
+      const fill = (i % 250) + 1;
+      expect(originView.subarray(i * block, (i + 1) * block).equals(Buffer.alloc(block, fill))).toBe(true);
+      const snap = snapView.subarray(i * block, (i + 1) * block);
+      // Whole: either before the snapshot (written) or after it (the old zeros), never torn.
+      expect(snap.equals(Buffer.alloc(block, fill)) || snap.equals(Buffer.alloc(block))).toBe(true);
+    }
+    // The writes the snapshot saw form a prefix of the stream.
+    const seen = [...Array(written).keys()].map((i) => snapView[i * block] !== 0);
+    expect(seen.indexOf(false) === -1 || !seen.slice(seen.indexOf(false)).includes(true)).toBe(true);
+    await disconnectAll();
+    expect(run("remove", "s3").status).toBe(0);
   });
 
   test("snapshot create refuses a device that is not a snapshot-origin", () => {

@@ -113,54 +113,8 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   const server: NbdServerLike = await createNbdServer({ log, ...(tls && { tls }) });
   const manager = new DeviceManager({ targets: allTargets(), log, exports: server });
 
-  let tableFile = options.tableFile;
-  let createdDefault = false;
-  if (!tableFile && exportsWanted.length === 0) {
-    const made = await ensureEmbeddedDefault(dataDir);
-    tableFile = made.tableFile;
-    createdDefault = made.created;
-    log.info(
-      { tableFile, created: made.created },
-      made.created ? "embedded default created" : "embedded default reused",
-    );
-  }
-  const requests: TableRequest[] = [];
-  if (tableFile) {
-    const text = readFileSync(tableFile, "utf8");
-    for (const table of parseTableFile(text, tableFile, manager.registry)) {
-      requests.push({ table, baseDir: dirname(resolve(tableFile)) });
-    }
-  }
-  await manager.create(requests);
-  for (const e of exportsWanted) {
-    // A whole-device linear table: the spec is served as it is, and stays reloadable.
-    const spec = canonicalSpec(e.spec, process.cwd());
-    const dev: BlockDevice = await manager.pool.acquire(spec);
-    try {
-      const sectors = Math.floor(dev.sizeBytes / SECTOR_SIZE);
-      await manager.create([
-        {
-          table: {
-            name: e.name,
-            lines: [
-              {
-                startSectors: 0,
-                lengthSectors: sectors,
-                targetType: "linear",
-                args: [spec, "0"],
-                source: { file: "--export", line: 1 },
-              },
-            ],
-          },
-          baseDir: process.cwd(),
-        },
-      ]);
-    } finally {
-      await manager.pool.release(spec);
-    }
-  }
-
   mkdirSync(dirname(controlPath), { recursive: true, mode: 0o700 });
+  // First: a second server on the same control socket (and data) stops here, before opening devices.
   const control = await startControlServer(
     controlPath,
     controlHandlers(manager, () =>
@@ -168,6 +122,59 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     ),
     log,
   );
+
+  let tableFile = options.tableFile;
+  let createdDefault = false;
+  try {
+    if (!tableFile && exportsWanted.length === 0) {
+      const made = await ensureEmbeddedDefault(dataDir);
+      tableFile = made.tableFile;
+      createdDefault = made.created;
+      log.info(
+        { tableFile, created: made.created },
+        made.created ? "embedded default created" : "embedded default reused",
+      );
+    }
+    const requests: TableRequest[] = [];
+    if (tableFile) {
+      const text = readFileSync(tableFile, "utf8");
+      for (const table of parseTableFile(text, tableFile, manager.registry)) {
+        requests.push({ table, baseDir: dirname(resolve(tableFile)) });
+      }
+    }
+    await manager.create(requests);
+    for (const e of exportsWanted) {
+      // A whole-device linear table: the spec is served as it is, and stays reloadable.
+      const spec = canonicalSpec(e.spec, process.cwd());
+      const dev: BlockDevice = await manager.pool.acquire(spec);
+      try {
+        const sectors = Math.floor(dev.sizeBytes / SECTOR_SIZE);
+        await manager.create([
+          {
+            table: {
+              name: e.name,
+              lines: [
+                {
+                  startSectors: 0,
+                  lengthSectors: sectors,
+                  targetType: "linear",
+                  args: [spec, "0"],
+                  source: { file: "--export", line: 1 },
+                },
+              ],
+            },
+            baseDir: process.cwd(),
+          },
+        ]);
+      } finally {
+        await manager.pool.release(spec);
+      }
+    }
+  } catch (err) {
+    await control.close();
+    await manager.closeAll().catch(() => undefined);
+    throw err;
+  }
 
   const addresses: Array<{ host: string; port: number } | { path: string }> = [];
   try {

@@ -134,6 +134,9 @@ export class MirrorDevice implements TargetDevice {
   private recoveriesActive = 0;
   private recoveryIdleWaiters: Array<() => void> = [];
   private opsInFlight = 0;
+  /** End offsets of recent writes, to recognise sequential streams. */
+  private readonly recentWriteEnds: number[] = new Array(16).fill(-1);
+  private recentWriteCursor = 0;
   private opsIdleWaiters: Array<() => void> = [];
   private cleanTimer: NodeJS.Timeout | undefined;
   private closed = false;
@@ -253,9 +256,9 @@ export class MirrorDevice implements TargetDevice {
       if (mask === this.allLegsMask) mask = notDefault; // nobody current: leg 0 is the truth, as the kernel
       if (mask === 0) {
         if (!this.log.inSync(r)) {
-          // The old mirror knew better (it may have been resynced since the log was read).
-          this.log.clearRegion(r);
+          // The old mirror knew better (it resynced the region); the clean bit follows a leg flush.
           this.log.setRegionSync(r, true);
+          this.regionHash.queueClean(r);
         }
         this.setStale(r, 0);
       } else {
@@ -652,14 +655,11 @@ export class MirrorDevice implements TargetDevice {
       this.markStale(r, current & ~online);
       targets.push(current & online);
     }
-    // A sequential stream (the region before is dirty too): mark the next regions dirty in the
-    // same log write, so a stream costs one log flush per DIRTY_AHEAD_REGIONS regions.
-    if (
-      first > 0 &&
-      !this.log.isClean(first - 1) &&
-      last + 1 < this.regionCount &&
-      this.log.isClean(last + 1)
-    ) {
+    // A sequential stream (this write continues a recent one): mark the next regions dirty in
+    // the same log write, so a stream costs one log flush per DIRTY_AHEAD_REGIONS regions.
+    const sequential = this.recentWriteEnds.includes(start);
+    this.recentWriteEnds[this.recentWriteCursor++ % this.recentWriteEnds.length] = end;
+    if (sequential && last + 1 < this.regionCount && this.log.isClean(last + 1)) {
       for (let r = last + 1; r <= Math.min(this.regionCount - 1, last + DIRTY_AHEAD_REGIONS); r++) {
         if (!this.regionHash.dirtyAhead(r)) break;
       }
@@ -688,9 +688,8 @@ export class MirrorDevice implements TargetDevice {
         else runs.push({ first: r, last: r, mask });
       }
       const failures: string[] = [];
-      const markBefore = this.log.dirtyMark;
-      await Promise.all(runs.map((run) => this.writeRun(run, start, end, base, op, failures)));
-      if (this.log.dirtyMark !== markBefore) {
+      const missed = await Promise.all(runs.map((run) => this.writeRun(run, start, end, base, op, failures)));
+      if (missed.some(Boolean)) {
         // A leg missed this write: which legs are stale must survive a crash before we acknowledge.
         await this.log
           .waitDirtyDurable(this.log.dirtyMark)
@@ -717,12 +716,12 @@ export class MirrorDevice implements TargetDevice {
     base: number,
     op: LegOp,
     failures: string[],
-  ): Promise<void> {
+  ): Promise<boolean> {
     const s = Math.max(start, run.first * this.regionBytes);
     const e = Math.min(end, (run.last + 1) * this.regionBytes);
     if (!run.mask) {
       failures.push(`no reachable leg holds current data for regions ${run.first}..${run.last}`);
-      return;
+      return false;
     }
     const legs = this.legs.filter((l) => run.mask & (1 << l.index));
     const results = await Promise.all(
@@ -740,7 +739,7 @@ export class MirrorDevice implements TargetDevice {
         this.failLeg(legs[i]!, "write", err);
       }
     });
-    if (!failedMask) return;
+    if (!failedMask) return false;
     if (failedMask === run.mask) {
       // Nobody took the write: it fails, and the legs keep one current copy (they may now differ).
       failedMask &= ~(1 << legs[0]!.index);
@@ -748,6 +747,7 @@ export class MirrorDevice implements TargetDevice {
     }
     for (let r = run.first; r <= run.last; r++) this.markStale(r, failedMask);
     this.scheduleCleanPass();
+    return true;
   }
 
   async flush(): Promise<void> {

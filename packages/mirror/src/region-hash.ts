@@ -167,6 +167,14 @@ export class RegionHash {
     return this.commitClean(this.cleanCandidates());
   }
 
+  /** Queues an in-sync region whose clean bit is clear for the next clean pass. */
+  queueClean(region: number): void {
+    if (this.entries.has(region) || !this.log.inSync(region)) return;
+    this.entry(region).state = RegionState.CLEAN;
+    this.cleanList.add(region);
+    this.onCleanable?.();
+  }
+
   /**
    * Marks an idle in-sync region dirty ahead of an expected write (sequential streams), so one
    * log write covers several regions. It sits on the clean list and is cleaned if unused.

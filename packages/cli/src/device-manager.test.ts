@@ -182,6 +182,25 @@ describe("DeviceManager", () => {
     expect((await origin.read(0, 3 * 4096)).equals(frozen)).toBe(true);
   });
 
+  test("targets stack: a snapshot of a mirror, through @NAME", async () => {
+    file("a.img", 128 * SECTOR_SIZE);
+    file("b.img", 128 * SECTOR_SIZE);
+    await manager.create(
+      tables(
+        "m: 0 128 mirror core 2 16 nosync 2 a.img 0 b.img 0\n" +
+          "mo: 0 128 snapshot-origin @m\n" +
+          "ms: 0 128 snapshot @m mem:1M N 8\n",
+      ),
+    );
+    await manager.device("mo").write(0, Buffer.alloc(4096, 9));
+    expect((await manager.device("ms").read(0, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    expect((await manager.device("m").read(0, 4096)).equals(Buffer.alloc(4096, 9))).toBe(true);
+    expect(readFileSync(join(dir, "b.img")).subarray(0, 4096).equals(Buffer.alloc(4096, 9))).toBe(true);
+    expect(manager.info("m").usedBy).toEqual(["mo", "ms"]);
+    await manager.remove("ms"); // suspends mo around the unload
+    expect(manager.device("mo").state).toBe("active");
+  });
+
   test("snapshot create refuses an origin that is not a snapshot-origin device", async () => {
     await manager.create([line("plain", "0 8 zero")]);
     await expect(

@@ -152,12 +152,41 @@ export class DeviceManager {
    * then builds them so that `@NAME` dependencies come first.
    */
   create(requests: TableRequest[]): Promise<void> {
-    return this.exclusive(() => this.createLocked(requests));
+    return this.exclusive(() =>
+      this.withSuspended(
+        this.originsOfSnapshots(
+          requests.flatMap((r) => r.table.lines.map((line) => ({ line, baseDir: r.baseDir }))),
+        ),
+        () => this.createLocked(requests),
+      ),
+    );
   }
 
   /** Removes a device nobody uses; its export is drained first. */
   remove(name: string): Promise<void> {
-    return this.exclusive(() => this.removeLocked(name));
+    return this.exclusive(() => {
+      const dev = this.get(name);
+      const origins = this.originsOfSnapshots(dev.lines.map((line) => ({ line, baseDir: dev.baseDir })));
+      return this.withSuspended(
+        origins.filter((o) => o !== name),
+        () => this.removeLocked(name),
+      );
+    });
+  }
+
+  /**
+   * The live snapshot-origin devices of the origins that snapshot / snapshot-merge lines use:
+   * dm requires them suspended while snapshot tables are loaded or unloaded.
+   */
+  private originsOfSnapshots(lines: Array<{ line: TableLine; baseDir: string }>): string[] {
+    const out = new Set<string>();
+    for (const { line, baseDir } of lines) {
+      if (line.targetType !== "snapshot" && line.targetType !== "snapshot-merge") continue;
+      const origin = line.args[0];
+      if (origin === undefined) continue;
+      for (const name of this.originDevicesOf(canonicalSpec(origin, baseDir))) out.add(name);
+    }
+    return [...out];
   }
 
   /** dmsetup suspend: drain and hold I/O, flush. */

@@ -13,6 +13,7 @@ import { type BlockDevice, type OpenDeviceOptions, openDevice } from "@udm/kcopy
  * ```
  */
 export function canonicalSpec(spec: string, baseDir: string): string {
+  if (spec.startsWith("@")) return spec;
   if (spec.startsWith("file://")) return new URL(spec).pathname;
   if (spec.startsWith("file:")) return resolve(baseDir, spec.slice(5));
   if (spec.startsWith("mem:") || /^[a-z][a-z0-9+.-]*:\/\//i.test(spec)) return spec;

@@ -39,10 +39,11 @@ export interface RunningChild {
 export async function startChild(
   entry: string,
   args: string[],
-  options: { readyPattern?: RegExp; env?: NodeJS.ProcessEnv; cwd?: string } = {},
+  options: { readyPattern?: RegExp; env?: NodeJS.ProcessEnv; cwd?: string; loader?: boolean } = {},
 ): Promise<RunningChild> {
   const ready = options.readyPattern ?? /LISTENING (\S+)/;
-  const proc = spawn(process.execPath, ["--import", REGISTER, entry, ...args], {
+  const nodeArgs = options.loader === false ? [entry, ...args] : ["--import", REGISTER, entry, ...args];
+  const proc = spawn(process.execPath, nodeArgs, {
     cwd: options.cwd ?? REPO_ROOT,
     stdio: ["ignore", "pipe", "pipe"],
     env: { ...process.env, ...options.env },

@@ -6,6 +6,8 @@
  *   punchHole(fd, offset, length) -> Promise: fallocate(PUNCH_HOLE|KEEP_SIZE), BLKDISCARD on block devices
  *   zeroRange(fd, offset, length) -> Promise: fallocate(ZERO_RANGE|KEEP_SIZE) (PUNCH_HOLE where the
  *                                    file system lacks it), BLKZEROOUT on block devices
+ *   copyRange(fdIn, offIn, fdOut, offOut, length) -> Promise<bytes copied>: copy_file_range, in the
+ *                                    kernel (no copy through user memory; reflinks where supported)
  *
  * The two seeks are cheap metadata calls and run synchronously; punching and zeroing can take
  * long (a 1 GiB BLKZEROOUT writes 1 GiB) and run on the libuv thread pool via napi async work.
@@ -48,6 +50,9 @@ static const char *errno_code(int err) {
     case EINTR: return "EINTR";
     case ESPIPE: return "ESPIPE";
     case ETXTBSY: return "ETXTBSY";
+    case EXDEV: return "EXDEV";
+    case ENOSYS: return "ENOSYS";
+    case EISDIR: return "EISDIR";
     case ENOTTY: return "ENOTTY";
     default: return "EIO";
   }
@@ -235,12 +240,105 @@ static napi_value zero_range(napi_env env, napi_callback_info info) {
   return start_range(env, info, OP_ZERO, "udm_fileops.zeroRange");
 }
 
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  int fd_in;
+  int fd_out;
+  int64_t off_in;
+  int64_t off_out;
+  int64_t length;
+  int64_t done;
+  int err;
+} copy_work;
+
+static void copy_execute(napi_env env, void *data) {
+  (void)env;
+  copy_work *w = data;
+  loff_t in = (loff_t)w->off_in;
+  loff_t out = (loff_t)w->off_out;
+  w->done = 0;
+  w->err = 0;
+  while (w->done < w->length) {
+    ssize_t n = copy_file_range(w->fd_in, &in, w->fd_out, &out, (size_t)(w->length - w->done), 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      w->err = errno;
+      return;
+    }
+    if (n == 0) return; /* end of the source file */
+    w->done += n;
+  }
+}
+
+static void copy_complete(napi_env env, napi_status status, void *data) {
+  copy_work *w = data;
+  if (status != napi_ok) {
+    napi_value msg, error;
+    napi_create_string_utf8(env, "udm_fileops: async work was cancelled", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &error);
+    napi_reject_deferred(env, w->deferred, error);
+  } else if (w->err) {
+    napi_reject_deferred(env, w->deferred, make_errno_error(env, "copy_file_range", w->err));
+  } else {
+    napi_value done;
+    napi_create_double(env, (double)w->done, &done);
+    napi_resolve_deferred(env, w->deferred, done);
+  }
+  napi_delete_async_work(env, w->work);
+  free(w);
+}
+
+static napi_value copy_range(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5], promise, resource_name;
+  int64_t fd_in, off_in, fd_out, off_out, length;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 5) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: expected (fdIn, offsetIn, fdOut, offsetOut, length)");
+    return NULL;
+  }
+  if (!get_offset(env, argv, 0, "fdIn", &fd_in) || !get_offset(env, argv, 1, "offsetIn", &off_in) ||
+      !get_offset(env, argv, 2, "fdOut", &fd_out) || !get_offset(env, argv, 3, "offsetOut", &off_out) ||
+      !get_offset(env, argv, 4, "length", &length))
+    return NULL;
+  if (fd_in > INT32_MAX || fd_out > INT32_MAX) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: fd out of range");
+    return NULL;
+  }
+  copy_work *w = calloc(1, sizeof *w);
+  if (!w) {
+    napi_throw_error(env, "ENOMEM", "udm_fileops: out of memory");
+    return NULL;
+  }
+  w->fd_in = (int)fd_in;
+  w->fd_out = (int)fd_out;
+  w->off_in = off_in;
+  w->off_out = off_out;
+  w->length = length;
+  if (napi_create_promise(env, &w->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, "udm_fileops.copyRange", NAPI_AUTO_LENGTH, &resource_name) != napi_ok ||
+      napi_create_async_work(env, NULL, resource_name, copy_execute, copy_complete, w, &w->work) != napi_ok) {
+    free(w);
+    napi_throw_error(env, NULL, "udm_fileops: could not start async work");
+    return NULL;
+  }
+  if (napi_queue_async_work(env, w->work) != napi_ok) {
+    napi_delete_async_work(env, w->work);
+    free(w);
+    napi_throw_error(env, NULL, "udm_fileops: could not queue async work");
+    return NULL;
+  }
+  return promise;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   return exports;

@@ -70,6 +70,20 @@ export interface BlockDevice {
   extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
   close(): Promise<void>;
 
+  /**
+   * Copy offload (optional): copies `[offset, offset+length)` of this device to `dest` at
+   * `destOffsetBytes` without passing the data through the caller's memory, e.g.
+   * copy_file_range(2) between two files. Resolves false when this pair cannot be offloaded (the
+   * caller then copies through a buffer); rejects on an I/O error, after which the caller may
+   * copy through a buffer to learn which side failed.
+   */
+  copyRangeTo?(
+    offsetBytes: number,
+    dest: BlockDevice,
+    destOffsetBytes: number,
+    lengthBytes: number,
+  ): Promise<boolean>;
+
   /** Extra NBD meta contexts this device publishes (optional). */
   statusContexts?(): StatusContext[];
 

@@ -8,6 +8,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import type { Extent } from "./block-device.js";
 import { FileDevice } from "./file-device.js";
 import { KcopydClient, KcopydFlags } from "./kcopyd.js";
+import { MemoryDevice } from "./memory-device.js";
 import { NO_NATIVE_ENV, nativeFileOps, nativeFileOpsLoadError } from "./native.js";
 
 const CI = process.env.CI === "true";
@@ -213,6 +214,88 @@ describe.each(MODES)("FileDevice on a sparse file, $mode path", ({ native, runs 
       }),
       { numRuns: 25 },
     );
+  });
+
+  it.skipIf(!runs)("kcopyd copies file to files without buffers when the addon offloads", async () => {
+    const SIZE = 5 * MiB + 3 * 512;
+    const src = await FileDevice.open(file("off-src.img"), { createSizeBytes: SIZE });
+    const dsts = [
+      await FileDevice.open(file("off-a.img"), { createSizeBytes: SIZE }),
+      await FileDevice.open(file("off-b.img"), { createSizeBytes: SIZE + MiB }),
+    ];
+    const kc = new KcopydClient({ pages: 64 });
+    try {
+      const data = randomBytes(SIZE);
+      await src.write(0, data);
+      const count = SIZE / 512 - 1;
+      const result = await kc.copyAsync({ dev: src, sector: 1, count }, [
+        { dev: dsts[0]!, sector: 0, count },
+        { dev: dsts[1]!, sector: 2048, count },
+      ]);
+      expect(result).toEqual({ readErr: false, writeErr: 0 });
+      expect((await dsts[0]!.read(0, count * 512)).equals(data.subarray(512))).toBe(true);
+      expect((await dsts[1]!.read(MiB, count * 512)).equals(data.subarray(512))).toBe(true);
+      // copy_file_range moves the data in the kernel: no page of the budget was ever leased.
+      if (native) expect(kc.pool.peakPages).toBe(0);
+      else expect(kc.pool.peakPages).toBeGreaterThan(0);
+    } finally {
+      await kc.destroy();
+      for (const d of [src, ...dsts]) await d.close();
+    }
+  });
+
+  it.skipIf(!runs)("a destination that refuses the offload gets the bytes through a buffer", async () => {
+    const SIZE = 3 * MiB;
+    const src = await FileDevice.open(file("mix-src.img"), { createSizeBytes: SIZE });
+    const fileDst = await FileDevice.open(file("mix-dst.img"), { createSizeBytes: SIZE });
+    const roPath = file("mix-ro.img");
+    await fsp.writeFile(roPath, Buffer.alloc(SIZE, 7));
+    const roDst = await FileDevice.open(roPath, { readOnly: true });
+    const memDst = new MemoryDevice(SIZE);
+    const kc = new KcopydClient({ pages: 64 });
+    try {
+      const data = randomBytes(SIZE);
+      await src.write(0, data);
+      const count = SIZE / 512;
+      const region = (dev: FileDevice | MemoryDevice) => ({ dev, sector: 0, count });
+      const result = await kc.copyAsync(
+        region(src),
+        [region(fileDst), region(roDst), region(memDst)],
+        KcopydFlags.IGNORE_ERROR,
+      );
+      // The read-only file fails its writes (bit 1); the file and memory destinations are whole.
+      expect(result).toEqual({ readErr: false, writeErr: 0b010 });
+      expect((await fileDst.read(0, SIZE)).equals(data)).toBe(true);
+      expect((await memDst.read(0, SIZE)).equals(data)).toBe(true);
+      expect((await fsp.readFile(roPath)).every((b) => b === 7)).toBe(true);
+    } finally {
+      await kc.destroy();
+      for (const d of [src, fileDst, roDst, memDst]) await d.close();
+    }
+  });
+
+  it.skipIf(!runs)("a source file that shrank after open copies as zeros past its end", async () => {
+    const SIZE = 2 * MiB;
+    const srcPath = file("shrunk-src.img");
+    const src = await FileDevice.open(srcPath, { createSizeBytes: SIZE });
+    const dst = await FileDevice.open(file("shrunk-dst.img"), { createSizeBytes: SIZE });
+    const kc = new KcopydClient();
+    try {
+      const data = randomBytes(SIZE);
+      await src.write(0, data);
+      await dst.write(0, Buffer.alloc(SIZE, 0xee));
+      await fsp.truncate(srcPath, MiB + 1000);
+      const count = SIZE / 512;
+      const result = await kc.copyAsync({ dev: src, sector: 0, count }, [{ dev: dst, sector: 0, count }]);
+      expect(result).toEqual({ readErr: false, writeErr: 0 });
+      const expected = Buffer.alloc(SIZE);
+      data.copy(expected, 0, 0, MiB + 1000);
+      expect((await dst.read(0, SIZE)).equals(expected)).toBe(true);
+    } finally {
+      await kc.destroy();
+      await src.close();
+      await dst.close();
+    }
   });
 
   it.skipIf(!runs)("kcopyd SKIP_HOLES copies the data and leaves the destination sparse", async () => {

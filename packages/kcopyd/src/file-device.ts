@@ -208,6 +208,40 @@ export class FileDevice implements BlockDevice {
   }
 
   /**
+   * Copy offload between two regular files with the native addon: copy_file_range(2), so the data
+   * never passes through this process (reflinked where the file system can). False for block
+   * devices, other device types, a missing addon, or where the kernel refuses the pair.
+   */
+  async copyRangeTo(
+    offsetBytes: number,
+    dest: BlockDevice,
+    destOffsetBytes: number,
+    lengthBytes: number,
+  ): Promise<boolean> {
+    this.checkOpen();
+    checkRange(this, offsetBytes, lengthBytes);
+    const native = nativeFileOps();
+    if (!native?.copyRange || !(dest instanceof FileDevice) || this.isBlockDevice || dest.isBlockDevice) {
+      return false;
+    }
+    dest.checkWritable();
+    checkRange(dest, destOffsetBytes, lengthBytes);
+    if (lengthBytes === 0) return true;
+    let copied: number;
+    try {
+      copied = await native.copyRange(this.fd, offsetBytes, dest.fd, destOffsetBytes, lengthBytes);
+    } catch (err) {
+      // EXDEV: different file systems (kernels before 5.3 or special files); EINVAL: overlap etc.
+      const code = (err as { code?: unknown } | null)?.code;
+      if (isUnsupported(err) || code === "EXDEV" || code === "EINVAL" || code === "ENOSYS") return false;
+      throw this.nativeError(`copy to ${dest.name}`, offsetBytes, lengthBytes, err);
+    }
+    // The file is shorter than when it was opened: what is past its end reads as zeros.
+    if (copied < lengthBytes) await dest.writeZeroes(destOffsetBytes + copied, lengthBytes - copied);
+    return true;
+  }
+
+  /**
    * Runs of data and holes: SEEK_DATA/SEEK_HOLE on a file with the native addon; otherwise (block
    * devices, no addon) the whole range is data.
    */

@@ -91,6 +91,11 @@ interface Job {
   seqNextSector: number;
   seqWaiters: Map<number, () => void>;
   extentCache: Extent[];
+  /**
+   * Copy slices by the source's `copyRangeTo` (no buffer, no pages) while every destination
+   * accepts it; a refusal turns it off for the rest of the job. Never with WRITE_SEQ.
+   */
+  offload: boolean;
 }
 
 /**
@@ -202,6 +207,7 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
       seqNextSector: 0,
       seqWaiters: new Map(),
       extentCache: [],
+      offload: !!from?.dev.copyRangeTo && !(flags & KcopydFlags.WRITE_SEQ),
     };
     this.outstanding++;
     // Start on a later tick: a callback never runs inside the call that started the job.
@@ -259,9 +265,8 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
     }
     job.nextSector = start + count;
     const slice = { startSector: start, count, zero };
-    // Zeroing needs no buffer, like the kernel's zero-page jobs.
-    const lease =
-      job.from && !zero ? await this.pool.acquire(Math.ceil((count * SECTOR_SIZE) / PAGE_SIZE)) : null;
+    // Zeroing needs no buffer, like the kernel's zero-page jobs; nor does an offloaded copy.
+    const lease = job.from && !zero && !job.offload ? await this.pool.acquire(slicePages(count)) : null;
     return { slice, lease };
   }
 
@@ -306,7 +311,13 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
     let failed = false;
     try {
       if (this.rate) await this.rate.take(bytes);
-      const buffer = lease ? lease.buffer.subarray(0, bytes) : null;
+      // Destinations still to write; an offloaded copy removes those it completed.
+      let targets = job.dests.map((_, i) => i);
+      if (job.from && !slice.zero && !lease) {
+        targets = await this.offloadSlice(job, slice, targets);
+        if (targets.length) lease = await this.pool.acquire(slicePages(slice.count));
+      }
+      const buffer = lease && targets.length ? lease.buffer.subarray(0, bytes) : null;
       if (buffer && job.from) {
         const readOk = await this.io(() =>
           job.from!.dev.readInto((job.from!.sector + slice.startSector) * SECTOR_SIZE, buffer),
@@ -324,8 +335,8 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
       } else if (seq && (job.readErr || job.writeErr)) {
         // WRITE_SEQ: once a slice failed, later slices are not written (nothing past a gap).
         failed = true;
-      } else {
-        const mask = await this.writeDests(job, slice, buffer);
+      } else if (targets.length) {
+        const mask = await this.writeDests(job, slice, buffer, targets);
         if (mask) {
           job.writeErr |= mask;
           failed = true;
@@ -345,11 +356,47 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
     });
   }
 
-  /** Writes (or zeroes) one slice on every destination at once; returns the failed-destination mask. */
-  private async writeDests(job: Job, slice: Slice, buffer: Buffer | null): Promise<number> {
+  /**
+   * Copies a slice to `targets` by the source's copy offload, all at once; returns the
+   * destinations left to copy through a buffer: those that refused (offload is then off for the
+   * job) and those whose offload failed (the buffered copy tells a read error from a write error).
+   */
+  private async offloadSlice(job: Job, slice: Slice, targets: number[]): Promise<number[]> {
+    const from = job.from!;
     const bytes = slice.count * SECTOR_SIZE;
     const results = await Promise.all(
-      job.dests.map((dest) => {
+      targets.map(async (i) => {
+        const dest = job.dests[i]!;
+        if (this.throttle) await this.throttle.start();
+        try {
+          return await from.dev.copyRangeTo!(
+            (from.sector + slice.startSector) * SECTOR_SIZE,
+            dest.dev,
+            (dest.sector + slice.startSector) * SECTOR_SIZE,
+            bytes,
+          );
+        } catch {
+          return "failed" as const;
+        } finally {
+          this.throttle?.finish();
+        }
+      }),
+    );
+    if (results.includes(false)) job.offload = false;
+    return targets.filter((_, k) => results[k] !== true);
+  }
+
+  /** Writes (or zeroes) one slice on the `targets` destinations at once; returns their failed-bit mask. */
+  private async writeDests(
+    job: Job,
+    slice: Slice,
+    buffer: Buffer | null,
+    targets: number[],
+  ): Promise<number> {
+    const bytes = slice.count * SECTOR_SIZE;
+    const results = await Promise.all(
+      targets.map((i) => {
+        const dest = job.dests[i]!;
         const offset = (dest.sector + slice.startSector) * SECTOR_SIZE;
         return this.io(() =>
           buffer ? dest.dev.write(offset, buffer) : dest.dev.writeZeroes(offset, bytes, { mayTrim: true }),
@@ -357,8 +404,8 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
       }),
     );
     let mask = 0;
-    results.forEach((ok, i) => {
-      if (!ok) mask |= 1 << i;
+    results.forEach((ok, k) => {
+      if (!ok) mask |= 1 << targets[k]!;
     });
     return mask;
   }
@@ -389,6 +436,11 @@ export class KcopydClient extends EventEmitter<{ progress: [KcopydProgress] }> {
       wake();
     }
   }
+}
+
+/** Pages a buffer for `count` sectors takes. */
+function slicePages(count: number): number {
+  return Math.ceil((count * SECTOR_SIZE) / PAGE_SIZE);
 }
 
 function checkRegion(region: Region, count: number): void {

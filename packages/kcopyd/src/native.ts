@@ -14,6 +14,18 @@ export interface NativeFileOps {
   punchHole(fd: number, offset: number, length: number): Promise<void>;
   /** fallocate(ZERO_RANGE | KEEP_SIZE) on a file (PUNCH_HOLE where unsupported), BLKZEROOUT on a block device. */
   zeroRange(fd: number, offset: number, length: number): Promise<void>;
+  /**
+   * copy_file_range(2) from one file to another, in the kernel (or as a reflink); resolves with
+   * the bytes copied, fewer than `length` only at the source's end of file. Optional: absent
+   * from an addon built before it existed.
+   */
+  copyRange?(
+    fdIn: number,
+    offsetIn: number,
+    fdOut: number,
+    offsetOut: number,
+    length: number,
+  ): Promise<number>;
 }
 
 /** Where `pnpm install` (the package's `install` script, node-gyp) puts the addon. */

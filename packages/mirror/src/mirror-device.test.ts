@@ -650,3 +650,28 @@ describe("errors around the log and flushes", () => {
     expect((await b.read(0, 4096)).equals(fill(3))).toBe(true);
   });
 });
+
+describe("shapes", () => {
+  test("nine legs: one kcopyd job fills the eight others", async () => {
+    const names = ["l0", "l1", "l2", "l3", "l4", "l5", "l6", "l7", "l8"];
+    const devs = Object.fromEntries(names.map((n) => [n, mem(n)]));
+    await devs.l0!.write(REGION, fill(9, REGION));
+    const m = await mirror(`core 1 128 9 ${names.map((n) => `${n} 0`).join(" ")}`, devs);
+    await m.waitForSync();
+    expect(m.status()).toBe(`9 ${names.join(" ")} 64/64 1 AAAAAAAAA 1 core`);
+    for (const n of names) expect((await devs[n]!.read(REGION, REGION)).equals(fill(9, REGION))).toBe(true);
+  });
+
+  test("legs at offsets; extents come from the default leg, relative to the mirror", async () => {
+    const a = mem("a", SIZE + 8 * 512);
+    const b = mem("b", SIZE + 64 * 1024);
+    const m = await mirror("core 2 128 nosync 2 a 8 b 128", { a, b });
+    await m.write(REGION, fill(1, REGION));
+    expect((await a.read(8 * 512 + REGION, REGION)).equals(fill(1, REGION))).toBe(true);
+    expect((await b.read(64 * 1024 + REGION, REGION)).equals(fill(1, REGION))).toBe(true);
+    const data = (await m.extents(0, SIZE)).filter((e) => e.kind === "data");
+    expect(data[0]!.offsetBytes).toBeLessThanOrEqual(REGION);
+    expect(data.at(-1)!.offsetBytes + data.at(-1)!.lengthBytes).toBeGreaterThanOrEqual(2 * REGION);
+    expect(m.table()).toBe("core 2 128 nosync 2 a 8 b 128");
+  });
+});

@@ -434,15 +434,15 @@ export class MirrorDevice implements TargetDevice {
         query: async (offsetBytes, lengthBytes) => {
           checkRange(this, offsetBytes, lengthBytes);
           const out: Array<{ lengthBytes: number; flags: number }> = [];
+          const bits = this.log.inSyncBits;
           const end = offsetBytes + lengthBytes;
-          let pos = offsetBytes;
-          while (pos < end) {
+          for (let pos = offsetBytes; pos < end; ) {
             const r = this.regionOf(pos);
-            const flags = this.log.inSync(r) ? 0 : 1;
-            const stop = Math.min(end, (r + 1) * this.regionBytes);
-            const last = out[out.length - 1];
-            if (last && last.flags === flags) last.lengthBytes += stop - pos;
-            else out.push({ lengthBytes: stop - pos, flags });
+            const flags = bits.test(r) ? 0 : 1;
+            // Jump to the next region whose state differs (whole bytes of the bitmap at a time).
+            const next = bits.findNext(flags === 1, r + 1);
+            const stop = Math.min(end, next < 0 ? end : next * this.regionBytes);
+            out.push({ lengthBytes: stop - pos, flags });
             pos = stop;
           }
           return out;

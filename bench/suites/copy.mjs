@@ -323,8 +323,7 @@ export async function run(ctx) {
       "range s": `${Math.min(...s.map((x) => x.seconds)).toFixed(2)}–${Math.max(...s.map((x) => x.seconds)).toFixed(2)}`,
       "MiB/s": c.bytes / MiB / seconds,
       "× dd": ddRef ? secondsOf(ddRef) / seconds : "",
-      "× 1 dest":
-        c.dests.length > 1 && kcOneOf(c) ? seconds / secondsOf(kcOneOf(c)) : c === kcOneOf(c) ? 1 : "",
+      "× 1 dest": c.bytes === size && kcOneOf(c) ? seconds / secondsOf(kcOneOf(c)) : "",
       "peak RSS MiB": Math.max(...s.map((x) => x.rssKiB)) / 1024,
       note: "",
     };

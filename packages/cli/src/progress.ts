@@ -24,9 +24,10 @@ export interface ProgressReporter {
 export function createProgress(
   label: string,
   totalBytes: number,
-  options: { stream?: NodeJS.WriteStream; tty?: boolean } = {},
+  options: { stream?: NodeJS.WritableStream & { isTTY?: boolean }; tty?: boolean; intervalMs?: number } = {},
 ): ProgressReporter {
   const stream = options.stream ?? process.stderr;
+  const intervalMs = options.intervalMs ?? PLAIN_PROGRESS_INTERVAL_MS;
   const started = Date.now();
   let total = totalBytes;
   const rate = (done: number) => done / 2 ** 20 / Math.max((Date.now() - started) / 1000, 0.001);
@@ -36,6 +37,8 @@ export function createProgress(
         stream,
         format: `${label} [{bar}] {percentage}% | {doneText} / {totalText} | {rate} MiB/s | ETA {eta_formatted}`,
         hideCursor: true,
+        // Draw even on a stream that does not say it is a TTY when the caller forced `tty`.
+        noTTYOutput: options.tty === true,
         etaBuffer: 50,
       },
       cliProgress.Presets.shades_classic,
@@ -61,7 +64,7 @@ export function createProgress(
     update(done, newTotal) {
       if (newTotal !== undefined) total = newTotal;
       const now = Date.now();
-      if (now - lastPrinted < PLAIN_PROGRESS_INTERVAL_MS) return;
+      if (now - lastPrinted < intervalMs) return;
       lastPrinted = now;
       const mibps = rate(done);
       const pct = total > 0 ? ((100 * done) / total).toFixed(1) : "100.0";

@@ -26,6 +26,7 @@ import {
   NBD_FLAG_CAN_MULTI_CONN,
   NBD_FLAG_READ_ONLY,
   NBD_FLAG_SEND_DF,
+  NBD_OPT_EXPORT_NAME,
   NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE_BLOCK_STATUS,
   NBD_REPLY_TYPE_ERROR,
@@ -217,6 +218,31 @@ describe("simple replies", () => {
     expect((await p.reply()).error).toBe(0);
     await p.closed;
     expect((await disk.read(0, 1 << 20)).equals(data)).toBe(true);
+  });
+});
+
+describe("the Linux kernel client's path", () => {
+  it("serves EXPORT_NAME then simple replies for READ, WRITE+FUA, FLUSH, TRIM and DISC", async () => {
+    const p = await RawPeer.connect(address);
+    peers.push(p);
+    await p.greet(3);
+    p.option(NBD_OPT_EXPORT_NAME, Buffer.from("disk"));
+    const reply = await p.read(10); // NO_ZEROES: no 124-byte pad
+    expect(Number(reply.readBigUInt64BE(0))).toBe(SIZE);
+    expect(reply.readUInt16BE(8) & NBD_FLAG_CAN_MULTI_CONN).toBeTruthy();
+    const data = Buffer.alloc(128 * 1024, 0x42);
+    p.request(NBD_CMD_WRITE, NBD_CMD_FLAG_FUA, 1n, 65536n, data.length, data);
+    p.request(NBD_CMD_FLUSH, 0, 2n, 0n, 0);
+    const first = [await p.reply(), await p.reply()];
+    expect(first.map((r) => r.error)).toEqual([0, 0]);
+    p.request(NBD_CMD_READ, 0, 3n, 65536n, data.length);
+    expect((await p.reply(data.length)).payload.equals(data)).toBe(true);
+    p.request(NBD_CMD_TRIM, 0, 4n, 65536n, 65536);
+    expect((await p.reply()).error).toBe(0);
+    p.request(NBD_CMD_DISC, 0, 5n, 0n, 0);
+    await p.closed;
+    expect((await disk.read(65536, 65536)).every((b) => b === 0)).toBe(true);
+    expect((await disk.read(131072, 65536)).equals(data.subarray(65536))).toBe(true);
   });
 });
 

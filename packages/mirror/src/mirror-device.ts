@@ -752,8 +752,11 @@ export class MirrorDevice implements TargetDevice {
 
   async flush(): Promise<void> {
     this.checkActive("flush");
+    const mark = this.log.dirtyMark;
     const ok = await this.flushLegs();
     if (!ok) throw new IoError("EIO", this.name, "flush failed on every leg");
+    // A leg that failed its flush is now stale: that must be durable before the flush completes.
+    if (this.log.dirtyMark !== mark) await this.log.waitDirtyDurable(this.log.dirtyMark);
   }
 
   /** PREFLUSH to every reachable leg; a leg whose flush fails is stale everywhere. True if one succeeded. */
@@ -785,7 +788,8 @@ export class MirrorDevice implements TargetDevice {
       for (let r = 0; r < this.regionCount; r++) {
         if (this.currentMask(r) & ~failed) this.markStale(r, failed & this.currentMask(r));
       }
-      this.regionHash.flushFailure = true;
+      // (The kernel sets the region hash's flush_failure instead; marking the leg stale per region
+      // is exact and lets it be resynced, so that flag stays off.)
     }
     return okCount > 0;
   }

@@ -178,6 +178,14 @@ export function buildProgram(): Command {
     .showHelpAfterError("(run with --help for usage)")
     .enablePositionalOptions(false)
     .exitOverride();
+  program.addHelpText(
+    "after",
+    "\nExample (a session):\n" +
+      "  udm serve &                                   # origin, snap0, mirror0 on 127.0.0.1:10809\n" +
+      "  nbd-client 127.0.0.1 10809 -N origin /dev/nbd0\n" +
+      "  udm snapshot create origin snap1 --cow udm-data/snap1.cow --size 1G\n" +
+      "  udm status snap1 && udm snapshot merge snap1\n",
+  );
   const example = (cmd: Command, text: string) =>
     cmd.addHelpText("after", `\nExample:\n  ${text.split("\n").join("\n  ")}\n`);
 
@@ -470,9 +478,10 @@ export function buildProgram(): Command {
   );
 
   // snapshot
-  const snapshot = program
-    .command("snapshot")
-    .description("dm-snapshot: create, merge and inspect snapshots");
+  const snapshot = example(
+    program.command("snapshot").description("dm-snapshot: create, merge, status and inspect snapshots"),
+    "udm snapshot create origin snap1 --cow snap1.cow --size 1G\nudm snapshot merge snap1",
+  );
   example(
     snapshot
       .command("create")
@@ -516,6 +525,7 @@ export function buildProgram(): Command {
         "merge a snapshot back into its origin (reload as snapshot-merge); the device is removed when done",
       )
       .argument("<name>")
+      .option("--wait", "wait for the merge to finish (the default)")
       .option("--no-wait", "start the merge and return")
       .action(async (name: string, opts, cmd: Command) => {
         await request(cmd, "snapshot-merge", { name });
@@ -573,7 +583,10 @@ export function buildProgram(): Command {
   );
 
   // mirror
-  const mirror = program.command("mirror").description("dm-mirror: status, resync, inspect disk logs");
+  const mirror = example(
+    program.command("mirror").description("dm-mirror: status, resync, inspect disk logs"),
+    "udm mirror status\nudm mirror resync --log m.log --region-size 1024 a.img b.img",
+  );
   example(
     mirror
       .command("status")

@@ -22,7 +22,13 @@ export function createLogger(level: LogLevel, options: { pretty?: boolean } = {}
   if (usePretty) {
     return pino(
       { level },
-      pretty({ destination: 2, sync: true, translateTime: "SYS:HH:MM:ss.l", ignore: "pid,hostname" }),
+      pretty({
+        destination: 2,
+        sync: true,
+        translateTime: "SYS:HH:MM:ss.l",
+        ignore: "pid,hostname",
+        singleLine: true,
+      }),
     );
   }
   return pino({ level, base: { pid: process.pid } }, pino.destination({ fd: 2, sync: true }));

@@ -1,0 +1,63 @@
+import type { Command } from "commander";
+import { describe, expect, test } from "vitest";
+import { buildProgram } from "./cli.js";
+
+function allCommands(cmd: Command): Command[] {
+  return [cmd, ...cmd.commands.flatMap(allCommands)];
+}
+
+function helpOf(cmd: Command): string {
+  let text = "";
+  cmd.configureOutput({ writeOut: (s) => (text += s), writeErr: (s) => (text += s) });
+  cmd.outputHelp();
+  return text;
+}
+
+describe("udm command line", () => {
+  const commands = allCommands(buildProgram()).filter((c) => c.name() !== "help");
+
+  test("has the dmsetup verbs, serve, copy, snapshot and mirror commands", () => {
+    const names = commands.map((c) =>
+      c.parent && c.parent.name() !== "udm" ? `${c.parent.name()} ${c.name()}` : c.name(),
+    );
+    for (const n of [
+      "serve",
+      "copy",
+      "create",
+      "remove",
+      "ls",
+      "table",
+      "status",
+      "info",
+      "suspend",
+      "resume",
+      "reload",
+      "message",
+      "snapshot create",
+      "snapshot merge",
+      "snapshot status",
+      "snapshot inspect",
+      "mirror status",
+      "mirror resync",
+      "mirror inspect-log",
+    ]) {
+      expect(names).toContain(n);
+    }
+  });
+
+  test.each(
+    allCommands(buildProgram())
+      .filter((c) => c.name() !== "help")
+      .map((c) => [c.name(), c] as const),
+  )("%s --help shows an example", (_name, cmd) => {
+    expect(helpOf(cmd)).toMatch(/\nExample( \(a session\))?:\n {2}udm /);
+  });
+
+  test("every query verb has --json", () => {
+    for (const c of commands.filter((c) =>
+      ["ls", "table", "status", "info", "inspect", "inspect-log"].includes(c.name()),
+    )) {
+      expect(c.options.map((o) => o.long)).toContain("--json");
+    }
+  });
+});

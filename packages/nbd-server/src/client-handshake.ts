@@ -16,6 +16,7 @@ import {
   NBD_INFO_EXPORT,
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO,
+  NBD_OPT_LIST_META_CONTEXT,
   NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
@@ -39,6 +40,8 @@ export interface ClientHandshakeOptions {
   tls?: tls.ConnectionOptions;
   /** Meta contexts to select (structured replies are always requested). */
   metaContexts?: string[];
+  /** Also select every context the server lists for the export (LIST_META_CONTEXT with no query). */
+  discoverContexts?: boolean;
 }
 
 /** What the server agreed to. */
@@ -132,7 +135,18 @@ export async function clientHandshake(
   const structured = sr.replyType === NBD_REP_ACK;
 
   const metaContexts = new Map<string, number>();
-  const wanted = options.metaContexts ?? [];
+  const wanted = [...(options.metaContexts ?? [])];
+  if (structured && options.discoverContexts) {
+    const zeroQueries = Buffer.alloc(4);
+    stream.write(encodeOption(NBD_OPT_LIST_META_CONTEXT, nameAndQueries(options.exportName, zeroQueries)));
+    for (;;) {
+      const r = await readReply(reader, NBD_OPT_LIST_META_CONTEXT);
+      if (r.replyType !== NBD_REP_META_CONTEXT || r.data.length < 4) break;
+      const name = r.data.toString("utf8", 4);
+      // Wildcards ("base:") may appear in a LIST answer; only full names can be selected.
+      if (!name.endsWith(":") && !wanted.includes(name)) wanted.push(name);
+    }
+  }
   if (structured && wanted.length) {
     const parts: Buffer[] = [Buffer.alloc(4)];
     (parts[0] as Buffer).writeUInt32BE(wanted.length, 0);

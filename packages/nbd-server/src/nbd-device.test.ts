@@ -1,7 +1,7 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { IoError, MemoryDevice, openDevice } from "@udm/kcopyd";
+import { type BlockDevice, IoError, MemoryDevice, openDevice, type StatusContext } from "@udm/kcopyd";
 import fc from "fast-check";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { NbdDevice } from "./nbd-device.js";
@@ -105,6 +105,46 @@ describe("NbdDevice against NbdServer", () => {
       { offsetBytes: 128 * 1024, lengthBytes: 65536, kind: "data" },
       { offsetBytes: 192 * 1024, lengthBytes: 320 * 1024, kind: "hole" },
     ]);
+  });
+
+  it("publishes the server's own status contexts, so they stack through NBD", async () => {
+    (disk as BlockDevice).statusContexts = (): StatusContext[] => [
+      {
+        name: "udm:test-map",
+        description: "flag 5 on the second 256 KiB",
+        query: async (o: number, l: number) => {
+          const out: Array<{ lengthBytes: number; flags: number }> = [];
+          for (let pos = o; pos < o + l; ) {
+            const next = Math.min(o + l, (Math.floor(pos / 262144) + 1) * 262144);
+            out.push({ lengthBytes: next - pos, flags: Math.floor(pos / 262144) === 1 ? 5 : 0 });
+            pos = next;
+          }
+          return out;
+        },
+      },
+    ];
+    const dev = await connect();
+    const contexts = dev.statusContexts();
+    expect(contexts.map((c) => c.name)).toEqual(["udm:test-map"]);
+    expect(await contexts[0]?.query(131072, 524288)).toEqual([
+      { lengthBytes: 131072, flags: 0 },
+      { lengthBytes: 262144, flags: 5 },
+      { lengthBytes: 131072, flags: 0 },
+    ]);
+    // Re-served by a second server, the remote context is listed and answered there too.
+    const proxy = new NbdServer();
+    proxy.addExport("again", dev);
+    const again = await NbdDevice.connect(
+      `nbd://${await proxy.listen({ host: "127.0.0.1", port: 0 })}/again`,
+    );
+    devices.push(again);
+    expect(await again.statusContexts()[0]?.query(0, 1 << 20)).toEqual([
+      { lengthBytes: 262144, flags: 0 },
+      { lengthBytes: 262144, flags: 5 },
+      { lengthBytes: 524288, flags: 0 },
+    ]);
+    await again.close();
+    await proxy.close();
   });
 
   it("is read-only on a read-only export and names errors", async () => {

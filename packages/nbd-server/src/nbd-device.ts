@@ -10,6 +10,7 @@ import {
   type Extent,
   IoError,
   mergeExtents,
+  type StatusContext,
   type WriteOptions,
   type WriteZeroesOptions,
 } from "@udm/kcopyd";
@@ -89,8 +90,8 @@ interface Pending {
   payload: Buffer | null;
   /** READ: where the data goes. */
   target: Buffer | null;
-  /** BLOCK_STATUS: descriptors of the base:allocation context. */
-  status: Array<{ lengthBytes: number; flags: number }> | null;
+  /** BLOCK_STATUS: descriptors by context id. */
+  status: Map<number, Array<{ lengthBytes: number; flags: number }>> | null;
   error: { code: number; message: string } | null;
   /** READ with structured replies: bytes the data and hole chunks covered. */
   covered: number;
@@ -357,12 +358,12 @@ class ClientConnection {
       if (p.type !== NBD_CMD_BLOCK_STATUS || payload.length < 12 || (payload.length - 4) % 8) {
         throw new NbdProtocolError("bad BLOCK_STATUS chunk");
       }
-      if (payload.readUInt32BE(0) !== this.agreed.metaContexts.get(BASE_ALLOCATION)) return;
       const out: Array<{ lengthBytes: number; flags: number }> = [];
       for (let at = 4; at < payload.length; at += 8) {
         out.push({ lengthBytes: payload.readUInt32BE(at), flags: payload.readUInt32BE(at + 4) });
       }
-      p.status = out;
+      p.status ??= new Map();
+      p.status.set(payload.readUInt32BE(0), out);
       return;
     }
     if (type & 0x8000) {
@@ -532,7 +533,7 @@ export class NbdDevice implements BlockDevice {
         null,
       );
       await this.enqueue(p);
-      const status = p.pending.status;
+      const status = p.pending.status?.get(this.conn.agreed.metaContexts.get(BASE_ALLOCATION) as number);
       if (!status?.length)
         throw new IoError("EIO", this.name, "BLOCK_STATUS reply without base:allocation extents");
       for (const s of status) {
@@ -551,6 +552,47 @@ export class NbdDevice implements BlockDevice {
       }
     }
     return mergeExtents(out);
+  }
+
+  /**
+   * The server's own meta contexts for this export (all but `base:allocation`), so a remote
+   * target's status map (a mirror's out-of-sync regions...) stacks through NBD like a local one.
+   */
+  statusContexts(): StatusContext[] {
+    return [...this.conn.agreed.metaContexts.keys()]
+      .filter((n) => n !== BASE_ALLOCATION)
+      .map((name) => ({
+        name,
+        description: `${name} of ${this.name}`,
+        query: (offsetBytes: number, lengthBytes: number) =>
+          this.queryContext(name, offsetBytes, lengthBytes),
+      }));
+  }
+
+  /** One BLOCK_STATUS round for a context: runs from `offsetBytes`, possibly stopping early. */
+  private async queryContext(
+    name: string,
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Array<{ lengthBytes: number; flags: number }>> {
+    checkRange(this, offsetBytes, lengthBytes);
+    if (lengthBytes === 0) return [];
+    const length = Math.min(MAX_EFFECT_BYTES, lengthBytes);
+    const p = this.makePending(NBD_CMD_BLOCK_STATUS, 0, offsetBytes, length, null, null);
+    await this.enqueue(p);
+    // Ids are per connection: look the name up again in case a reconnect renumbered it.
+    const id = this.conn.agreed.metaContexts.get(name);
+    const runs = id === undefined ? undefined : p.pending.status?.get(id);
+    if (!runs?.length) throw new IoError("EIO", this.name, `BLOCK_STATUS reply without ${name} extents`);
+    const out: Array<{ lengthBytes: number; flags: number }> = [];
+    let covered = 0;
+    for (const r of runs) {
+      if (covered >= length) break;
+      const len = Math.min(r.lengthBytes, length - covered);
+      out.push({ lengthBytes: len, flags: r.flags });
+      covered += len;
+    }
+    return out;
   }
 
   /** Waits for requests in flight, sends NBD_CMD_DISC and closes the connection. */
@@ -785,6 +827,7 @@ async function openConnection(
       exportName: uri.exportName,
       ...(tlsOpts && { tls: tlsOpts }),
       metaContexts: [BASE_ALLOCATION],
+      discoverContexts: true,
     });
     return new ClientConnection(agreed.stream, agreed, onClosed);
   } catch (err) {

@@ -46,6 +46,8 @@ export interface ExceptionStore {
   usage(): StoreUsage;
   /** Next run to merge, newest first; null when nothing is left. Persistent stores only. */
   prepareMerge?(): Promise<MergeRun | null>;
+  /** Several runs at once (newest first, at most `maxChunks` chunks after the first run). */
+  prepareMergeBatch?(maxChunks: number): Promise<MergeRun[]>;
   /** Clears the `count` newest entries durably after they were merged. */
   commitMerge?(count: number): Promise<void>;
 }

@@ -11,9 +11,36 @@ import {
   type WriteOptions,
   type WriteZeroesOptions,
 } from "@udm/kcopyd";
+import type { MergeRun } from "./exception-store.js";
 import type { MergingTarget, OriginState } from "./origin-state.js";
 import { snapshotStatus, snapshotTable } from "./snapshot-device.js";
 import { type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
+
+/**
+ * Most bytes of exceptions merged per cycle: the runs of one cycle share one origin flush and one
+ * metadata write (the kernel does one run per cycle); it bounds how long a write to a chunk being
+ * merged waits.
+ */
+export const MERGE_BATCH_BYTES = 4 * 1024 * 1024;
+
+const settings = { mergeBatchBytes: MERGE_BATCH_BYTES };
+
+/**
+ * Sets how many bytes of exceptions one merge cycle takes (at least one run); one chunk gives
+ * the kernel's one-run-per-cycle behaviour. Returns the previous value.
+ *
+ * @example
+ * ```ts
+ * const old = setMergeBatchBytes(64 * 1024);
+ * ```
+ */
+export function setMergeBatchBytes(bytes: number): number {
+  if (!Number.isSafeInteger(bytes) || bytes < 1)
+    throw new RangeError(`merge batch must be >= 1 byte, got ${bytes}`);
+  const old = settings.mergeBatchBytes;
+  settings.mergeBatchBytes = bytes;
+  return old;
+}
 
 /** A merge that stopped on an error (copy, origin flush or metadata write), or never could start. */
 export class SnapshotMergeError extends Error {
@@ -22,8 +49,7 @@ export class SnapshotMergeError extends Error {
 
 /** The chunks being copied back right now; writes to them wait for `done` (true = failed). */
 interface MergeBatch {
-  firstChunk: number;
-  count: number;
+  chunks: Set<number>;
   done: Promise<boolean>;
   finish: (failed: boolean) => void;
 }
@@ -138,32 +164,41 @@ export class MergeDevice implements TargetDevice, MergingTarget {
       return;
     }
     while (!this.shutdown) {
+      const maxChunks = Math.max(1, Math.floor(settings.mergeBatchBytes / s.chunkBytes));
       if (!s.valid) {
         this.log?.error({ snapshot: this.name }, "snapshot is invalid: can't merge");
         this.rejectMerged(new SnapshotMergeError(`${this.name}: snapshot is invalid: can't merge`));
         return;
       }
-      let run: Awaited<ReturnType<NonNullable<typeof store.prepareMerge>>>;
+      let runs: MergeRun[];
       try {
-        run = await store.prepareMerge();
+        if (store.prepareMergeBatch) runs = await store.prepareMergeBatch(maxChunks);
+        else {
+          const run = await store.prepareMerge();
+          runs = run ? [run] : [];
+        }
       } catch (err) {
         this.fail("read error in exception store: shutting down merge", err);
         return;
       }
-      if (!run) {
+      if (!runs.length) {
         this.finished = true;
         this.log?.info({ snapshot: this.name }, "merge complete");
         this.resolveMerged();
         return;
       }
-      const firstOld = run.lastOldChunk + 1 - run.count;
-      const firstNew = run.lastNewChunk + 1 - run.count;
       const cs = s.chunkSectors;
       const originSectors = Math.floor(s.origin.sizeBytes / SECTOR_SIZE);
-      const count = Math.min(run.count * cs, originSectors - firstOld * cs);
+      const copies = runs.map((run) => {
+        const firstOld = run.lastOldChunk + 1 - run.count;
+        const firstNew = run.lastNewChunk + 1 - run.count;
+        return { run, firstOld, firstNew, count: Math.min(run.count * cs, originSectors - firstOld * cs) };
+      });
       // Other snapshots copy out what the merge is about to overwrite (`origin_write_extent`).
       for (;;) {
-        const waits = this.originState.triggerExceptions(firstOld * s.chunkBytes, count * SECTOR_SIZE);
+        const waits = copies.flatMap((c) =>
+          this.originState.triggerExceptions(c.firstOld * s.chunkBytes, c.count * SECTOR_SIZE),
+        );
         if (!waits.length) break;
         await Promise.all(waits);
       }
@@ -171,15 +206,21 @@ export class MergeDevice implements TargetDevice, MergingTarget {
       const done = new Promise<boolean>((resolve) => {
         finish = resolve;
       });
-      this.batch = { firstChunk: firstOld, count: run.count, done, finish };
-      for (let i = 0; i < run.count; i++) await s.waitUntracked(firstOld + i);
-      const result = await this.kcopyd.copyAsync({ dev: s.cow, sector: firstNew * cs, count }, [
-        { dev: s.origin, sector: firstOld * cs, count },
-      ]);
+      const chunks = new Set<number>();
+      for (const c of copies) for (let i = 0; i < c.run.count; i++) chunks.add(c.firstOld + i);
+      this.batch = { chunks, done, finish };
+      for (const chunk of chunks) await s.waitUntracked(chunk);
       let failure: string | null = null;
-      if (result.readErr) failure = "read error: shutting down merge";
-      else if (result.writeErr) failure = "write error: shutting down merge";
-      else {
+      // Newest run first, one kcopyd job per run of consecutive chunks.
+      for (const c of copies) {
+        const result = await this.kcopyd.copyAsync({ dev: s.cow, sector: c.firstNew * cs, count: c.count }, [
+          { dev: s.origin, sector: c.firstOld * cs, count: c.count },
+        ]);
+        if (result.readErr) failure = "read error: shutting down merge";
+        else if (result.writeErr) failure = "write error: shutting down merge";
+        if (failure) break;
+      }
+      if (!failure) {
         try {
           await s.origin.flush();
         } catch {
@@ -188,7 +229,7 @@ export class MergeDevice implements TargetDevice, MergingTarget {
       }
       if (!failure) {
         try {
-          await store.commitMerge(run.count);
+          await store.commitMerge(chunks.size);
         } catch {
           failure = "write error in exception store: shutting down merge";
         }
@@ -198,8 +239,10 @@ export class MergeDevice implements TargetDevice, MergingTarget {
         this.releaseBatch(true);
         return;
       }
-      for (let chunk = firstOld + run.count - 1; chunk >= firstOld; chunk--) s.complete.delete(chunk);
-      this.mergedChunks += run.count;
+      for (const c of copies) {
+        for (let chunk = c.firstOld + c.run.count - 1; chunk >= c.firstOld; chunk--) s.complete.delete(chunk);
+      }
+      this.mergedChunks += chunks.size;
       this.releaseBatch(false);
     }
   }
@@ -212,7 +255,7 @@ export class MergeDevice implements TargetDevice, MergingTarget {
 
   private inBatch(chunk: number): MergeBatch | null {
     const b = this.batch;
-    return b && chunk >= b.firstChunk && chunk < b.firstChunk + b.count ? b : null;
+    return b?.chunks.has(chunk) ? b : null;
   }
 
   async mapRead(offsetBytes: number, target: Buffer): Promise<void> {

@@ -8,9 +8,9 @@ import {
   type TargetContext,
   type WriteOptions,
 } from "@udm/kcopyd";
-import { describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it } from "vitest";
 import { inspectCow } from "./cow-format.js";
-import { type MergeDevice, SnapshotMergeError } from "./merge-device.js";
+import { type MergeDevice, SnapshotMergeError, setMergeBatchBytes } from "./merge-device.js";
 import type { OriginDevice } from "./origin-device.js";
 import type { SnapshotDevice } from "./snapshot-device.js";
 import { snapshotMergeTarget, snapshotOriginTarget, snapshotTarget } from "./targets.js";
@@ -63,6 +63,12 @@ async function snapshotWithChanges(origin: BlockDevice, cow: BlockDevice, size: 
 }
 
 describe("snapshot-merge", () => {
+  const defaultBatch = setMergeBatchBytes(1);
+  setMergeBatchBytes(defaultBatch);
+  afterEach(() => {
+    setMergeBatchBytes(defaultBatch);
+  });
+
   it("takes over a live snapshot and copies every exception back, newest run first", async () => {
     const size = 64 * CHUNK;
     const origin = new RecordingDevice(size, { name: "origin" });
@@ -97,6 +103,7 @@ describe("snapshot-merge", () => {
     const changed = Array.from({ length: 90 }, (_, i) => (i * 37) % 128);
     const { ctx, o, s, snapView } = await snapshotWithChanges(origin, cow, size, [...new Set(changed)]);
     await s.close();
+    setMergeBatchBytes(3 * CHUNK);
     const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "0"], size, ctx)) as MergeDevice;
     const model = Buffer.from(snapView);
     let merging = true;
@@ -151,6 +158,8 @@ describe("snapshot-merge", () => {
   it("resumes after a power cut at any point and ends with the snapshot's content", async () => {
     let cutMidway = 0;
     for (let round = 0; round < 10; round++) {
+      // Even rounds: the kernel's one run per cycle; odd rounds: a few runs per cycle.
+      setMergeBatchBytes(round % 2 ? 3 * CHUNK : 1);
       const size = 96 * CHUNK;
       const originMedium = new MemoryDevice(size, { name: "origin" });
       const cowMedium = new MemoryDevice(size, { name: "cow" });
@@ -196,6 +205,7 @@ describe("snapshot-merge", () => {
     const changed = Array.from({ length: 40 }, (_, i) => (i * 13) % 64);
     const { ctx, s, snapView } = await snapshotWithChanges(origin, cow, size, [...new Set(changed)]);
     await s.close();
+    setMergeBatchBytes(2 * CHUNK);
     const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
     await m.suspend();
     const paused = m.progress();

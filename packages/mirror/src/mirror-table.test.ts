@@ -72,6 +72,20 @@ describe("mirror table parsing", () => {
     expect(err.message).toMatch(message);
   });
 
+  test("too many regions for the mirror's size are refused with the smallest region size that fits", () => {
+    let err: unknown;
+    try {
+      parseMirrorTable("core 1 2 2 a 0 b 0".split(" "), 2 ** 31);
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(TargetArgError);
+    expect((err as TargetArgError).argIndex).toBe(2);
+    expect((err as TargetArgError).message).toMatch(
+      /gives 1073741824 regions, more than 67108864: use at least 32 sectors/,
+    );
+  });
+
   test("a leg that is too small for offset + length names the offset argument", async () => {
     const err = await argError("core 1 1024 2 a 0 b 8");
     expect(err.argIndex).toBe(7);

@@ -5,6 +5,12 @@ import { type LogSyncMode, MAX_LOG_REGIONS } from "./dirty-log.js";
 export const MIN_MIRROR_LEGS = 2;
 export const MAX_MIRROR_LEGS = 9;
 
+/**
+ * Most regions udm tracks (the kernel allows 2^32 - 1): per-region state costs about 2.4 bytes,
+ * so this caps it near 160 MiB. A 1 TiB mirror needs regions of at least 32 sectors.
+ */
+export const MAX_MIRROR_REGIONS = 2 ** 26;
+
 export const MIRROR_USAGE =
   "<core|disk> <#log_args> [<log_dev>] <region_size> [sync|nosync] <#legs> <dev> <offset>... [<#features> handle_errors [keep_log]]";
 
@@ -82,8 +88,13 @@ export function parseMirrorTable(args: string[], targetSectors: number): MirrorT
       `region size ${regionSectors} sectors is larger than the mirror (${targetSectors} sectors)`,
     );
   }
-  if (Math.ceil(targetSectors / regionSectors) > MAX_LOG_REGIONS) {
-    throw new TargetArgError(i, `region size ${regionSectors} gives more than ${MAX_LOG_REGIONS} regions`);
+  const regionCount = Math.ceil(targetSectors / regionSectors);
+  if (regionCount > Math.min(MAX_LOG_REGIONS, MAX_MIRROR_REGIONS)) {
+    const minimum = 2 ** Math.ceil(Math.log2(targetSectors / MAX_MIRROR_REGIONS));
+    throw new TargetArgError(
+      i,
+      `region size ${regionSectors} gives ${regionCount} regions, more than ${MAX_MIRROR_REGIONS}: use at least ${minimum} sectors`,
+    );
   }
   table.regionSectors = regionSectors;
   i++;

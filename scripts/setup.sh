@@ -15,6 +15,7 @@ declare -A PACKAGES=(
   [fio]=fio
   [nbd-client]=nbd-client
   [losetup]=mount
+  [openssl]=openssl
 )
 
 missing=()

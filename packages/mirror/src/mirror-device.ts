@@ -881,6 +881,12 @@ export class MirrorDevice implements TargetDevice {
 
   private async recoverRegion(region: number): Promise<void> {
     const online = this.onlineMask();
+    if (this.stale[region] === 0) {
+      // No leg lacks anything: nothing to copy.
+      this.log.setRegionSync(region, true);
+      this.regionHash.queueClean(region);
+      return;
+    }
     if (!this.recoverySource(region) || !(this.stale[region]! & online)) {
       // Nothing reachable to copy from or to (e.g. the stale leg is offline): try again later.
       this.log.abandonResyncWork(region);

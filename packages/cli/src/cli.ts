@@ -529,7 +529,7 @@ export function buildProgram(): Command {
       .option("--no-wait", "start the merge and return")
       .action(async (name: string, opts, cmd: Command) => {
         await request(cmd, "snapshot-merge", { name });
-        if (!opts.wait) return print(`merging ${name}`);
+        if (opts.wait === false) return print(`merging ${name}`);
         let progress: ReturnType<typeof createProgress> | undefined;
         for (;;) {
           const s = (await request(cmd, "merge-status", { name })) as {

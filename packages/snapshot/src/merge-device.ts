@@ -14,7 +14,7 @@ import {
 import type { MergeRun } from "./exception-store.js";
 import type { MergingTarget, OriginState } from "./origin-state.js";
 import { snapshotStatus, snapshotTable } from "./snapshot-device.js";
-import { type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
+import { copiedRuns, type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
 
 /**
  * Most bytes of exceptions merged per cycle: the runs of one cycle share one origin flush and one
@@ -356,12 +356,14 @@ export class MergeDevice implements TargetDevice, MergingTarget {
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     checkRange(this, offsetBytes, lengthBytes);
     const s = this.state;
+    if (!s.valid) return s.origin.extents(offsetBytes, lengthBytes);
     const parts = await Promise.all(
-      splitAtBoundaries(offsetBytes, lengthBytes, s.chunkBytes, async (at, length): Promise<Extent[]> => {
-        if (s.valid && s.complete.has(Math.floor(at / s.chunkBytes)))
-          return [{ offsetBytes: at, lengthBytes: length, kind: "data" }];
-        return s.origin.extents(at, length);
-      }),
+      copiedRuns(s, offsetBytes, lengthBytes).map(
+        async (run): Promise<Extent[]> =>
+          run.copied
+            ? [{ offsetBytes: run.offsetBytes, lengthBytes: run.lengthBytes, kind: "data" }]
+            : s.origin.extents(run.offsetBytes, run.lengthBytes),
+      ),
     );
     return mergeExtents(parts.flat());
   }

@@ -9,7 +9,7 @@ import {
   type WriteZeroesOptions,
 } from "@udm/kcopyd";
 import type { OriginState } from "./origin-state.js";
-import { type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
+import { copiedRuns, type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
 
 /** Name of the NBD meta context listing a snapshot's copied chunks. */
 export const SNAPSHOT_EXCEPTIONS_CONTEXT = "snapshot:exceptions";
@@ -206,13 +206,13 @@ export class SnapshotDevice implements TargetDevice {
 
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     checkRange(this, offsetBytes, lengthBytes);
-    const s = this.state;
     const parts = await Promise.all(
-      splitAtBoundaries(offsetBytes, lengthBytes, s.chunkBytes, async (at, length): Promise<Extent[]> => {
-        if (s.complete.has(Math.floor(at / s.chunkBytes)))
-          return [{ offsetBytes: at, lengthBytes: length, kind: "data" }];
-        return s.origin.extents(at, length);
-      }),
+      copiedRuns(this.state, offsetBytes, lengthBytes).map(
+        async (run): Promise<Extent[]> =>
+          run.copied
+            ? [{ offsetBytes: run.offsetBytes, lengthBytes: run.lengthBytes, kind: "data" }]
+            : this.state.origin.extents(run.offsetBytes, run.lengthBytes),
+      ),
     );
     return mergeExtents(parts.flat());
   }
@@ -227,13 +227,10 @@ export class SnapshotDevice implements TargetDevice {
           "chunks copied to the COW since the snapshot (flag 1): what changed on the origin or the snapshot",
         query: async (offsetBytes, lengthBytes) => {
           checkRange(this, offsetBytes, lengthBytes);
-          const runs: Array<{ lengthBytes: number; flags: number }> = [];
-          splitAtBoundaries(offsetBytes, lengthBytes, s.chunkBytes, (at, length) => {
-            const flags = s.complete.has(Math.floor(at / s.chunkBytes)) ? SNAPSHOT_CHUNK_COPIED : 0;
-            const last = runs[runs.length - 1];
-            if (last && last.flags === flags) last.lengthBytes += length;
-            else runs.push({ lengthBytes: length, flags });
-          });
+          const runs = copiedRuns(s, offsetBytes, lengthBytes).map((run) => ({
+            lengthBytes: run.lengthBytes,
+            flags: run.copied ? SNAPSHOT_CHUNK_COPIED : 0,
+          }));
           return runs;
         },
       },

@@ -326,3 +326,46 @@ export function splitAtBoundaries<T>(
   }
   return out;
 }
+
+/** A stretch of a snapshot that is all copied to the COW, or all still shared with the origin. */
+export interface CopiedRun {
+  offsetBytes: number;
+  lengthBytes: number;
+  copied: boolean;
+}
+
+/**
+ * Splits `[offset, offset+length)` into alternating runs of copied and shared chunks, in order.
+ * The cost follows the number of exceptions, not the size of the range, so block-status queries
+ * over a whole large device stay cheap.
+ */
+export function copiedRuns(state: SnapshotState, offsetBytes: number, lengthBytes: number): CopiedRun[] {
+  const runs: CopiedRun[] = [];
+  if (lengthBytes <= 0) return runs;
+  const cb = state.chunkBytes;
+  const end = offsetBytes + lengthBytes;
+  const first = Math.floor(offsetBytes / cb);
+  const last = Math.floor((end - 1) / cb);
+  let chunks: number[];
+  if (last - first < 4 * state.complete.size + 64) {
+    chunks = [];
+    for (let c = first; c <= last; c++) if (state.complete.has(c)) chunks.push(c);
+  } else {
+    chunks = [...state.complete.keys()].filter((c) => c >= first && c <= last).sort((a, b) => a - b);
+  }
+  let pos = offsetBytes;
+  const push = (s: number, e: number, copied: boolean) => {
+    const prev = runs[runs.length - 1];
+    if (prev && prev.copied === copied) prev.lengthBytes += e - s;
+    else runs.push({ offsetBytes: s, lengthBytes: e - s, copied });
+  };
+  for (const c of chunks) {
+    const s = Math.max(c * cb, offsetBytes);
+    const e = Math.min((c + 1) * cb, end);
+    if (s > pos) push(pos, s, false);
+    push(s, e, true);
+    pos = e;
+  }
+  if (pos < end) push(pos, end, false);
+  return runs;
+}

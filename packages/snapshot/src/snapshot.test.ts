@@ -191,6 +191,31 @@ describe("copy-on-write", () => {
     await s.close();
   });
 
+  it("answers block status and extents over a 1 TiB snapshot at the cost of its exceptions", async () => {
+    const TiB = 2 ** 40;
+    const origin = new MemoryDevice(TiB, { name: "origin" });
+    const cow = new MemoryDevice(2 ** 30, { name: "cow" });
+    const ctx = contextFor({ origin, cow });
+    const o = (await snapshotOriginTarget.create(["origin"], TiB, ctx)) as OriginDevice;
+    const s = (await snapshotTarget.create(["origin", "cow", "P", "128"], TiB, ctx)) as SnapshotDevice;
+    const far = 700 * 2 ** 30;
+    await o.write(far + 10, Buffer.alloc(10, 1));
+    await o.write(far + 65536, Buffer.alloc(10, 1));
+    const runs = await s.statusContexts()[0]!.query(0, TiB);
+    expect(runs).toEqual([
+      { lengthBytes: far, flags: 0 },
+      { lengthBytes: 2 * 65536, flags: 1 },
+      { lengthBytes: TiB - far - 2 * 65536, flags: 0 },
+    ]);
+    expect(await s.extents(0, TiB)).toEqual([
+      { offsetBytes: 0, lengthBytes: far, kind: "hole" },
+      { offsetBytes: far, lengthBytes: 2 * 65536, kind: "data" },
+      { offsetBytes: far + 2 * 65536, lengthBytes: TiB - far - 2 * 65536, kind: "hole" },
+    ]);
+    expect((await s.read(far, 20)).every((b) => b === 0)).toBe(true);
+    await s.close();
+  });
+
   it("transient snapshots allocate from COW chunk 0 and report N usage", async () => {
     const { o, snapshots, initial, devices } = await setup(64 * KiB, [{ cow: "cow", chunk: 8, type: "N" }]);
     const s = snapshots[0]!;

@@ -5,6 +5,7 @@ import { join } from "node:path";
 import {
   type BlockDevice,
   FileDevice,
+  FlakeyDevice,
   KcopydClient,
   MemoryDevice,
   TargetArgError,
@@ -271,6 +272,31 @@ describe("overflow", () => {
     await o.write(3 * 4096, Buffer.alloc(4096, 7));
     expect((await o.read(3 * 4096, 1))[0]).toBe(7);
     expect(s.status()).toBe("Invalid");
+    await s.close();
+  });
+});
+
+describe("I/O errors", () => {
+  it("a copy-out that fails invalidates the snapshot, never the origin write", async () => {
+    const size = 64 * KiB;
+    const origin = new MemoryDevice(size, { name: "origin" });
+    const medium = new MemoryDevice(size, { name: "cow" });
+    const cow = new FlakeyDevice(medium, {
+      upIntervalSeconds: 1,
+      downIntervalSeconds: 0,
+      errorWrites: true,
+      name: "cow",
+    });
+    const ctx = contextFor({ origin, cow });
+    const o = (await snapshotOriginTarget.create(["origin"], size, ctx)) as OriginDevice;
+    const s = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx)) as SnapshotDevice;
+    cow.setMode("down");
+    await o.write(4096, Buffer.alloc(4096, 3));
+    expect((await o.read(4096, 4096)).every((b) => b === 3)).toBe(true);
+    expect(s.status()).toBe("Invalid");
+    await expect(s.read(0, 512)).rejects.toMatchObject({ code: "EIO" });
+    // Later writes do not wait for the dead snapshot.
+    await o.write(8192, Buffer.alloc(10, 4));
     await s.close();
   });
 });

@@ -116,6 +116,14 @@ describe("disk log, byte-compatible with the kernel's dm-log", () => {
     expect((await log.read(28, 996)).equals(kernelLog(128, []).subarray(28, 1024))).toBe(true);
   });
 
+  test("a udm log written with another region size is not trusted: full resync", async () => {
+    const { devices } = setup();
+    const m = await create("disk 3 log 1024 nosync 2 a 0 b 0", devices);
+    await m.close();
+    const n = await create("disk 2 log 2048 2 a 0 b 0", devices);
+    expect(n.status()).toBe("2 a b 0/64 1 AA 3 disk log A");
+  });
+
   test("a version 1 log is accepted and rewritten as version 2", async () => {
     const { devices, log } = setup();
     await log.write(0, kernelLog(128, [], 1));

@@ -144,7 +144,12 @@ export class DirtyRegionLog {
         }
         storedRegions = Math.min(Number(this.buffer.readBigUInt64LE(8)), this.regionCount);
         if (this.buffer.readUInt32LE(UDM_LOG_EXTENSION_OFFSET) === UDM_LOG_EXTENSION_MAGIC) {
-          this.storedStaleLegs = this.buffer.readUInt32LE(UDM_LOG_EXTENSION_OFFSET + 8);
+          if (this.buffer.readUInt32LE(UDM_LOG_EXTENSION_OFFSET + 4) !== this.regionSectors) {
+            // Written with another region size: its bits describe other regions. Trust none.
+            storedRegions = 0;
+          } else {
+            this.storedStaleLegs = this.buffer.readUInt32LE(UDM_LOG_EXTENSION_OFFSET + 8);
+          }
         }
       }
     } catch (err) {

@@ -679,3 +679,41 @@ describe("shapes", () => {
     expect(m.table()).toBe("core 2 128 nosync 2 a 8 b 128");
   });
 });
+
+describe("files on disk", () => {
+  test("temp files: write, close, reopen with the disk log; a reload with another region size resyncs the new leg", async () => {
+    const { mkdtempSync, rmSync } = await import("node:fs");
+    const { tmpdir } = await import("node:os");
+    const { join } = await import("node:path");
+    const { FileDevice } = await import("@udm/kcopyd");
+    const dir = mkdtempSync(join(tmpdir(), "udm-mirror-"));
+    try {
+      const open = async (n: string, size = SIZE) => FileDevice.open(join(dir, n), { createSizeBytes: size });
+      const files = { a: await open("a.img"), b: await open("b.img"), log: await open("log.img", MIB) };
+      const m1 = await mirror("disk 2 log 128 2 a 0 b 0", files);
+      await m1.waitForSync();
+      await m1.write(7 * REGION + 100, fill(7, 3 * REGION));
+      await m1.close();
+      expect(await inspectDiskLog(files.log)).toMatchObject({
+        regionCount: 64,
+        cleanRegions: 64,
+        regionSectors: 128,
+      });
+      const m2 = await mirror("disk 2 log 128 2 a 0 b 0", files);
+      expect(m2.status()).toBe(`2 ${files.a.name} ${files.b.name} 64/64 1 AA 3 disk ${files.log.name} A`);
+      expect((await m2.read(7 * REGION + 100, 3 * REGION)).equals(fill(7, 3 * REGION))).toBe(true);
+      const c = await open("c.img");
+      const m3 = (await mirrorTarget.create(
+        "disk 2 log 256 2 a 0 c 0".split(" "),
+        SIZE,
+        ctx({ ...files, c }, { previous: m2 }),
+      )) as MirrorDevice;
+      await m3.waitForSync();
+      expect(await same(files.a, c)).toBe(true);
+      await m3.close();
+      for (const f of [...Object.values(files), c]) await f.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

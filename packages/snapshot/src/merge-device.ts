@@ -23,6 +23,9 @@ import { copiedRuns, type SnapshotState, splitAtBoundaries } from "./snapshot-st
  */
 export const MERGE_BATCH_BYTES = 4 * 1024 * 1024;
 
+/** kcopyd jobs (runs) of one merge cycle in flight at once: hides per-job latency for scattered chunks. */
+export const MERGE_COPIES_IN_FLIGHT = 8;
+
 const settings = { mergeBatchBytes: MERGE_BATCH_BYTES };
 
 /**
@@ -211,15 +214,21 @@ export class MergeDevice implements TargetDevice, MergingTarget {
       this.batch = { chunks, done, finish };
       for (const chunk of chunks) await s.waitUntracked(chunk);
       let failure: string | null = null;
-      // Newest run first, one kcopyd job per run of consecutive chunks.
-      for (const c of copies) {
-        const result = await this.kcopyd.copyAsync({ dev: s.cow, sector: c.firstNew * cs, count: c.count }, [
-          { dev: s.origin, sector: c.firstOld * cs, count: c.count },
-        ]);
-        if (result.readErr) failure = "read error: shutting down merge";
-        else if (result.writeErr) failure = "write error: shutting down merge";
-        if (failure) break;
-      }
+      // One kcopyd job per run of consecutive chunks, started newest first, a few at a time: the
+      // whole batch is flushed and committed together, so their completion order does not matter.
+      let next = 0;
+      const worker = async () => {
+        while (!failure && next < copies.length) {
+          const c = copies[next++]!;
+          const result = await this.kcopyd.copyAsync(
+            { dev: s.cow, sector: c.firstNew * cs, count: c.count },
+            [{ dev: s.origin, sector: c.firstOld * cs, count: c.count }],
+          );
+          if (result.readErr) failure ??= "read error: shutting down merge";
+          else if (result.writeErr) failure ??= "write error: shutting down merge";
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(MERGE_COPIES_IN_FLIGHT, copies.length) }, worker));
       if (!failure) {
         try {
           await s.origin.flush();

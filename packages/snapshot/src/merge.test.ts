@@ -76,6 +76,8 @@ describe("snapshot-merge", () => {
     const { ctx, o, s, snapView } = await snapshotWithChanges(origin, cow, size, [0, 1, 2, 10, 5, 6]);
     expect((await inspectCow(cow)).exceptions.map((e) => e.oldChunk)).toEqual([0, 1, 2, 10, 5, 6]);
     origin.recording = true;
+    // One run per cycle, as the kernel does, so the order of the copies is observable.
+    setMergeBatchBytes(1);
     const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
     // The old snapshot target handed its tables over: it gets no more I/O.
     await expect(s.read(0, 512)).rejects.toThrow(/handed over/);

@@ -27,8 +27,13 @@ export const MAX_REGIONS_IN_FLIGHT = 64;
  * every region drained meanwhile, and a region written again before that costs no log I/O.
  */
 export const CLEAN_PASS_DELAY_MS = 1000;
-/** Regions marked dirty ahead of a sequential write stream (costs at most this much resync after a crash). */
-export const DIRTY_AHEAD_REGIONS = 32;
+/**
+ * Regions marked dirty ahead of a sequential write stream: the window starts here and doubles
+ * while the stream keeps coming (like readahead), up to DIRTY_AHEAD_MAX_BYTES. After a crash
+ * that much more may be resynced; in exchange a stream costs a handful of log flushes.
+ */
+export const DIRTY_AHEAD_REGIONS = 8;
+export const DIRTY_AHEAD_MAX_BYTES = 128 * 2 ** 20;
 /** Large writes are handled in batches of this many regions, bounding per-request state. */
 const WRITE_BATCH_REGIONS = 256;
 
@@ -137,6 +142,8 @@ export class MirrorDevice implements TargetDevice {
   /** End offsets of recent writes, to recognise sequential streams. */
   private readonly recentWriteEnds: number[] = new Array(16).fill(-1);
   private recentWriteCursor = 0;
+  private dirtyAheadWindow = DIRTY_AHEAD_REGIONS;
+  private lastDirtyAheadMs = -Infinity;
   private opsIdleWaiters: Array<() => void> = [];
   private cleanTimer: NodeJS.Timeout | undefined;
   private closed = false;
@@ -656,11 +663,18 @@ export class MirrorDevice implements TargetDevice {
       targets.push(current & online);
     }
     // A sequential stream (this write continues a recent one): mark the next regions dirty in
-    // the same log write, so a stream costs one log flush per DIRTY_AHEAD_REGIONS regions.
+    // the same log write (a window that grows while the stream lasts).
     const sequential = this.recentWriteEnds.includes(start);
     this.recentWriteEnds[this.recentWriteCursor++ % this.recentWriteEnds.length] = end;
     if (sequential && last + 1 < this.regionCount && this.log.isClean(last + 1)) {
-      for (let r = last + 1; r <= Math.min(this.regionCount - 1, last + DIRTY_AHEAD_REGIONS); r++) {
+      const now = performance.now();
+      const maxWindow = Math.max(DIRTY_AHEAD_REGIONS, Math.floor(DIRTY_AHEAD_MAX_BYTES / this.regionBytes));
+      this.dirtyAheadWindow =
+        now - this.lastDirtyAheadMs < 1000
+          ? Math.min(2 * this.dirtyAheadWindow, maxWindow)
+          : DIRTY_AHEAD_REGIONS;
+      this.lastDirtyAheadMs = now;
+      for (let r = last + 1; r <= Math.min(this.regionCount - 1, last + this.dirtyAheadWindow); r++) {
         if (!this.regionHash.dirtyAhead(r)) break;
       }
     }

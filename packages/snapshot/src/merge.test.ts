@@ -262,6 +262,9 @@ describe("snapshot-merge", () => {
     await expect(snapshotMergeTarget.create(["origin", "cow2", "P", "8"], size, ctx)).rejects.toThrow(
       /already has a merging snapshot/,
     );
+    await expect(snapshotTarget.create(["origin", "cow2", "P", "8"], size, ctx)).rejects.toThrow(
+      /is merging a snapshot/,
+    );
     await m.whenMerged();
     await m.close();
   });

@@ -161,6 +161,13 @@ async function buildSnapshot(
   if (isMerge && originState.merging) {
     throw new TargetArgError(0, `${origin.name} already has a merging snapshot`);
   }
+  if (!isMerge && originState.merging) {
+    // The origin does not yet hold what its users see (unmerged chunks are on the merging COW).
+    throw new TargetArgError(
+      0,
+      `${origin.name} is merging a snapshot (${originState.merging.state.name}): wait for the merge to finish before taking a new snapshot`,
+    );
+  }
   let store: ExceptionStore;
   let exceptions: Array<{ oldChunk: number; newChunk: number }> = [];
   let valid = true;

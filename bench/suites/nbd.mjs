@@ -17,7 +17,10 @@ import { fileURLToPath } from "node:url";
 export const name = "nbd";
 
 const MiB = 1024 * 1024;
-const DIST = fileURLToPath(new URL("../../packages/nbd-server/dist/index.js", import.meta.url));
+/** NBD_BENCH_DIST overrides the server build (e.g. a saved copy of an older build, to compare). */
+const DIST =
+  process.env.NBD_BENCH_DIST ??
+  fileURLToPath(new URL("../../packages/nbd-server/dist/index.js", import.meta.url));
 const KCOPYD_DIST = fileURLToPath(new URL("../../packages/kcopyd/dist/index.js", import.meta.url));
 const CLK_TCK = 100;
 

@@ -1,4 +1,5 @@
 import type { BlockDevice, StatusContext } from "@udm/kcopyd";
+import type { AccessRule, NbdAllowList } from "./access.js";
 import {
   NBD_FLAG_CAN_MULTI_CONN,
   NBD_FLAG_HAS_FLAGS,
@@ -20,6 +21,10 @@ export interface ExportEntry {
   readonly name: string;
   device: BlockDevice;
   readonly description?: string;
+  /** Who may see and open the export (`NbdExportOptions.allow`). */
+  readonly access: AccessRule;
+  /** The allow list as given, for `exports()`. */
+  readonly allow?: NbdAllowList;
   /** Read-only by export option (the device may be read-only too: see `isReadOnly`). */
   readonly readOnlyOption: boolean;
   /** Set by `removeExport`: no new client may open it. */

@@ -1,6 +1,7 @@
 import type { Duplex } from "node:stream";
 import * as tls from "node:tls";
 import type { TargetLogger } from "@udm/kcopyd";
+import { type ClientIdentity, subjectPairs } from "./access.js";
 import { contextNames, type ExportEntry, transmissionFlags } from "./export-entry.js";
 import { SocketReader } from "./socket-reader.js";
 import {
@@ -59,11 +60,20 @@ export const MINIMUM_BLOCK_BYTES = 1;
 
 /** What the handshake needs from the server. */
 export interface HandshakeConfig {
-  /** Resolves an export name ("" = the default export); undefined if unknown or removed. */
+  /**
+   * Resolves an export name ("" = the default export); undefined if unknown or removed. The
+   * handshake itself hides exports whose allow list refuses the client.
+   */
   lookup(name: string): ExportEntry | undefined;
-  /** Exports to answer NBD_OPT_LIST with. */
+  /** Exports to answer NBD_OPT_LIST with (filtered by allow lists here). */
   list(): ExportEntry[];
-  /** `serverOptions` holds cert/key/ca for a tls.Server wrapping the socket after STARTTLS. */
+  /** The client's source IP address; null for a Unix-socket client. */
+  peerAddress: string | null;
+  /**
+   * `serverOptions` holds cert/key/ca for a tls.Server wrapping the socket after STARTTLS. With a
+   * `ca`, client certificates are requested (verified ones feed allow lists); they are
+   * required only with `requireClientCert`.
+   */
   tls?: { serverOptions: tls.TlsOptions; requireClientCert: boolean; required: boolean };
   isShuttingDown(): boolean;
   log: TargetLogger;
@@ -94,6 +104,8 @@ interface State {
   meta: { entry: ExportEntry; contexts: Array<{ id: number; name: string }> } | null;
   nextContextId: number;
   options: string[];
+  /** Who the client is, for allow lists; the certificate part is set by STARTTLS. */
+  client: ClientIdentity;
 }
 
 /**
@@ -124,6 +136,7 @@ export async function negotiate(socket: Duplex, config: HandshakeConfig): Promis
     meta: null,
     nextContextId: 1,
     options: [],
+    client: { address: config.peerAddress, certSubject: null },
   };
   for (let count = 0; ; count++) {
     if (count >= MAX_OPTIONS_PER_CONNECTION) throw new NbdProtocolError(`more than ${count} options`);
@@ -175,6 +188,7 @@ async function handleOption(
     case NBD_OPT_LIST:
       if (data.length) return reply(state, option, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
       for (const e of config.list()) {
+        if (!e.access.allows(state.client)) continue;
         reply(state, option, NBD_REP_SERVER, encodeServerReplyData(e.name, e.description ?? ""));
       }
       return reply(state, option, NBD_REP_ACK);
@@ -210,13 +224,32 @@ function exportName(state: State, config: HandshakeConfig, data: Buffer): Negoti
   if (config.tls?.required && !state.tls)
     throw new NbdProtocolError("EXPORT_NAME before STARTTLS on a TLS-only server");
   const name = data.toString("utf8");
-  const entry = config.lookup(name);
+  const entry = visibleExport(state, config, name);
   // EXPORT_NAME has no error reply: closing is the only answer the spec allows.
   if (!entry) throw new NbdProtocolError(`EXPORT_NAME for unknown export "${name}"`);
   state.stream.write(
     encodeExportNameReply(entry.device.sizeBytes, transmissionFlags(entry, state.structured), state.noZeroes),
   );
   return finish(state, entry);
+}
+
+/**
+ * The export `name` resolves to, if this client may see it. A refused client gets exactly the
+ * answer an unknown name gets (the log says why, for the administrator).
+ */
+function visibleExport(state: State, config: HandshakeConfig, name: string): ExportEntry | undefined {
+  const entry = config.lookup(name);
+  if (!entry || entry.access.allows(state.client)) return entry;
+  config.log.warn(
+    {
+      connection: config.connectionId,
+      export: entry.name,
+      address: state.client.address ?? "unix",
+      certSubject: state.client.certSubject?.map(([k, v]) => `${k}=${v}`).join(", ") ?? null,
+    },
+    "nbd export refused by its allow list (answered as unknown)",
+  );
+  return undefined;
 }
 
 function finish(state: State, entry: ExportEntry): Negotiated {
@@ -245,7 +278,7 @@ async function startTls(state: State, config: HandshakeConfig, data: Buffer): Pr
   // A tls.Server (never listening) wraps the socket: it is what checks client certificates.
   const tlsServer = tls.createServer({
     ...config.tls.serverOptions,
-    requestCert: config.tls.requireClientCert,
+    requestCert: config.tls.requireClientCert || config.tls.serverOptions.ca !== undefined,
     rejectUnauthorized: config.tls.requireClientCert,
   });
   const raw = state.stream;
@@ -274,6 +307,14 @@ async function startTls(state: State, config: HandshakeConfig, data: Buffer): Pr
   state.tls = true;
   state.structured = false;
   state.meta = null;
+  // Only a certificate that chains to our CA identifies anyone; a self-signed one says nothing.
+  const peerCert = secure.authorized ? secure.getPeerCertificate() : null;
+  state.client = {
+    address: state.client.address,
+    certSubject: peerCert?.subject
+      ? subjectPairs(peerCert.subject as unknown as Record<string, string>)
+      : null,
+  };
   return undefined;
 }
 
@@ -311,7 +352,7 @@ function infoOrGo(
   }
   const wanted = new Set<number>();
   for (let i = 0; i < count; i++) wanted.add(data.readUInt16BE(name.next + 2 + 2 * i));
-  const entry = name.bytes <= MAX_STRING_BYTES ? config.lookup(name.text) : undefined;
+  const entry = name.bytes <= MAX_STRING_BYTES ? visibleExport(state, config, name.text) : undefined;
   if (!entry) return reply(state, option, NBD_REP_ERR_UNKNOWN, `no export named "${name.text}"`);
   const flags = transmissionFlags(entry, state.structured);
   reply(state, option, NBD_REP_INFO, encodeInfoExport(entry.device.sizeBytes, flags));
@@ -364,7 +405,7 @@ function metaContext(state: State, config: HandshakeConfig, option: number, data
   }
   if (at !== data.length)
     return reply(state, option, NBD_REP_ERR_INVALID, "meta context request has trailing data");
-  const entry = name.bytes <= MAX_STRING_BYTES ? config.lookup(name.text) : undefined;
+  const entry = name.bytes <= MAX_STRING_BYTES ? visibleExport(state, config, name.text) : undefined;
   if (!entry) return reply(state, option, NBD_REP_ERR_UNKNOWN, `no export named "${name.text}"`);
   const available = contextNames(entry.device);
   const matched: string[] = [];

@@ -1,3 +1,4 @@
+export * from "./access.js";
 export * from "./client-handshake.js";
 export * from "./export-entry.js";
 export * from "./handshake.js";

@@ -3,6 +3,13 @@ import { promises as fsp } from "node:fs";
 import * as net from "node:net";
 import * as tls from "node:tls";
 import type { BlockDevice, TargetLogger } from "@udm/kcopyd";
+import {
+  compileAllowList,
+  type NbdAllowList,
+  NbdConfigError,
+  validateExportDescription,
+  validateExportName,
+} from "./access.js";
 import { type ExportEntry, isReadOnly } from "./export-entry.js";
 import { type HandshakeConfig, negotiate } from "./handshake.js";
 import { TransmissionSession } from "./transmission.js";
@@ -21,6 +28,17 @@ export interface NbdExportOptions {
   description?: string;
   /** Refuse writes with EPERM even if the device is writable. */
   readOnly?: boolean;
+  /**
+   * Who may see and open the export; everyone when absent. A refused client never learns the
+   * export exists: LIST omits it, INFO/GO/meta-context options answer NBD_REP_ERR_UNKNOWN and
+   * EXPORT_NAME closes, exactly as for a name that does not exist.
+   *
+   * @example
+   * ```ts
+   * server.addExport("backup", dev, { allow: { addresses: ["10.0.0.0/8", "unix"], certSubjects: ["backup host"] } });
+   * ```
+   */
+  allow?: NbdAllowList;
 }
 
 export interface NbdServerOptions {
@@ -110,17 +128,26 @@ export class NbdServer extends EventEmitter {
     }
   }
 
-  /** Serves `device` as export `name`. Throws if the name is taken or invalid. */
+  /**
+   * Serves `device` as export `name`. Throws NbdConfigError (a RangeError) if the name is taken
+   * or invalid (over 4096 bytes of UTF-8, control characters, lone surrogates), the description
+   * is invalid, or an allow-list entry is malformed (`certSubjects` also needs `tls.ca`).
+   */
   addExport(name: string, device: BlockDevice, options: NbdExportOptions = {}): void {
-    if (Buffer.byteLength(name, "utf8") > 4096 || name.includes("\0")) {
-      throw new RangeError(
-        `export name "${name.slice(0, 64)}" must be at most 4096 bytes of UTF-8 without NUL`,
+    validateExportName(name);
+    if (options.description !== undefined) validateExportDescription(options.description);
+    if (this.table.has(name)) throw new NbdConfigError(`export "${name}" already exists`);
+    const access = compileAllowList(options.allow);
+    if (options.allow?.certSubjects !== undefined && !this.tlsConfig?.serverOptions.ca) {
+      throw new NbdConfigError(
+        `export "${name}": allow.certSubjects needs tls.ca to verify client certificates against`,
       );
     }
-    if (this.table.has(name)) throw new RangeError(`export "${name}" already exists`);
     this.table.set(name, {
       name,
       device,
+      access,
+      ...(options.allow !== undefined && { allow: cloneAllow(options.allow) }),
       ...(options.description !== undefined && { description: options.description }),
       readOnlyOption: options.readOnly ?? false,
       removed: false,
@@ -156,12 +183,14 @@ export class NbdServer extends EventEmitter {
     device: BlockDevice;
     description?: string;
     readOnly: boolean;
+    allow?: NbdAllowList;
     connections: number;
   }> {
     return [...this.table.values()].map((e) => ({
       name: e.name,
       device: e.device,
       ...(e.description !== undefined && { description: e.description }),
+      ...(e.allow !== undefined && { allow: cloneAllow(e.allow) }),
       readOnly: isReadOnly(e),
       connections: e.sessions.size,
     }));
@@ -230,10 +259,11 @@ export class NbdServer extends EventEmitter {
     this.log.info({}, "nbd server closed");
   }
 
-  private handshakeConfig(connectionId: number): HandshakeConfig {
+  private handshakeConfig(connectionId: number, peerAddress: string | null): HandshakeConfig {
     return {
       lookup: (name) => this.lookup(name),
       list: () => [...this.table.values()],
+      peerAddress,
       ...(this.tlsConfig && { tls: this.tlsConfig }),
       isShuttingDown: () => this.shuttingDown,
       log: this.log,
@@ -275,7 +305,7 @@ export class NbdServer extends EventEmitter {
       clearTimeout(timer);
       this.connections.delete(conn);
     });
-    negotiate(socket, this.handshakeConfig(conn.id)).then(
+    negotiate(socket, this.handshakeConfig(conn.id, socket.remoteAddress ?? null)).then(
       (agreed) => {
         clearTimeout(timer);
         if (!agreed) {
@@ -326,6 +356,13 @@ export class NbdServer extends EventEmitter {
       },
     );
   }
+}
+
+function cloneAllow(allow: NbdAllowList): NbdAllowList {
+  return {
+    ...(allow.addresses !== undefined && { addresses: [...allow.addresses] }),
+    ...(allow.certSubjects !== undefined && { certSubjects: [...allow.certSubjects] }),
+  };
 }
 
 function positive(value: number | undefined, fallback: number, what: string): number {

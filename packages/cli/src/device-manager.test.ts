@@ -201,6 +201,33 @@ describe("DeviceManager", () => {
     expect(manager.device("mo").state).toBe("active");
   });
 
+  test("table round-trips every target's line", async () => {
+    const a = file("a.img", 256 * SECTOR_SIZE);
+    const b = file("b.img", 256 * SECTOR_SIZE);
+    const log = file("m.log", 64 * SECTOR_SIZE);
+    const cow = file("s.cow", 256 * SECTOR_SIZE);
+    const cow2 = file("s2.cow", 256 * SECTOR_SIZE);
+    const lines: Array<[string, string]> = [
+      ["lin", `0 64 linear ${a} 8`],
+      ["zer", "0 64 zero"],
+      ["err", "0 64 error"],
+      ["fla", `0 64 flakey ${a} 0 5 1 1 error_writes`],
+      ["mcore", `0 128 mirror core 2 16 nosync 2 ${a} 0 ${b} 0`],
+      ["mdisk", `0 128 mirror disk 2 ${log} 16 2 ${a} 128 ${b} 128 1 handle_errors`],
+      ["org", `0 128 snapshot-origin ${b}`],
+      ["sp", `0 128 snapshot ${b} ${cow} P 8`],
+      ["spo", `0 128 snapshot ${b} ${cow2} PO 16`],
+      ["sn", `0 128 snapshot ${b} mem:1M N 8`],
+    ];
+    for (const [name, text] of lines) {
+      await manager.create([line(name, text)]);
+      const got = manager
+        .table(name)
+        .map((l) => `${l.startSectors} ${l.lengthSectors} ${l.targetType} ${l.args}`.trim());
+      expect(got).toEqual([text]);
+    }
+  });
+
   test("snapshot create refuses an origin that is not a snapshot-origin device", async () => {
     await manager.create([line("plain", "0 8 zero")]);
     await expect(

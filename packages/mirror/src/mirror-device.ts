@@ -968,7 +968,8 @@ export class MirrorDevice implements TargetDevice {
         if (!healthy && !leg.offline) {
           leg.offline = true;
           this.failLeg(leg, "write", new Error("connection lost"));
-        } else if (healthy && leg.offline) {
+        } else if (healthy) {
+          // Back (or reporting healthy after errors while we thought it up): resync what it lacks.
           leg.offline = false;
           this.logger?.info({ device: this.name, leg: leg.dev.name }, "mirror leg back: resyncing it");
           this.log.restartResyncSearch();

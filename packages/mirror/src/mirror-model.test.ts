@@ -1,4 +1,13 @@
-import { type BlockDevice, FlakeyDevice, KcopydClient, MemoryDevice } from "@udm/kcopyd";
+import {
+  type BlockDevice,
+  type Extent,
+  FlakeyDevice,
+  IoError,
+  KcopydClient,
+  MemoryDevice,
+  type WriteOptions,
+  type WriteZeroesOptions,
+} from "@udm/kcopyd";
 import fc from "fast-check";
 import { describe, expect, test } from "vitest";
 import { type MirrorDevice, mirrorTarget } from "./index.js";
@@ -54,6 +63,62 @@ const cmd: fc.Arbitrary<Cmd> = fc.oneof(
   { weight: 1, arbitrary: fc.constant({ kind: "restart" as const }) },
 );
 
+/** A leg behind a connection: offline, every I/O fails and watchers hear about it (like NbdDevice). */
+class RemoteLeg implements BlockDevice {
+  readonly readOnly = false;
+  readonly sizeBytes: number;
+  readonly logicalBlockSize: number;
+  private online = true;
+  private readonly listeners = new Set<(healthy: boolean) => void>();
+  constructor(
+    readonly name: string,
+    private readonly inner: BlockDevice,
+  ) {
+    this.sizeBytes = inner.sizeBytes;
+    this.logicalBlockSize = inner.logicalBlockSize;
+  }
+  setOnline(online: boolean) {
+    this.online = online;
+    for (const l of this.listeners) l(online);
+  }
+  watchHealth(listener: (healthy: boolean) => void) {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+  private check() {
+    if (!this.online) throw new IoError("ESHUTDOWN", this.name, "connection lost");
+  }
+  async read(o: number, n: number) {
+    this.check();
+    return this.inner.read(o, n);
+  }
+  async readInto(o: number, b: Buffer) {
+    this.check();
+    return this.inner.readInto(o, b);
+  }
+  async write(o: number, d: Buffer, opts?: WriteOptions) {
+    this.check();
+    return this.inner.write(o, d, opts);
+  }
+  async writeZeroes(o: number, n: number, opts?: WriteZeroesOptions) {
+    this.check();
+    return this.inner.writeZeroes(o, n, opts);
+  }
+  async discard(o: number, n: number) {
+    this.check();
+    return this.inner.discard(o, n);
+  }
+  async flush() {
+    this.check();
+    return this.inner.flush();
+  }
+  async extents(o: number, n: number): Promise<Extent[]> {
+    this.check();
+    return this.inner.extents(o, n);
+  }
+  async close() {}
+}
+
 /**
  * Random writes, leg failures (writes fail on the leg), repairs, resyncs and restarts with the
  * disk log, against a model that is just the bytes last acknowledged. At most one leg is down at
@@ -71,7 +136,14 @@ async function run(cmds: Cmd[], features: string): Promise<void> {
       }),
   );
   const log = new MemoryDevice(1 << 20, { name: "log" });
-  const devices = new Map<string, BlockDevice>([...legs.map((l) => [l.name, l] as const), ["log", log]]);
+  // Leg 2 is remote: it fails by losing its connection instead of by I/O errors.
+  const remote = new RemoteLeg("leg2", legs[2]!);
+  const devices = new Map<string, BlockDevice>([
+    ["leg0", legs[0]!],
+    ["leg1", legs[1]!],
+    ["leg2", remote],
+    ["log", log],
+  ]);
   const kcopyd = new KcopydClient();
   // The first activation trusts the blank legs (nosync); restarts load the disk log.
   const open = async (first = false) =>
@@ -133,12 +205,14 @@ async function run(cmds: Cmd[], features: string): Promise<void> {
         case "fail":
           if (down < 0) {
             down = c.leg;
-            legs[c.leg]!.setMode("down");
+            if (c.leg === 2) remote.setOnline(false);
+            else legs[c.leg]!.setMode("down");
           }
           break;
         case "repair":
           if (down === c.leg) {
-            legs[c.leg]!.setMode("up");
+            if (c.leg === 2) remote.setOnline(true);
+            else legs[c.leg]!.setMode("up");
             down = -1;
           }
           break;
@@ -152,7 +226,8 @@ async function run(cmds: Cmd[], features: string): Promise<void> {
           break;
       }
     }
-    if (down >= 0) legs[down]!.setMode("up");
+    if (down === 2) remote.setOnline(true);
+    else if (down >= 0) legs[down]!.setMode("up");
     await m.message(["resync"]);
     await m.waitForSync();
     const all = await m.read(0, SIZE);

@@ -5,7 +5,7 @@
  *   what udm's snapshot serves. Two copies of that COW with one byte changed (header magic, one
  *   exception's new_chunk) must NOT read the same: the comparison is real.
  * - kernel -> udm: the kernel's snapshot-origin/snapshot write a COW through plain udm file
- *   exports; udm's COW inspection lists exactly the kernel's exceptions, and udm's snapshot target
+ *   exports; `udm snapshot inspect` lists exactly the kernel's exceptions, and udm's snapshot target
  *   serves the same bytes the kernel read.
  */
 import { createHash, randomBytes } from "node:crypto";
@@ -17,6 +17,7 @@ import { inspectCow, snapshotOriginTarget, snapshotTarget } from "@udm/snapshot"
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { MiB } from "./checks.js";
 import { tableContext } from "./table-context.js";
+import { runUdm } from "./udm-cli.js";
 import { serveExports, type UdmTestServer } from "./udm-server.js";
 import { checkGuestPrerequisites, describeGuestRun, runGuest } from "./vm.js";
 
@@ -150,6 +151,11 @@ describe("dm-snapshot on-disk format: udm <-> the kernel", () => {
       (20 * MiB) / CHUNK_BYTES,
     ];
     expect(info.exceptions.map((e) => e.oldChunk).sort((a, b) => a - b)).toEqual(expectedOld);
+    // The same through the CLI: `udm snapshot inspect --json` on the kernel's COW.
+    const inspected = await runUdm(["snapshot", "inspect", "--json", img("k-cow.img")], dir);
+    expect(inspected.status, inspected.out).toBe(0);
+    const json = JSON.parse(inspected.out) as { exceptions: Array<{ oldChunk: number; newChunk: number }> };
+    expect(json.exceptions).toEqual(info.exceptions);
 
     // ... and udm's snapshot target serves what the kernel's snapshot read.
     const expectedView = Buffer.from(kOrigin);

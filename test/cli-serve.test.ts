@@ -335,7 +335,17 @@ describe("shutdown and restart", () => {
     await origin.flush();
     await disconnectAll();
     const tableBefore = readFileSync(join(dir, "data/udm.table"), "utf8");
-    expect(await serve!.stop()).toBe(0);
+    // A request held by a suspended device at shutdown is let through, not lost.
+    const client = await connect("origin");
+    expect((await runAsync("suspend", "origin")).status).toBe(0);
+    const held = client.write(4096, Buffer.from("held at shutdown"));
+    for (let i = 0; i < 200; i++) {
+      if (JSON.parse((await runAsync("info", "origin", "--json")).stdout)[0].heldRequests === 1) break;
+    }
+    const stopped = serve!.stop();
+    await held;
+    expect(await stopped).toBe(0);
+    devices.splice(0);
     expect(serve!.stderr()).toMatch(/"msg":"stopped"/);
 
     serve = await startServe(["--data-dir", "data", "--listen", "127.0.0.1:0", ...ctl()], { cwd: dir });
@@ -343,6 +353,7 @@ describe("shutdown and restart", () => {
     expect(readFileSync(join(dir, "data/udm.table"), "utf8")).toBe(tableBefore);
     const again = await connect("origin");
     expect((await again.read(0, 20)).toString()).toBe("kept across restarts");
+    expect((await again.read(4096, 16)).toString()).toBe("held at shutdown");
     // snap0 still holds the origin as it was at first start (all zeros): its COW was reused.
     const snap0 = await connect("snap0");
     expect((await snap0.read(0, 20)).equals(Buffer.alloc(20))).toBe(true);

@@ -356,6 +356,18 @@ export class DeviceManager {
     });
   }
 
+  /** Resumes every suspended device, so held requests can finish before a shutdown drains them. */
+  resumeAll(): Promise<void> {
+    return this.exclusive(async () => {
+      for (const dev of this.devices.values()) {
+        if (dev.gate.state === "suspended") {
+          this.log.info({ device: dev.name }, "resuming for shutdown");
+          await dev.gate.resume();
+        }
+      }
+    });
+  }
+
   /** Removes every device, users before what they use (server shutdown). */
   closeAll(): Promise<void> {
     return this.exclusive(async () => {

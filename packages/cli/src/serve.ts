@@ -220,6 +220,8 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
       log.info({ signal }, "stopping: draining connections, flushing and closing devices");
       (async () => {
         await control.close();
+        // Held requests would never drain: let them through first.
+        await manager.resumeAll();
         await server.close();
         await manager.closeAll();
       })().then(

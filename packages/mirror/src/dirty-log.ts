@@ -257,6 +257,11 @@ export class DirtyRegionLog {
     return this.dirtySeq;
   }
 
+  /** Whether every clean bit cleared up to `mark` is durable already (no need to wait). */
+  isDirtyDurable(mark: number): boolean {
+    return this.durableDirtySeq >= mark;
+  }
+
   /** Resolves once every clean bit cleared up to `mark` is durable on the log device. */
   async waitDirtyDurable(mark: number): Promise<void> {
     while (this.durableDirtySeq < mark) await this.flush();

@@ -681,7 +681,7 @@ export class MirrorDevice implements TargetDevice {
     const mark = this.log.dirtyMark;
     try {
       try {
-        await this.log.waitDirtyDurable(mark);
+        if (!this.log.isDirtyDurable(mark)) await this.log.waitDirtyDurable(mark);
       } catch (err) {
         this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log write failed");
         if (this.handleErrors) {

@@ -69,6 +69,9 @@ export interface TortureSummary {
   /** Mirror leg comparisons that found identical legs after resync. */
   mirrorLegChecks: number;
   cowInspections: number;
+  /** Iterations that started (and were killed) with the merge still running. */
+  killsDuringMerge: number;
+  mergesCompleted: number;
   failures: string[];
   dataDir: string;
 }
@@ -78,7 +81,8 @@ export function formatSummary(s: TortureSummary): string {
   return (
     `torture: ${s.iterations} iterations, ${s.kills} kills (${s.requestsInFlightAtKill} requests in flight at the kills), ` +
     `${s.requestsAcked} requests acknowledged, ${s.bytesVerified} bytes verified, ${s.mirrorLegChecks} mirror leg ` +
-    `comparisons, ${s.cowInspections} COW inspections, ${s.failures.length} failures ` +
+    `comparisons, ${s.cowInspections} COW inspections, ${s.killsDuringMerge} kills during a merge ` +
+    `(${s.mergesCompleted} merge completed, checked exactly), ${s.failures.length} failures ` +
     `(replay: pnpm torture --iterations ${s.iterations} --seed ${s.seed})`
   );
 }
@@ -92,6 +96,8 @@ interface Devices {
   origin: DeviceModel;
   snapA: DeviceModel;
   snapB: DeviceModel;
+  /** The snapshot being merged: what the merging device reads, and the origin once merged. */
+  snapM: DeviceModel;
   mirror: DeviceModel;
 }
 
@@ -117,6 +123,8 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
     requestsInFlightAtKill: 0,
     mirrorLegChecks: 0,
     cowInspections: 0,
+    killsDuringMerge: 0,
+    mergesCompleted: 0,
     failures: [],
     dataDir: dir,
   };
@@ -167,6 +175,7 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
   sparse(join(dir, "origin.img"), ORIGIN_BYTES);
   sparse(join(dir, "snapA.cow"), COW_BYTES);
   sparse(join(dir, "snapB.cow"), COW_BYTES);
+  sparse(join(dir, "snapM.cow"), COW_BYTES);
   sparse(join(dir, "mirror-a.img"), MIRROR_BYTES);
   sparse(join(dir, "mirror-b.img"), MIRROR_BYTES);
   sparse(join(dir, "mirror.log"), LOG_BYTES);
@@ -179,15 +188,16 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
     origin: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed, trim: "unspecified" }),
     snapA: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed }),
     snapB: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed }),
+    snapM: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed }),
     mirror: new DeviceModel({ sizeBytes: MIRROR_BYTES, seed: options.seed ^ 0x5a5a, trim: "unspecified" }),
   };
   let serve = await startServe();
   try {
     const origin = await NbdDevice.connect(`nbd://${serve.address}/origin`);
-    const fill = async (fraction: number) => {
-      for (let b = 0; b < ORIGIN_BYTES / 4096; b += 8) {
+    const fill = async (fraction: number, blocks = 8, stride = 8) => {
+      for (let b = 0; b < ORIGIN_BYTES / 4096; b += stride) {
         if (rng() > fraction) continue;
-        const t = models.origin.beginWrite(b * 4096, 8 * 4096);
+        const t = models.origin.beginWrite(b * 4096, blocks * 4096);
         await origin.write(b * 4096, models.origin.payload(t));
         models.origin.complete(t);
       }
@@ -221,19 +231,69 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
     ]);
     if (b.status !== 0) throw new Error(`udm snapshot create snapB failed: ${b.out}`);
     models.snapB = models.origin.clone();
+    await fill(0.3);
+    const m = await udm([
+      "snapshot",
+      "create",
+      "origin",
+      "snapM",
+      "--cow",
+      join(dir, "snapM.cow"),
+      "--chunk",
+      String(CHUNK_SECTORS),
+    ]);
+    if (m.status !== 0) throw new Error(`udm snapshot create snapM failed: ${m.out}`);
+    models.snapM = models.origin.clone();
+    // Rewrite every other chunk: 1024 exceptions in snapM, none adjacent, so the merge commits
+    // 1024 runs (copy, origin flush, FUA metadata) and is still running when the kills come.
+    await fill(1, 1, 2);
     await origin.close();
   } finally {
     await serve.child.stop(20_000);
   }
-  writeFileSync(table, `${originLine}\n${snapLine("snapA")}\n${snapLine("snapB")}\n${mirrorLine}\n`);
+  const mergeLine = `snapM: 0 ${SECTORS(ORIGIN_BYTES)} snapshot-merge origin.img snapM.cow P ${CHUNK_SECTORS}`;
+  const baseTable = `${originLine}\n${snapLine("snapA")}\n${snapLine("snapB")}\n${mirrorLine}\n`;
+  // As lvconvert --merge records the merge in the metadata, the table restarts it after a crash.
+  writeFileSync(table, `${baseTable}${mergeLine}\n`);
+  let merging = true;
+  /** Merge left at each kill/restart: exceptions on disk after a kill, or exception sectors per the status line. */
+  const mergeProgress: Array<number | null> = [];
   log(
-    `built ${dir}: origin with snapA and snapB (persistent, ${CHUNK_SECTORS}-sector chunks), mirror0 with a disk log`,
+    `built ${dir}: origin with snapA and snapB (persistent, ${CHUNK_SECTORS}-sector chunks), snapM merging, mirror0 with a disk log`,
   );
+  /** The merge finished: the origin holds snapM's content; its line leaves the table. */
+  const mergeDone = () => {
+    if (!merging) return;
+    merging = false;
+    models.snapM.skipGenerationsTo(models.origin.nextGeneration);
+    models.origin = models.snapM;
+    writeFileSync(table, baseTable);
+    summary.mergesCompleted++;
+    log(
+      `iteration ${summary.iterations}: merge of snapM complete; origin now checked against snapM's content`,
+    );
+  };
 
   // ---- iterations: start, verify, work, kill -9 ----
   for (let it = 0; it < options.iterations; it++) {
     summary.iterations = it + 1;
     serve = await startServe();
+    if (merging && (it === 0 || rng() < 0.6)) {
+      // The merge starts as the table loads: kill within its first moments, before any query.
+      const ms = rng() * 400;
+      await new Promise((r) => setTimeout(r, ms));
+      await serve.child.kill();
+      summary.kills++;
+      const left = await mergeExceptionsOnDisk(udm, join(dir, "snapM.cow"));
+      summary.cowInspections++;
+      if (typeof left === "string") fail(`snapM.cow after a kill during its merge: ${left}`);
+      else if (left > 0) summary.killsDuringMerge++;
+      mergeProgress.push(typeof left === "number" ? left : null);
+      log(
+        `iteration ${it + 1}: killed ${Math.round(ms)} ms after the start; snapM.cow holds ${left} exceptions to merge`,
+      );
+      continue;
+    }
     let conns: NbdDevice[] = [];
     try {
       // 1. what survived the last kill
@@ -241,12 +301,7 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
         ["origin", "snapA", "snapB", "mirror0"].map((n) => NbdDevice.connect(`nbd://${serve.address}/${n}`)),
       );
       const [oDev, aDev, bDev, mDev] = conns as [NbdDevice, NbdDevice, NbdDevice, NbdDevice];
-      for (const [name, dev, model] of [
-        ["origin", oDev, models.origin],
-        ["snapA", aDev, models.snapA],
-        ["snapB", bDev, models.snapB],
-        ["mirror0", mDev, models.mirror],
-      ] as const) {
+      const verify = async (name: string, dev: NbdDevice, model: DeviceModel) => {
         for (let off = 0; off < model.sizeBytes; off += 1 << 20) {
           const data = await dev.read(off, 1 << 20);
           const bad = model.verifyAfterCrash(off, data);
@@ -256,7 +311,27 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
           }
           if (bad.length > 5) fail(`${name}: ${bad.length - 5} more blocks lost in this MiB`);
         }
+      };
+      // While snapM merges, it reads as snapM's content; the origin device is not checked (the
+      // merge is rewriting it). Done (no exception left, as lvm polls it): the origin must read the same.
+      let mergeDev: NbdDevice | null = null;
+      if (merging) {
+        const left = await mergeRemainingSectors(udm);
+        mergeProgress.push(left);
+        if (left === null) throw new Error("snapM (snapshot-merge) is not listed after the restart");
+        if (it > 0 && left > 0) summary.killsDuringMerge++;
+        mergeDev = await NbdDevice.connect(`nbd://${serve.address}/snapM`);
+        conns.push(mergeDev);
+        await verify("snapM (merging)", mergeDev, models.snapM);
+        if (left === 0) {
+          mergeDone();
+          mergeDev = null;
+        }
       }
+      if (!merging) await verify("origin", oDev, models.origin);
+      await verify("snapA", aDev, models.snapA);
+      await verify("snapB", bDev, models.snapB);
+      await verify("mirror0", mDev, models.mirror);
       // 2. COWs valid while served
       for (const n of ["snapA", "snapB"]) {
         const r = await udm(["snapshot", "inspect", join(dir, `${n}.cow`)]);
@@ -282,11 +357,19 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
         }
       }
       // 4. the workload, then kill -9 while it runs
-      const runMs =
-        (options.minRunMs ?? 300) + rng() * ((options.maxRunMs ?? 2500) - (options.minRunMs ?? 300));
+      // A merge is fast: kill early while it runs.
+      const runMs = merging
+        ? 20 + rng() * 500
+        : (options.minRunMs ?? 300) + rng() * ((options.maxRunMs ?? 2500) - (options.minRunMs ?? 300));
       let killed = false;
       const lanes: Array<Promise<void>> = [];
-      const lane = (dev: NbdDevice, model: DeviceModel, laneSeed: number, readOnly: boolean) => {
+      const lane = (
+        dev: NbdDevice,
+        model: DeviceModel,
+        laneSeed: number,
+        readOnly: boolean,
+        mayVanish = false,
+      ) => {
         const r = mulberry32(laneSeed);
         return (async () => {
           while (!killed) {
@@ -333,7 +416,9 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
                 }
               }
             } catch (err) {
-              if (!killed) fail(`${dev.name}: ${(err as Error).message}`);
+              // the merging device is removed when its merge completes
+              if (!killed && !(mayVanish && !(await stillListed(udm, "snapM"))))
+                fail(`${dev.name}: ${(err as Error).message}`);
               return;
             }
           }
@@ -345,10 +430,16 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
       ]);
       conns.push(...extra);
       const seedBase = Math.floor(rng() * 1e9);
+      if (merging) {
+        if (mergeDev) lanes.push(lane(mergeDev, models.snapM, seedBase + 1, true, true));
+      } else {
+        lanes.push(
+          lane(oDev, models.origin, seedBase + 1, false),
+          lane(oDev, models.origin, seedBase + 2, false),
+          lane(extra[0] as NbdDevice, models.origin, seedBase + 3, false),
+        );
+      }
       lanes.push(
-        lane(oDev, models.origin, seedBase + 1, false),
-        lane(oDev, models.origin, seedBase + 2, false),
-        lane(extra[0] as NbdDevice, models.origin, seedBase + 3, false),
         lane(mDev, models.mirror, seedBase + 4, false),
         lane(extra[1] as NbdDevice, models.mirror, seedBase + 5, false),
         lane(aDev, models.snapA, seedBase + 6, true),
@@ -376,9 +467,99 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
     if (summary.failures.length >= 20) break;
   }
 
-  // ---- final: a clean restart must show the same, the legs must match ----
+  // ---- final: a clean start finishes the merge and shows the same; the legs must match ----
+  if (summary.failures.length < 20) {
+    serve = await startServe();
+    const conns: NbdDevice[] = [];
+    try {
+      if (merging) {
+        const deadline = Date.now() + MIRROR_SYNC_TIMEOUT_MS;
+        let left = await mergeRemainingSectors(udm);
+        while (left !== 0 && Date.now() < deadline) {
+          await new Promise((r) => setTimeout(r, 200));
+          left = await mergeRemainingSectors(udm);
+        }
+        mergeProgress.push(left);
+        if (left !== 0)
+          fail(`the merge of snapM did not finish after the last restart (${left} sectors left)`);
+        else mergeDone();
+      }
+      log(
+        `merge progress (exceptions left after early kills / sectors left at restarts): ${mergeProgress.join(" -> ")}`,
+      );
+      for (const [name, model] of [
+        ["origin", models.origin],
+        ["snapA", models.snapA],
+        ["snapB", models.snapB],
+        ["mirror0", models.mirror],
+      ] as const) {
+        if (name === "origin" && merging) continue;
+        const dev = await NbdDevice.connect(`nbd://${serve.address}/${name}`);
+        conns.push(dev);
+        for (let off = 0; off < model.sizeBytes; off += 1 << 20) {
+          const data = await dev.read(off, 1 << 20);
+          summary.bytesVerified += data.length;
+          const bad = model.verifyAfterCrash(off, data);
+          for (const m of bad.slice(0, 5))
+            fail(`final ${name} at ${m.offsetBytes}: found ${m.found}, expected ${m.expected.join(", ")}`);
+        }
+      }
+      const synced = await waitMirrorSynced(udm);
+      if (!synced.ok) fail(`final: mirror0 did not report in-sync: ${synced.status}`);
+      else {
+        summary.mirrorLegChecks++;
+        if (!readFileSync(join(dir, "mirror-a.img")).equals(readFileSync(join(dir, "mirror-b.img")))) {
+          fail(`final: mirror legs differ after resync (${synced.status})`);
+        }
+      }
+      for (const n of ["snapA", "snapB"]) {
+        const r = await udm(["snapshot", "inspect", join(dir, `${n}.cow`)]);
+        summary.cowInspections++;
+        if (r.status !== 0)
+          fail(`final: udm snapshot inspect ${n}.cow exited ${r.status}: ${r.out.slice(0, 400)}`);
+      }
+    } catch (err) {
+      fail(`final check aborted: ${(err as Error).stack ?? err}`);
+    } finally {
+      for (const c of conns) await c.close().catch(() => {});
+      await serve.child.stop(20_000);
+    }
+  }
   if (!options.keep && summary.failures.length === 0) rmSync(dir, { recursive: true, force: true });
   return summary;
+}
+
+/** Whether `udm ls` still lists device `name`. */
+async function stillListed(
+  udm: (args: string[]) => Promise<{ status: number | null; out: string }>,
+  name: string,
+): Promise<boolean> {
+  const r = await udm(["ls"]);
+  return new RegExp(`^${name}\\b`, "m").test(r.out);
+}
+
+/** Exceptions in a COW file per `udm snapshot inspect --json` (offline), or why it is not valid. */
+async function mergeExceptionsOnDisk(
+  udm: (args: string[]) => Promise<{ status: number | null; out: string }>,
+  cow: string,
+): Promise<number | string> {
+  const r = await udm(["snapshot", "inspect", cow, "--json"]);
+  try {
+    const j = JSON.parse(r.out) as { valid?: boolean; exceptions?: unknown[] };
+    if (r.status !== 0 || j.valid !== true) return `inspect exited ${r.status}: ${r.out.slice(0, 300)}`;
+    return j.exceptions?.length ?? 0;
+  } catch {
+    return `inspect printed no JSON (exit ${r.status}): ${r.out.slice(0, 300)}`;
+  }
+}
+
+/** snapM's exception sectors left to merge (status `allocated/total metadata`), null if absent. */
+async function mergeRemainingSectors(
+  udm: (args: string[]) => Promise<{ status: number | null; out: string }>,
+): Promise<number | null> {
+  const r = await udm(["status", "snapM"]);
+  const m = / snapshot-merge (\d+)\/\d+ (\d+)/.exec(r.out);
+  return r.status === 0 && m ? Number(m[1]) - Number(m[2]) : null;
 }
 
 async function waitMirrorSynced(

@@ -362,6 +362,19 @@ export class DeviceModel {
     return copy;
   }
 
+  /** The generation the next write gets. */
+  get nextGeneration(): number {
+    return this.nextGen;
+  }
+
+  /**
+   * Makes later writes use generations from `gen` on: a clone that takes over from the model it
+   * was cloned from (a merged snapshot becoming the origin) must not reuse its payloads.
+   */
+  skipGenerationsTo(gen: number): void {
+    this.nextGen = Math.max(this.nextGen, gen);
+  }
+
   /** Requests sent and not answered. */
   get inFlightCount(): number {
     return this.inFlight.size;

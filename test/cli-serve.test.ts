@@ -206,6 +206,15 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     expect(
       (await vol.read(0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 2)])),
     ).toBe(true);
+    // udm copy writes to an export of a running server through nbd://.
+    const payload = Buffer.alloc(1 << 20);
+    for (let i = 0; i < payload.length; i += 4) payload.writeUInt32LE(i, i);
+    writeFileSync(join(dir, "payload.bin"), payload);
+    const copied = await udmAsync(["copy", "payload.bin", `nbd://127.0.0.1:${serve!.port}/vol`], {
+      cwd: dir,
+    });
+    expect(copied.stdout).toMatch(/^copied 1048576 bytes .* write error mask: 0x0\n$/);
+    expect((await vol.read(0, 1 << 20)).equals(payload)).toBe(true);
     await disconnectAll();
     expect(run("remove", "vol").status).toBe(0);
   });

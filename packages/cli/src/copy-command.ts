@@ -14,7 +14,7 @@ import { canonicalSpec } from "./device-pool.js";
 import type { Logger } from "./logger.js";
 import { createProgress } from "./progress.js";
 import { parseTableFile } from "./table-parser.js";
-import { allTargets } from "./targets.js";
+import { allTargets, registerDeviceSchemes } from "./targets.js";
 import { UsageError } from "./usage-error.js";
 
 export interface CopyOptions {
@@ -62,6 +62,7 @@ export async function runCopy(
   if (dests.length < 1 || dests.length > KCOPYD_MAX_REGIONS) {
     throw new UsageError(`udm copy takes 1 to ${KCOPYD_MAX_REGIONS} destinations, got ${dests.length}`);
   }
+  registerDeviceSchemes();
   const manager = new DeviceManager({
     targets: allTargets(),
     log,

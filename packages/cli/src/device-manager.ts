@@ -624,10 +624,14 @@ export class DeviceManager {
     this.exports?.replaceExportDevice(name, dev.gate);
     await dev.gate.resume();
     this.log.info({ device: name, targets: request.table.lines.length }, "table reloaded");
-    try {
-      await old.close();
-    } finally {
-      for (const spec of oldHeld) await this.pool.release(spec);
+    // The reload has happened: a failure to close the old table is logged, not reported as failure.
+    await old
+      .close()
+      .catch((err: Error) => this.log.warn({ device: name, err }, "closing the old table failed"));
+    for (const spec of oldHeld) {
+      await this.pool
+        .release(spec)
+        .catch((err: Error) => this.log.warn({ device: name, spec, err }, "closing a device failed"));
     }
   }
 

@@ -4,7 +4,7 @@ import { canonicalSpec } from "./device-pool.js";
 import type { Logger } from "./logger.js";
 import { createProgress } from "./progress.js";
 import { parseDeviceTable } from "./table-parser.js";
-import { allTargets } from "./targets.js";
+import { allTargets, registerDeviceSchemes } from "./targets.js";
 import { UsageError } from "./usage-error.js";
 
 /** How often the offline resync polls the mirror's progress. */
@@ -61,6 +61,7 @@ export async function runOfflineResync(
       `a mirror has 2 to 9 legs: give PRIMARY and 1 to 8 more, got ${options.legs.length + 1}`,
     );
   }
+  registerDeviceSchemes();
   const manager = new DeviceManager({ targets: allTargets(), log });
   const cwd = process.cwd();
   try {

@@ -113,8 +113,9 @@ describe("kill -9", () => {
       const snapView = await s.read(0, SIZE);
       await s.close();
       await files.close();
-      const before = (await inspectCow(await FileDevice.open(join(dir, "cow.img"), { readOnly: true })))
-        .exceptions.length;
+      const probe = await FileDevice.open(join(dir, "cow.img"), { readOnly: true });
+      const before = (await inspectCow(probe)).exceptions.length;
+      await probe.close();
       await runAndKill("merge", dir, 1);
       const again = await openFiles(dir);
       // Killed between the first merged batch and the last one.

@@ -509,7 +509,7 @@ describe("leg replacement and remote legs", () => {
     expect(await same(a, d)).toBe(true);
   });
 
-  test("a remote leg that loses its connection is D; on reconnect only what was written meanwhile is resynced", async () => {
+  test("a remote leg that loses its connection is D; on reconnect only what it may lack is resynced", async () => {
     const a = mem("a");
     const rDisk = mem("remote");
     const remote = new RemoteLeg("nbd://host:10809/leg", rDisk);
@@ -518,16 +518,18 @@ describe("leg replacement and remote legs", () => {
       "nbd://host:10809/leg": remote,
     });
     await m.write(0, fill(1, REGION));
+    await m.flush();
+    await m.write(REGION, fill(5, 512)); // acknowledged, never flushed: lost with the connection?
     remote.setOnline(false);
-    expect(m.status()).toBe("2 a nbd://host:10809/leg 64/64 1 AD 1 core");
+    expect(m.status()).toBe("2 a nbd://host:10809/leg 63/64 1 AD 1 core");
     await m.write(7 * REGION, fill(2, 8192));
     await m.write(9 * REGION, fill(3));
-    expect(m.status()).toBe("2 a nbd://host:10809/leg 62/64 1 AD 1 core");
+    expect(m.status()).toBe("2 a nbd://host:10809/leg 61/64 1 AD 1 core");
     expect((await m.read(7 * REGION, 8192)).equals(fill(2, 8192))).toBe(true);
     const written = remote.bytesWritten;
     remote.setOnline(true);
     await m.waitForSync();
-    expect(remote.bytesWritten - written).toBe(2 * REGION);
+    expect(remote.bytesWritten - written).toBe(3 * REGION);
     expect(m.status()).toBe("2 a nbd://host:10809/leg 64/64 1 AA 1 core");
     expect(await same(a, rDisk)).toBe(true);
   });
@@ -609,7 +611,8 @@ describe("errors around the log and flushes", () => {
       if (op === "flush") throw new IoError("EIO", "b", "flush failed");
     };
     await m.flush();
-    expect(m.status()).toBe("2 a b 0/64 1 AF 1 core");
+    // Only what b acknowledged since its last flush may be lost: region 0.
+    expect(m.status()).toBe("2 a b 63/64 1 AF 1 core");
     b.hook = undefined;
     await m.message(["resync"]);
     await m.waitForSync();

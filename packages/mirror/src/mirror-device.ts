@@ -56,6 +56,8 @@ interface MirrorLeg {
   /** The device reported its backend gone (watchHealth): no I/O is sent to it. */
   offline: boolean;
   unwatch: (() => void) | undefined;
+  /** Regions written on this leg since its last flush began: what a failed flush or a lost connection may lose. */
+  unflushed: Set<number>;
 }
 
 export interface MirrorDeviceOptions {
@@ -179,6 +181,7 @@ export class MirrorDevice implements TargetDevice {
         errorCount: 0,
         offline: false,
         unwatch: undefined,
+        unflushed: new Set<number>(),
       };
     });
     this.allLegsMask = (1 << legs.length) - 1;
@@ -738,6 +741,7 @@ export class MirrorDevice implements TargetDevice {
       return false;
     }
     const legs = this.legs.filter((l) => run.mask & (1 << l.index));
+    for (const leg of legs) for (let r = run.first; r <= run.last; r++) leg.unflushed.add(r);
     const results = await Promise.all(
       legs.map((leg) =>
         op(leg, leg.offsetBytes + s, s - base, e - s).then(
@@ -773,9 +777,18 @@ export class MirrorDevice implements TargetDevice {
     if (this.log.dirtyMark !== mark) await this.log.waitDirtyDurable(this.log.dirtyMark);
   }
 
-  /** PREFLUSH to every reachable leg; a leg whose flush fails is stale everywhere. True if one succeeded. */
+  /**
+   * PREFLUSH to every reachable leg. A leg whose flush fails may have lost what it acknowledged
+   * since its last flush: it becomes stale in those regions (where another leg is current).
+   * True if at least one leg flushed.
+   */
   private async flushLegs(): Promise<boolean> {
     const legs = this.legs.filter((l) => !l.offline);
+    const written = legs.map((leg) => {
+      const regions = leg.unflushed;
+      leg.unflushed = new Set();
+      return regions;
+    });
     const results = await Promise.all(
       legs.map((leg) =>
         leg.dev.flush().then(
@@ -792,20 +805,19 @@ export class MirrorDevice implements TargetDevice {
         return;
       }
       this.failLeg(leg, "flush", err);
+      // (The kernel sets the region hash's flush_failure; marking the leg stale where it may have
+      // lost writes is exact and lets it be resynced.)
+      this.markLegUnflushedStale(leg, written[i]!);
     });
-    if (okCount < legs.length && okCount > 0) {
-      // What that leg acknowledged since its last good flush may be gone: it is stale everywhere.
-      let failed = 0;
-      results.forEach((err, i) => {
-        if (err) failed |= 1 << legs[i]!.index;
-      });
-      for (let r = 0; r < this.regionCount; r++) {
-        if (this.currentMask(r) & ~failed) this.markStale(r, failed & this.currentMask(r));
-      }
-      // (The kernel sets the region hash's flush_failure instead; marking the leg stale per region
-      // is exact and lets it be resynced, so that flag stays off.)
-    }
     return okCount > 0;
+  }
+
+  /** Marks `leg` stale in `regions` wherever another leg holds current data. */
+  private markLegUnflushedStale(leg: MirrorLeg, regions: Iterable<number>): void {
+    const bit = 1 << leg.index;
+    for (const r of regions) {
+      if (this.currentMask(r) & ~bit) this.markStale(r, this.currentMask(r) & bit);
+    }
   }
 
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
@@ -914,6 +926,7 @@ export class MirrorDevice implements TargetDevice {
       destMask = this.stale[region]! & this.onlineMask() & ~(source ? 1 << source.index : 0);
       if (!source || !destMask) return;
       const dests = this.legs.filter((l) => destMask & (1 << l.index));
+      for (const d of dests) d.unflushed.add(region);
       const sector = region * this.regionSectors;
       const count = this.regionLength(region) >> SECTOR_SHIFT;
       const kc = this.kcopydClient();
@@ -968,6 +981,17 @@ export class MirrorDevice implements TargetDevice {
         if (!healthy && !leg.offline) {
           leg.offline = true;
           this.failLeg(leg, "write", new Error("connection lost"));
+          // Writes it acknowledged but never flushed may be gone with the connection.
+          this.markLegUnflushedStale(leg, leg.unflushed);
+          leg.unflushed = new Set();
+          void this.log
+            .flush()
+            .catch((err: unknown) =>
+              this.logger?.error(
+                { device: this.name, err: (err as Error).message },
+                "mirror log write failed",
+              ),
+            );
         } else if (healthy) {
           // Back (or reporting healthy after errors while we thought it up): resync what it lacks.
           leg.offline = false;

@@ -63,12 +63,17 @@ const cmd: fc.Arbitrary<Cmd> = fc.oneof(
   { weight: 1, arbitrary: fc.constant({ kind: "restart" as const }) },
 );
 
-/** A leg behind a connection: offline, every I/O fails and watchers hear about it (like NbdDevice). */
+/**
+ * A leg behind a connection: offline, every I/O fails and watchers hear about it (like NbdDevice).
+ * Losing the connection also loses what the server had not flushed (its content goes back to the
+ * last flush), the worst a remote leg can do.
+ */
 class RemoteLeg implements BlockDevice {
   readonly readOnly = false;
   readonly sizeBytes: number;
   readonly logicalBlockSize: number;
   private online = true;
+  private durable: Buffer;
   private readonly listeners = new Set<(healthy: boolean) => void>();
   constructor(
     readonly name: string,
@@ -76,8 +81,10 @@ class RemoteLeg implements BlockDevice {
   ) {
     this.sizeBytes = inner.sizeBytes;
     this.logicalBlockSize = inner.logicalBlockSize;
+    this.durable = Buffer.alloc(inner.sizeBytes); // a blank disk: zeros are durable
   }
-  setOnline(online: boolean) {
+  async setOnline(online: boolean) {
+    if (!online) await this.inner.write(0, this.durable);
     this.online = online;
     for (const l of this.listeners) l(online);
   }
@@ -110,7 +117,8 @@ class RemoteLeg implements BlockDevice {
   }
   async flush() {
     this.check();
-    return this.inner.flush();
+    await this.inner.flush();
+    this.durable = await this.inner.read(0, this.sizeBytes);
   }
   async extents(o: number, n: number): Promise<Extent[]> {
     this.check();
@@ -205,13 +213,13 @@ async function run(cmds: Cmd[], features: string): Promise<void> {
         case "fail":
           if (down < 0) {
             down = c.leg;
-            if (c.leg === 2) remote.setOnline(false);
+            if (c.leg === 2) await remote.setOnline(false);
             else legs[c.leg]!.setMode("down");
           }
           break;
         case "repair":
           if (down === c.leg) {
-            if (c.leg === 2) remote.setOnline(true);
+            if (c.leg === 2) await remote.setOnline(true);
             else legs[c.leg]!.setMode("up");
             down = -1;
           }
@@ -226,7 +234,7 @@ async function run(cmds: Cmd[], features: string): Promise<void> {
           break;
       }
     }
-    if (down === 2) remote.setOnline(true);
+    if (down === 2) await remote.setOnline(true);
     else if (down >= 0) legs[down]!.setMode("up");
     await m.message(["resync"]);
     await m.waitForSync();

@@ -97,31 +97,36 @@ export class SnapshotDevice implements TargetDevice {
     return buf;
   }
 
+  /**
+   * Runs of chunks still shared with the origin are read from it in one request each (tracked, so
+   * a copy-out cannot finish under the read); copied chunks come from their COW chunks. The
+   * lookups and the tracking happen in one tick.
+   */
   async readInto(offsetBytes: number, target: Buffer): Promise<void> {
     checkRange(this, offsetBytes, target.length);
-    await Promise.all(
-      splitAtBoundaries(offsetBytes, target.length, this.state.chunkBytes, (at, length, bufAt) =>
-        this.readPiece(at, target.subarray(bufAt, bufAt + length)),
-      ),
-    );
-  }
-
-  private async readPiece(offsetBytes: number, target: Buffer): Promise<void> {
     const s = this.state;
     if (!s.valid) throw this.eio("read");
-    const chunk = Math.floor(offsetBytes / s.chunkBytes);
-    const newChunk = s.complete.get(chunk);
-    if (newChunk !== undefined) {
-      await s.cow.readInto(s.cowOffset(newChunk, offsetBytes), target);
-      return;
+    const reads: Array<Promise<void>> = [];
+    for (const run of copiedRuns(s, offsetBytes, target.length)) {
+      const bufAt = run.offsetBytes - offsetBytes;
+      const piece = target.subarray(bufAt, bufAt + run.lengthBytes);
+      if (run.copied) {
+        splitAtBoundaries(run.offsetBytes, run.lengthBytes, s.chunkBytes, (at, length, at0) => {
+          const newChunk = s.complete.get(Math.floor(at / s.chunkBytes))!;
+          reads.push(s.cow.readInto(s.cowOffset(newChunk, at), piece.subarray(at0, at0 + length)));
+        });
+        continue;
+      }
+      const first = Math.floor(run.offsetBytes / s.chunkBytes);
+      const last = Math.floor((run.offsetBytes + run.lengthBytes - 1) / s.chunkBytes);
+      for (let c = first; c <= last; c++) s.track(c);
+      reads.push(
+        s.origin.readInto(run.offsetBytes, piece).finally(() => {
+          for (let c = first; c <= last; c++) s.untrack(c);
+        }),
+      );
     }
-    // Tracked in the same tick as the lookup: a copy-out of this chunk now waits for us.
-    s.track(chunk);
-    try {
-      await s.origin.readInto(offsetBytes, target);
-    } finally {
-      s.untrack(chunk);
-    }
+    await Promise.all(reads);
   }
 
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {

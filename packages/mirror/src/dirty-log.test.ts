@@ -141,6 +141,7 @@ describe("disk log, byte-compatible with the kernel's dm-log", () => {
     expect(err).toBeInstanceOf(TargetArgError);
     expect(err.argIndex).toBe(2);
     expect(err.message).toMatch(/log: dm-log version 3, expected 2 \(use the "sync" log argument/);
+    expect(err.cause).toBeInstanceOf(MirrorLogFormatError);
     await expect(inspectDiskLog(log)).rejects.toThrow(MirrorLogFormatError);
     // `sync` starts a new log whatever was there.
     const m = await create("disk 3 log 1024 sync 2 a 0 b 0", devices);

@@ -66,7 +66,7 @@ export const mirrorTarget: TargetType = {
       });
     } catch (err) {
       if (err instanceof MirrorLogFormatError && table.logDeviceArg !== undefined) {
-        throw new TargetArgError(table.logDeviceArg, err.message);
+        throw Object.assign(new TargetArgError(table.logDeviceArg, err.message), { cause: err });
       }
       throw err;
     }

@@ -3,14 +3,12 @@ import { dirname, resolve } from "node:path";
 import { formatSize, parseSize, SECTOR_SIZE } from "@udm/kcopyd";
 import { Command, CommanderError, Option } from "commander";
 import { ControlError, ControlUnavailableError, controlRequest } from "./control-protocol.js";
-import { formatCopySummary, runCopy } from "./copy-command.js";
+import { CONTROL_SOCKET_NAME, DEFAULT_DATA_DIR, LOG_LEVELS, type LogLevel } from "./defaults.js";
 import type { DeviceInfo, SegmentLine } from "./device-manager.js";
 import { canonicalSpec } from "./device-pool.js";
-import { createLogger, LOG_LEVELS, type Logger, type LogLevel } from "./logger.js";
+import type { Logger } from "./logger.js";
 import { createProgress } from "./progress.js";
-import { CONTROL_SOCKET_NAME, DEFAULT_DATA_DIR, runServe } from "./serve.js";
 import { formatTableLine, TableParseError } from "./table-parser.js";
-import { offlineInspectors } from "./targets.js";
 import { EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError } from "./usage-error.js";
 
 /** Interval between polls of a running merge. */
@@ -45,7 +43,9 @@ function controlPath(cmd: Command): string {
   return resolve(opts.control ?? process.env.UDM_CONTROL ?? `${DEFAULT_DATA_DIR}/${CONTROL_SOCKET_NAME}`);
 }
 
-function logger(cmd: Command, fallback: LogLevel): Logger {
+/** The logger of a command; loaded on demand (pino) so client verbs start fast. */
+async function logger(cmd: Command, fallback: LogLevel): Promise<Logger> {
+  const { createLogger } = await import("./logger.js");
   const level =
     cmd.optsWithGlobals<GlobalOptions>().logLevel ??
     (process.env.UDM_LOG_LEVEL as LogLevel | undefined) ??
@@ -219,7 +219,8 @@ export function buildProgram(): Command {
       .option("--tls-verify-client", "require a client certificate signed by --tls-ca")
       .option("--tls-required", "refuse clients that do not start TLS")
       .action(async (opts, cmd: Command) => {
-        const log = logger(cmd, "info");
+        const log = await logger(cmd, "info");
+        const { runServe } = await import("./serve.js");
         if (Boolean(opts.tlsCert) !== Boolean(opts.tlsKey))
           throw new UsageError("--tls-cert and --tls-key go together");
         if ((opts.tlsVerifyClient || opts.tlsRequired || opts.tlsCa) && !opts.tlsCert) {
@@ -282,7 +283,8 @@ export function buildProgram(): Command {
         [],
       )
       .action(async (src: string, dests: string[], opts, cmd: Command) => {
-        const log = logger(cmd, "warn");
+        const log = await logger(cmd, "warn");
+        const { runCopy, formatCopySummary } = await import("./copy-command.js");
         if (opts.count !== undefined && opts.size !== undefined)
           throw new UsageError("--count and --size are mutually exclusive");
         let count: number | undefined;
@@ -573,6 +575,7 @@ export function buildProgram(): Command {
       .argument("<cow>", "COW device (path, file:, ...)")
       .option("--json", "machine-readable output")
       .action(async (cow: string, opts) => {
+        const { offlineInspectors } = await import("./targets.js");
         const inspect = offlineInspectors().cow;
         if (!inspect) throw new ControlError("ENOTSUP", "snapshot inspection is not available in this build");
         const report = await inspect(canonicalSpec(cow, process.cwd()));
@@ -637,7 +640,7 @@ export function buildProgram(): Command {
             ...(opts.log && { log: opts.log }),
             full: Boolean(opts.full),
           },
-          logger(cmd, "warn"),
+          await logger(cmd, "warn"),
         );
         const mibps = s.bytes / 2 ** 20 / Math.max(s.seconds, 1e-6);
         print(
@@ -654,6 +657,7 @@ export function buildProgram(): Command {
       .argument("<log>", "log device (path, file:, ...)")
       .option("--json", "machine-readable output")
       .action(async (log: string, opts) => {
+        const { offlineInspectors } = await import("./targets.js");
         const inspect = offlineInspectors().mirrorLog;
         if (!inspect)
           throw new ControlError("ENOTSUP", "mirror log inspection is not available in this build");

@@ -2,6 +2,7 @@ export * from "./cli.js";
 export * from "./control-protocol.js";
 export * from "./control-server.js";
 export * from "./copy-command.js";
+export * from "./defaults.js";
 export * from "./device-manager.js";
 export * from "./device-pool.js";
 export * from "./embedded-default.js";

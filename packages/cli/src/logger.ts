@@ -1,9 +1,9 @@
 import { pino } from "pino";
 import pretty from "pino-pretty";
 
-/** Log levels `--log-level` accepts. */
-export const LOG_LEVELS = ["fatal", "error", "warn", "info", "debug", "trace", "silent"] as const;
-export type LogLevel = (typeof LOG_LEVELS)[number];
+import type { LogLevel } from "./defaults.js";
+
+export { LOG_LEVELS, type LogLevel } from "./defaults.js";
 
 export type Logger = pino.Logger;
 

@@ -13,9 +13,9 @@ import { UsageError } from "./usage-error.js";
 /** The NBD port the protocol registers (IANA), used when `--listen` is not given. */
 export const DEFAULT_NBD_PORT = 10809;
 export const DEFAULT_LISTEN_HOST = "127.0.0.1";
-/** Where `udm serve` keeps the embedded default and the control socket. */
-export const DEFAULT_DATA_DIR = "udm-data";
-export const CONTROL_SOCKET_NAME = "control.sock";
+export { CONTROL_SOCKET_NAME, DEFAULT_DATA_DIR } from "./defaults.js";
+
+import { CONTROL_SOCKET_NAME } from "./defaults.js";
 
 /** What serve needs from the NBD server (`NbdServer` of @udm/nbd-server). */
 export interface NbdServerLike extends ExportTable {

@@ -280,7 +280,7 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
     serve = await startServe();
     if (merging && (it === 0 || rng() < 0.6)) {
       // The merge starts as the table loads: kill within its first moments, before any query.
-      const ms = rng() * 400;
+      const ms = rng() * (it === 0 ? 100 : 400);
       await new Promise((r) => setTimeout(r, ms));
       await serve.child.kill();
       summary.kills++;

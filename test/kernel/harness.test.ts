@@ -12,7 +12,6 @@ import { type NbdkitServer, startNbdkit } from "./nbdkit.js";
 import { checkGuestPrerequisites, describeGuestRun, runGuest } from "./vm.js";
 
 const MiB = 1024 * 1024;
-const scenario = (name: string) => new URL(`./scenarios/${name}`, import.meta.url).pathname;
 
 /** PIDs of live processes whose command line contains `needle`. */
 function processesMatching(needle: string): number[] {
@@ -47,16 +46,18 @@ describe("kernel harness (nbdkit file)", () => {
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  test("O_DIRECT writes through /dev/nbd0 land in the backing file; the guest is isolated", async () => {
+  test("O_DIRECT writes through /dev/nbd0 land in the backing file; the guest is isolated; status and output return", async () => {
     const pattern = randomBytes(MiB);
     const r = await runGuest({
       port: server.port,
       exports: [{ name: "disk", device: "/dev/nbd0" }],
-      script: scenario("harness-smoke.sh"),
+      // The scenario, then a deliberate failure: its status and output must come back too.
+      script: `sh /run/udm/scenarios/harness-smoke.sh || exit 100\n. /run/udm/lib.sh\necho before\ndie 'on purpose'\n`,
       files: { "/run/udm/pattern.bin": pattern },
       timeoutMs: 90_000,
     });
-    expect(r.status, describeGuestRun(r)).toBe(0);
+    expect(r.status, describeGuestRun(r)).toBe(1);
+    expect(r.output).toMatch(/\] ok\nbefore\nFAIL: on purpose\n$/);
     const disk = fs.readFileSync(image);
     expect(disk.subarray(0, MiB).equals(pattern)).toBe(true);
     expect(disk.subarray(8 * MiB, 8 * MiB + 4096).equals(pattern.subarray(0, 4096))).toBe(true);
@@ -65,16 +66,7 @@ describe("kernel harness (nbdkit file)", () => {
     expect(disk.subarray(MiB, 8 * MiB).every((b) => b === 0)).toBe(true);
   }, 180_000);
 
-  test("a job's failure status and output come back; aborting leaves no process behind", async () => {
-    const failed = await runGuest({
-      port: server.port,
-      exports: [],
-      script: ". /run/udm/lib.sh\necho before\ndie 'on purpose'\n",
-      timeoutMs: 90_000,
-    });
-    expect(failed.status, describeGuestRun(failed)).toBe(1);
-    expect(failed.output).toContain("before\nFAIL: on purpose");
-
+  test("aborting a run leaves no qemu and no relay behind", async () => {
     const abort = new AbortController();
     const hung = await runGuest({
       port: server.port,

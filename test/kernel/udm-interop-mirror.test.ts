@@ -5,7 +5,7 @@
  *   mirror over the same legs and log resyncs regions 3 and 7 and nothing else: region 10 keeps
  *   its difference, because udm's log says it is clean.
  * - kernel -> udm: the kernel's mirror, its leg B failing in region 5 only, leaves region 5 out of
- *   sync in its disk log; udm's inspection reads exactly that, and a udm mirror over the kernel's
+ *   sync in its disk log; udm (and `udm mirror inspect-log`) reads exactly that, and a udm mirror over the kernel's
  *   legs and log resyncs that one region.
  */
 import { randomBytes } from "node:crypto";
@@ -17,6 +17,7 @@ import { inspectDiskLog, type MirrorDevice, mirrorTarget } from "@udm/mirror";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { MiB } from "./checks.js";
 import { tableContext } from "./table-context.js";
+import { runUdm } from "./udm-cli.js";
 import { serveExports, type UdmTestServer } from "./udm-server.js";
 import { checkGuestPrerequisites, describeGuestRun, runGuest } from "./vm.js";
 
@@ -145,6 +146,13 @@ describe("dm-mirror disk log: udm <-> the kernel", () => {
 
     // kernel -> udm
     expect(await notClean(img("kl.img")), r.output).toEqual([5]);
+    const inspected = await runUdm(["mirror", "inspect-log", "--json", img("kl.img")], dir);
+    expect(inspected.status, inspected.out).toBe(0);
+    expect(JSON.parse(inspected.out)).toMatchObject({
+      regionCount: REGIONS,
+      cleanRegions: REGIONS - 1,
+      outOfSync: [{ first: 5, last: 5 }],
+    });
     const ka = await FileDevice.open(img("ka.img"));
     const kb = await FileDevice.open(img("kb.img"));
     const kl = await FileDevice.open(img("kl.img"));

@@ -429,6 +429,40 @@ describe.each(MODES)("FileDevice on a loop device, $mode path", ({ native, runs 
     else expect(inner.equals(data.subarray(BLOCK, 4 * BLOCK))).toBe(true);
   });
 
+  it.skipIf(!active)(
+    "kcopyd copies a file onto the block device and back (no offload: buffers)",
+    async () => {
+      const LEN = 3 * MiB;
+      const src = await FileDevice.open(join(dir, `${native ? "n" : "js"}-to-loop.img`), {
+        createSizeBytes: LEN,
+      });
+      const back = await FileDevice.open(join(dir, `${native ? "n" : "js"}-from-loop.img`), {
+        createSizeBytes: LEN,
+      });
+      const kc = new KcopydClient({ pages: 64 });
+      try {
+        const data = randomBytes(LEN);
+        await src.write(0, data);
+        const count = LEN / 512;
+        const at = (2 * MiB) / 512;
+        expect(await kc.copyAsync({ dev: src, sector: 0, count }, [{ dev, sector: at, count }])).toEqual({
+          readErr: false,
+          writeErr: 0,
+        });
+        expect(await kc.copyAsync({ dev, sector: at, count }, [{ dev: back, sector: 0, count }])).toEqual({
+          readErr: false,
+          writeErr: 0,
+        });
+        expect((await back.read(0, LEN)).equals(data)).toBe(true);
+        expect(kc.pool.peakPages).toBeGreaterThan(0);
+      } finally {
+        await kc.destroy();
+        await src.close();
+        await back.close();
+      }
+    },
+  );
+
   it.skipIf(!active)("reports all of a block device as data", async () => {
     expect(await dev.extents(0, SIZE)).toEqual([{ offsetBytes: 0, lengthBytes: SIZE, kind: "data" }]);
     expect(await dev.extents(BLOCK, 10)).toEqual([{ offsetBytes: BLOCK, lengthBytes: 10, kind: "data" }]);

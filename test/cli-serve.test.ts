@@ -168,6 +168,17 @@ describe("dmsetup verbs over the control socket", () => {
     const r = udm(["serve", "--data-dir", "data", "--listen", "127.0.0.1:0", ...ctl()], { cwd: dir });
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/another udm server is listening on .*ctl\.sock/);
+    // Another control socket, same data directory: the data is locked.
+    const other = udm(
+      ["serve", "--data-dir", "data", "--listen", "127.0.0.1:0", "--control", join(dir, "other.sock")],
+      {
+        cwd: dir,
+      },
+    );
+    expect(other.status).toBe(1);
+    expect(other.stderr).toMatch(
+      new RegExp(`data is in use by another udm serve \\(pid ${serve!.child.pid}\\)`),
+    );
     expect(run("ls").status).toBe(0);
   });
 

@@ -16,6 +16,7 @@ import { GateDevice, type GateState } from "./gate-device.js";
 import { SegmentedDevice } from "./segmented-device.js";
 import {
   argIndexOf,
+  checkDeviceName,
   type DeviceTable,
   formatTableLine,
   probeTableLine,
@@ -277,6 +278,7 @@ export class DeviceManager {
    */
   snapshotCreate(originName: string, snapName: string, options: SnapshotCreateOptions): Promise<void> {
     return this.exclusive(async () => {
+      checkDeviceName(snapName, { file: "snapshot create", line: 1 });
       const origin = this.get(originName);
       const line = origin.lines[0]!;
       if (origin.lines.length !== 1 || line.targetType !== "snapshot-origin") {

@@ -1,4 +1,4 @@
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { mkdir, open, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 
@@ -71,4 +71,48 @@ export async function ensureEmbeddedDefault(
   await writeFile(`${tableFile}.tmp`, defaultTableText(), { mode: 0o644 });
   await rename(`${tableFile}.tmp`, tableFile);
   return { tableFile, created: true };
+}
+
+/** Name of the file that marks a data directory as in use by a running `udm serve`. */
+export const DATA_DIR_LOCK_FILE = "serve.pid";
+
+/**
+ * Marks `dataDir` as used by this process (`serve.pid`), so two servers never open the same COW
+ * and mirror log. A lock whose process is gone is taken over. Returns the unlock function.
+ *
+ * @example
+ * ```ts
+ * const unlock = lockDataDir("udm-data");
+ * try { ... } finally { unlock(); }
+ * ```
+ */
+export function lockDataDir(dataDir: string): () => void {
+  const path = join(dataDir, DATA_DIR_LOCK_FILE);
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      writeFileSync(path, `${process.pid}\n`, { flag: "wx", mode: 0o644 });
+      return () => {
+        try {
+          if (readFileSync(path, "utf8").trim() === String(process.pid)) unlinkSync(path);
+        } catch {}
+      };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      const pid = Number(readFileSync(path, "utf8").trim());
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid)) {
+        throw new Error(`${dataDir} is in use by another udm serve (pid ${pid}); stop it first`);
+      }
+      unlinkSync(path); // stale: its process is gone
+    }
+  }
+  throw new Error(`cannot lock ${dataDir}`);
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
 }

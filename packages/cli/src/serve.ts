@@ -4,7 +4,7 @@ import { type BlockDevice, formatSize, SECTOR_SIZE } from "@udm/kcopyd";
 import { controlHandlers, startControlServer } from "./control-server.js";
 import { DeviceManager, type ExportTable, type TableRequest } from "./device-manager.js";
 import { canonicalSpec } from "./device-pool.js";
-import { ensureEmbeddedDefault } from "./embedded-default.js";
+import { ensureEmbeddedDefault, lockDataDir } from "./embedded-default.js";
 import type { Logger } from "./logger.js";
 import { checkDeviceName, parseTableFile } from "./table-parser.js";
 import { allTargets, createNbdServer, registerDeviceSchemes } from "./targets.js";
@@ -125,8 +125,11 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
 
   let tableFile = options.tableFile;
   let createdDefault = false;
+  let unlockDataDir = () => {};
   try {
     if (!tableFile && exportsWanted.length === 0) {
+      mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+      unlockDataDir = lockDataDir(dataDir);
       const made = await ensureEmbeddedDefault(dataDir);
       tableFile = made.tableFile;
       createdDefault = made.created;
@@ -173,6 +176,7 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   } catch (err) {
     await control.close();
     await manager.closeAll().catch(() => undefined);
+    unlockDataDir();
     throw err;
   }
 
@@ -190,6 +194,7 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   } catch (err) {
     await control.close();
     await manager.closeAll().catch(() => undefined);
+    unlockDataDir();
     throw err;
   }
 
@@ -224,19 +229,21 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
         await manager.resumeAll();
         await server.close();
         await manager.closeAll();
-      })().then(
-        () => {
-          log.info("stopped");
-          process.off("SIGINT", stop);
-          process.off("SIGTERM", stop);
-          resolveStopped();
-        },
-        (err: Error) => {
-          log.error({ err }, "stopping failed");
-          process.exitCode = 1;
-          resolveStopped();
-        },
-      );
+      })()
+        .finally(unlockDataDir)
+        .then(
+          () => {
+            log.info("stopped");
+            process.off("SIGINT", stop);
+            process.off("SIGTERM", stop);
+            resolveStopped();
+          },
+          (err: Error) => {
+            log.error({ err }, "stopping failed");
+            process.exitCode = 1;
+            resolveStopped();
+          },
+        );
     };
     process.on("SIGINT", stop);
     process.on("SIGTERM", stop);

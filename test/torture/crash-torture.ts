@@ -185,11 +185,11 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
     `${n}: 0 ${SECTORS(ORIGIN_BYTES)} snapshot origin.img ${n}.cow P ${CHUNK_SECTORS}`;
   writeFileSync(table, `${originLine}\n${mirrorLine}\n`);
   const models: Devices = {
-    origin: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed, trim: "unspecified" }),
+    origin: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed, trim: "zero-or-unchanged" }),
     snapA: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed }),
     snapB: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed }),
     snapM: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed }),
-    mirror: new DeviceModel({ sizeBytes: MIRROR_BYTES, seed: options.seed ^ 0x5a5a, trim: "unspecified" }),
+    mirror: new DeviceModel({ sizeBytes: MIRROR_BYTES, seed: options.seed ^ 0x5a5a, trim: "zero-or-unchanged" }),
   };
   let serve = await startServe();
   try {

@@ -35,8 +35,11 @@ export const MODEL_TEAR_BYTES = 512;
 export const PAYLOAD_MAGIC = 0x55444d54; // "UDMT"
 const PAYLOAD_HEADER_BYTES = 16;
 
-/** What a trim leaves behind: zeros (devices that punch holes) or anything at all. */
-export type TrimSemantics = "zero" | "unspecified";
+/**
+ * What a trim leaves behind: zeros (devices that punch holes), zeros or the old content (a
+ * device that may ignore the trim), or anything at all (NBD's own promise).
+ */
+export type TrimSemantics = "zero" | "zero-or-unchanged" | "unspecified";
 
 export type OperationKind = "write" | "write-zeroes" | "trim" | "initial" | "observed";
 
@@ -61,6 +64,8 @@ export interface WriteTicket {
   readonly literal?: Map<number, Buffer>;
   /** Zero (write-zeroes, zero trims) or anything (unspecified trims, unknown initial content). */
   readonly content: "payload" | "zero" | "any" | "literal";
+  /** A trim that may have been ignored: it never hides what it was meant to replace. */
+  readonly keepsPrevious?: boolean;
 }
 
 export interface FlushTicket {
@@ -220,8 +225,15 @@ export class DeviceModel {
 
   /** Records a TRIM being sent (zero or unspecified content per the model's trim semantics). */
   beginTrim(offsetBytes: number, lengthBytes: number, options: { fua?: boolean } = {}): WriteTicket {
-    const content = this.trim === "zero" ? "zero" : "any";
-    return this.begin("trim", content, offsetBytes, lengthBytes, options.fua ?? false);
+    const content = this.trim === "unspecified" ? "any" : "zero";
+    return this.begin(
+      "trim",
+      content,
+      offsetBytes,
+      lengthBytes,
+      options.fua ?? false,
+      this.trim === "zero-or-unchanged",
+    );
   }
 
   /** The bytes a write ticket sends. */
@@ -393,6 +405,7 @@ export class DeviceModel {
     offsetBytes: number,
     lengthBytes: number,
     fua: boolean,
+    keepsPrevious = false,
   ): WriteTicket {
     this.checkAligned(offsetBytes, lengthBytes);
     const ticket: WriteTicket = {
@@ -407,6 +420,7 @@ export class DeviceModel {
       durable: false,
       dead: false,
       content,
+      ...(keepsPrevious && { keepsPrevious }),
     };
     const first = offsetBytes / this.blockBytes;
     const last = first + lengthBytes / this.blockBytes;
@@ -425,6 +439,7 @@ export class DeviceModel {
   /** `ticket` is durable: nothing acknowledged before it was sent can be seen on its blocks again. */
   private makeDurable(ticket: WriteTicket): void {
     ticket.durable = true;
+    if (ticket.keepsPrevious) return;
     const first = ticket.offsetBytes / this.blockBytes;
     const last = first + ticket.lengthBytes / this.blockBytes;
     for (let b = first; b < last; b++) {
@@ -451,7 +466,9 @@ export class DeviceModel {
   private live(block: number, settled: (t: WriteTicket) => boolean): WriteTicket[] {
     const list = this.entries(block);
     let newestSettledStart = Number.NEGATIVE_INFINITY;
-    for (const f of list) if (settled(f) && f.startSeq > newestSettledStart) newestSettledStart = f.startSeq;
+    for (const f of list) {
+      if (settled(f) && !f.keepsPrevious && f.startSeq > newestSettledStart) newestSettledStart = f.startSeq;
+    }
     return list.filter((e) => !(e.endSeq !== null && e.endSeq < newestSettledStart));
   }
 

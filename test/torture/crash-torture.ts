@@ -189,7 +189,11 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
     snapA: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed }),
     snapB: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed }),
     snapM: new DeviceModel({ sizeBytes: ORIGIN_BYTES, seed: options.seed }),
-    mirror: new DeviceModel({ sizeBytes: MIRROR_BYTES, seed: options.seed ^ 0x5a5a, trim: "zero-or-unchanged" }),
+    mirror: new DeviceModel({
+      sizeBytes: MIRROR_BYTES,
+      seed: options.seed ^ 0x5a5a,
+      trim: "zero-or-unchanged",
+    }),
   };
   let serve = await startServe();
   try {

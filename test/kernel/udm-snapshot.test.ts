@@ -6,7 +6,9 @@
  *   read-only in the guest, has the files as of the snapshot and passes e2fsck -n; after
  *   `udm snapshot merge`, the origin file on the host equals the snapshot byte for byte;
  * - 8 parallel O_DIRECT writers (nbd-client -C 4) on an origin with a snapshot: the origin holds
- *   the pattern, the snapshot still reads the old (zero) content through the COW.
+ *   the pattern, the snapshot still reads the old (zero) content through the COW;
+ * - the same writers on a writable snapshot: the snapshot holds the pattern (in its COW), its
+ *   origin file stays zero.
  */
 import { randomBytes } from "node:crypto";
 import * as fs from "node:fs";
@@ -52,12 +54,15 @@ describe("kernel nbd client on udm snapshots (udm CLI)", () => {
     sparseFile(img("origin.img"), ORIGIN_BYTES);
     sparseFile(img("raw.img"), RAW_BYTES);
     sparseFile(img("raw-cow.img"), 32 * MiB);
+    sparseFile(img("w-origin.img"), RAW_BYTES);
+    sparseFile(img("w-cow.img"), 32 * MiB);
     serve = await startUdmServe(
       dir,
       [
         `origin: 0 ${ORIGIN_BYTES / 512} snapshot-origin origin.img`,
         `raw-origin: 0 ${RAW_BYTES / 512} snapshot-origin raw.img`,
         `raw-snap: 0 ${RAW_BYTES / 512} snapshot raw.img raw-cow.img P 8`,
+        `wsnap: 0 ${RAW_BYTES / 512} snapshot w-origin.img w-cow.img P 8`,
         "",
       ].join("\n"),
     );
@@ -68,7 +73,7 @@ describe("kernel nbd client on udm snapshots (udm CLI)", () => {
     if (dir) fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  test("udm snapshot create of a busy ext4, read-only in the guest, udm snapshot merge; COW under parallel writers", async () => {
+  test("udm snapshot create of a busy ext4, read-only in the guest, udm snapshot merge; COW under parallel writers on origin and snapshot", async () => {
     const pattern = randomBytes(MiB);
     const sample = sampleFiles();
     const cli: string[] = [];
@@ -77,11 +82,13 @@ describe("kernel nbd client on udm snapshots (udm CLI)", () => {
       exports: [
         { name: "origin", device: "/dev/nbd0" },
         { name: "raw-origin", device: "/dev/nbd2", connections: 4 },
+        { name: "wsnap", device: "/dev/nbd3", connections: 4 },
       ],
       script: [
         "set -e",
         "ORIGIN=/dev/nbd0 SNAP_EXPORT=snap0 sh /run/udm/scenarios/snapshot-live.sh",
         "DEV=/dev/nbd2 sh /run/udm/scenarios/pattern-io.sh",
+        "DEV=/dev/nbd3 sh /run/udm/scenarios/pattern-io.sh",
         "",
       ].join("\n"),
       files: guestFiles(sample, pattern),

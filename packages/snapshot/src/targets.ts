@@ -186,6 +186,17 @@ async function buildSnapshot(
       );
     }
     ({ store, exceptions, valid } = loaded);
+    log?.info(
+      {
+        snapshot: name,
+        cow: cow.name,
+        chunkSectors: store.chunkSectors,
+        exceptions: exceptions.length,
+        valid,
+        created: loaded.created,
+      },
+      loaded.created ? "new persistent COW initialised" : "persistent COW loaded",
+    );
   } else {
     store = new TransientStore(cow, parsed.chunkSectors);
   }

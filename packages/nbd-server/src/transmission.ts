@@ -397,55 +397,56 @@ export class TransmissionSession {
         "nbd request",
       );
     }
-    this.execute(device, req, payload)
-      .catch((err: unknown) => this.fail(req, err))
-      .finally(() => {
-        this.inFlightRequests--;
-        this.inFlightBytes -= costBytes;
-        if (this.paused) this.pump();
-        this.endWhenIdle();
-      });
+    // One promise reaction per request (no .catch().finally() chain): completions are the hot path.
+    let pending: Promise<void> | undefined;
+    try {
+      pending = this.execute(device, req, payload);
+    } catch (err) {
+      this.fail(req, err);
+    }
+    if (!pending) {
+      // Answered at once, inside pump(): only the counters change (pump goes on by itself; no
+      // re-entry, which a long run of such requests would turn into deep recursion).
+      this.inFlightRequests--;
+      this.inFlightBytes -= costBytes;
+      return;
+    }
+    pending.then(
+      () => this.settle(costBytes),
+      (err: unknown) => {
+        this.fail(req, err);
+        this.settle(costBytes);
+      },
+    );
   }
 
-  private async execute(device: BlockDevice, req: NbdRequest, payload: Buffer | null): Promise<void> {
+  /** Bookkeeping once a request's reply is queued. */
+  private settle(costBytes: number): void {
+    this.inFlightRequests--;
+    this.inFlightBytes -= costBytes;
+    if (this.paused) this.pump();
+    this.endWhenIdle();
+  }
+
+  /** Starts a request; returns its promise, or undefined when it was answered at once. */
+  private execute(device: BlockDevice, req: NbdRequest, payload: Buffer | null): Promise<void> | undefined {
     const offset = Number(req.offset);
     const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
     switch (req.type) {
       case NBD_CMD_READ:
         return this.read(device, req, offset);
       case NBD_CMD_WRITE:
-        await device.write(offset, payload as Buffer, { fua });
-        return this.ok(req);
+        return device.write(offset, payload as Buffer, { fua }).then(() => this.ok(req));
       case NBD_CMD_FLUSH:
-        await device.flush();
-        return this.ok(req);
+        return device.flush().then(() => this.ok(req));
       case NBD_CMD_TRIM:
-        if (req.length) await device.discard(offset, req.length, { fua });
-        return this.ok(req);
+        if (!req.length) return this.ok(req);
+        return device.discard(offset, req.length, { fua }).then(() => this.ok(req));
       case NBD_CMD_CACHE:
         // A prefetch hint: success promises nothing, so there is nothing to do.
         return this.ok(req);
       case NBD_CMD_WRITE_ZEROES:
-        if (req.flags & NBD_CMD_FLAG_FAST_ZERO) {
-          // We cannot tell whether a device zeroes faster than it writes, except when the
-          // range already reads as zeros: then it is a no-op. Otherwise fail fast as the spec asks.
-          const exts = await device.extents(offset, req.length);
-          if (exts.some((e) => e.kind === "data")) {
-            return this.refuse(
-              req,
-              NBD_ENOTSUP,
-              "FAST_ZERO: zeroing this range would not be faster than writing",
-            );
-          }
-          return this.ok(req);
-        }
-        if (req.length) {
-          await device.writeZeroes(offset, req.length, {
-            fua,
-            mayTrim: (req.flags & NBD_CMD_FLAG_NO_HOLE) === 0,
-          });
-        }
-        return this.ok(req);
+        return this.writeZeroes(device, req, offset, fua);
       case NBD_CMD_BLOCK_STATUS:
         return this.blockStatus(device, req, offset);
       default:
@@ -453,43 +454,92 @@ export class TransmissionSession {
     }
   }
 
-  private async read(device: BlockDevice, req: NbdRequest, offset: number): Promise<void> {
-    const length = req.length;
-    if (!this.structured) {
-      const buf = replyBuffers.take(SIMPLE_REPLY_BYTES + length);
-      try {
-        if (length) await device.readInto(offset, buf.subarray(SIMPLE_REPLY_BYTES));
-      } catch (err) {
-        replyBuffers.give(buf);
-        throw err;
+  private async writeZeroes(
+    device: BlockDevice,
+    req: NbdRequest,
+    offset: number,
+    fua: boolean,
+  ): Promise<void> {
+    if (req.flags & NBD_CMD_FLAG_FAST_ZERO) {
+      // We cannot tell whether a device zeroes faster than it writes, except when the
+      // range already reads as zeros: then it is a no-op. Otherwise fail fast as the spec asks.
+      const exts = await device.extents(offset, req.length);
+      if (exts.some((e) => e.kind === "data")) {
+        return this.refuse(
+          req,
+          NBD_ENOTSUP,
+          "FAST_ZERO: zeroing this range would not be faster than writing",
+        );
       }
-      writeSimpleReplyHeader(buf, 0, 0, req.cookie);
-      return this.send(buf, true);
+      return this.ok(req);
     }
+    if (req.length) {
+      await device.writeZeroes(offset, req.length, {
+        fua,
+        mayTrim: (req.flags & NBD_CMD_FLAG_NO_HOLE) === 0,
+      });
+    }
+    return this.ok(req);
+  }
+
+  private read(device: BlockDevice, req: NbdRequest, offset: number): Promise<void> | undefined {
+    const length = req.length;
+    if (!this.structured) return this.readData(device, req, offset, SIMPLE_REPLY_BYTES);
     if (length === 0) return this.send(encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookie));
-    let extents: Extent[] | null = null;
-    if ((req.flags & NBD_CMD_FLAG_DF) === 0 && length >= HOLE_DETECT_MIN_BYTES) {
-      try {
-        extents = await device.extents(offset, length);
-      } catch {
-        extents = null; // allocation info is an optimisation: read everything as data
+    if ((req.flags & NBD_CMD_FLAG_DF) !== 0 || length < HOLE_DETECT_MIN_BYTES) {
+      return this.readData(device, req, offset, DATA_CHUNK_HEADER_BYTES);
+    }
+    return this.readSparse(device, req, offset);
+  }
+
+  /**
+   * The whole range as one reply into one pooled buffer: a simple reply (`headerBytes` 16) or one
+   * OFFSET_DATA chunk with DONE (`headerBytes` 28), header written after the data is in.
+   */
+  private readData(device: BlockDevice, req: NbdRequest, offset: number, headerBytes: number): Promise<void> {
+    const length = req.length;
+    const buf = replyBuffers.take(headerBytes + length);
+    const done = () => {
+      if (headerBytes === SIMPLE_REPLY_BYTES) writeSimpleReplyHeader(buf, 0, 0, req.cookie);
+      else {
+        writeChunkHeader(buf, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + length);
+        buf.writeBigUInt64BE(req.offset, STRUCTURED_REPLY_BYTES);
       }
+      this.send(buf, true);
+    };
+    if (length === 0) {
+      done();
+      return Promise.resolve();
+    }
+    let reading: Promise<void>;
+    try {
+      reading = device.readInto(offset, buf.subarray(headerBytes));
+    } catch (err) {
+      replyBuffers.give(buf);
+      return Promise.reject(err);
+    }
+    return reading.then(done, (err: unknown) => {
+      replyBuffers.give(buf);
+      throw err;
+    });
+  }
+
+  /** A large read: holes (per `extents()`) go out as OFFSET_HOLE chunks instead of zeros. */
+  private async readSparse(device: BlockDevice, req: NbdRequest, offset: number): Promise<void> {
+    const length = req.length;
+    let extents: Extent[] | null = null;
+    try {
+      extents = await device.extents(offset, length);
+    } catch {
+      extents = null; // allocation info is an optimisation: read everything as data
     }
     if (!extents || extents.length <= 1 || !extents.some((e) => e.kind !== "data")) {
       if (extents?.length === 1 && extents[0]?.kind !== "data") {
         return this.send(encodeHoleChunk(NBD_REPLY_FLAG_DONE, req.cookie, req.offset, length));
       }
-      const buf = replyBuffers.take(DATA_CHUNK_HEADER_BYTES + length);
-      try {
-        await device.readInto(offset, buf.subarray(DATA_CHUNK_HEADER_BYTES));
-      } catch (err) {
-        replyBuffers.give(buf);
-        throw err;
-      }
-      writeChunkHeader(buf, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + length);
-      buf.writeBigUInt64BE(req.offset, STRUCTURED_REPLY_BYTES);
-      return this.send(buf, true);
+      return this.readData(device, req, offset, DATA_CHUNK_HEADER_BYTES);
     }
+    this.holdReplies(); // the chunks below go out together
     // Mixed data and holes: read the data runs concurrently, then send chunks in order.
     const runs = clampExtents(extents, offset, length);
     const results = await Promise.allSettled(
@@ -542,15 +592,16 @@ export class TransmissionSession {
     }
     const last = chunks[chunks.length - 1];
     if (last) last.writeUInt16BE(NBD_REPLY_FLAG_DONE, 4);
+    if (chunks.length > 1) this.holdReplies();
     for (const c of chunks) this.send(c);
   }
 
-  private ok(req: NbdRequest): void {
-    this.send(encodeSimpleReply(0, req.cookie));
+  private ok(req: NbdRequest): undefined {
+    return this.send(encodeSimpleReply(0, req.cookie));
   }
 
   /** Answers a request with an error (simple reply, or an ERROR chunk with the message). */
-  private refuse(req: NbdRequest, error: number, message: string): void {
+  private refuse(req: NbdRequest, error: number, message: string): undefined {
     // A client looping on bad requests must not flood the log: after a few, refusals go to debug.
     this.refusals++;
     const level = error === NBD_ESHUTDOWN || this.refusals > MAX_LOGGED_REFUSALS ? "debug" : "warn";
@@ -566,8 +617,8 @@ export class TransmissionSession {
         `nbd request refused: ${message}`,
       );
     }
-    if (this.structured) this.send(encodeErrorChunk(req.cookie, error, message));
-    else this.send(encodeSimpleReply(error, req.cookie));
+    if (this.structured) return this.send(encodeErrorChunk(req.cookie, error, message));
+    return this.send(encodeSimpleReply(error, req.cookie));
   }
 
   private fail(req: NbdRequest, err: unknown): void {
@@ -596,19 +647,33 @@ export class TransmissionSession {
     if (!this.stream.destroyed) this.stream.uncork();
   };
 
-  /** Queues a reply; a `pooled` buffer goes back to the pool once the socket is done with it. */
-  private send(buf: Buffer, pooled = false): void {
+  /**
+   * Corks the socket until the end of this event-loop turn, so replies completing in the same
+   * turn leave in one writev (and one TCP segment when small).
+   */
+  private holdReplies(): void {
+    if (this.corked || this.stream.destroyed) return;
+    this.corked = true;
+    this.stream.cork();
+    setImmediate(this.uncork);
+  }
+
+  /**
+   * Queues a reply; a `pooled` buffer goes back to the pool once the socket is done with it.
+   * Replies are held for the turn only when another could join them (other requests in flight,
+   * or more requests already received): at queue depth 1 a reply leaves at once.
+   */
+  private send(buf: Buffer, pooled = false): undefined {
     if (this.isClosed || this.stream.destroyed || this.stream.writableEnded) {
       if (pooled) replyBuffers.give(buf);
-      return;
+      return undefined;
     }
-    if (!this.corked) {
-      this.corked = true;
-      this.stream.cork();
-      setImmediate(this.uncork);
+    if (!this.corked && (this.inFlightRequests > 1 || this.bufferedBytes >= REQUEST_BYTES)) {
+      this.holdReplies();
     }
     if (pooled) this.stream.write(buf, () => replyBuffers.give(buf));
     else this.stream.write(buf);
+    return undefined;
   }
 }
 

@@ -23,10 +23,15 @@ export const DEFAULT_REGIONS_IN_FLIGHT = 8;
 /** Upper bound for `regions_in_flight` (each holds a kcopyd job of up to one region). */
 export const MAX_REGIONS_IN_FLIGHT = 64;
 /**
- * Drained regions are marked clean at most this often: one log write (after a leg flush) covers
- * every region drained meanwhile, and a region written again before that costs no log I/O.
+ * Drained regions are marked clean lazily: after this much time without writes (a clean pass
+ * flushes every leg, which would stall a busy stream)...
  */
 export const CLEAN_PASS_DELAY_MS = 1000;
+/**
+ * ...or at the latest this long after a region drained, so a device that never idles still
+ * cleans. A user flush cleans for free: regions drained before it are clean once it succeeds.
+ */
+export const CLEAN_PASS_MAX_DELAY_MS = 30_000;
 /**
  * Regions marked dirty ahead of a sequential write stream: the window starts here and doubles
  * while the stream keeps coming (like readahead), up to DIRTY_AHEAD_MAX_BYTES. After a crash
@@ -148,6 +153,8 @@ export class MirrorDevice implements TargetDevice {
   private lastDirtyAheadMs = -Infinity;
   private opsIdleWaiters: Array<() => void> = [];
   private cleanTimer: NodeJS.Timeout | undefined;
+  private cleanDueSinceMs = 0;
+  private lastWriteMs = -Infinity;
   private closed = false;
   private detached = false;
   private pass: { startedMs: number; totalBytes: number; doneBytes: number } | null = null;
@@ -623,6 +630,7 @@ export class MirrorDevice implements TargetDevice {
     this.checkActive("write");
     if (lengthBytes === 0) return;
     this.opsInFlight++;
+    this.lastWriteMs = performance.now();
     try {
       const batchBytes = WRITE_BATCH_REGIONS * this.regionBytes;
       const end = offsetBytes + lengthBytes;
@@ -771,8 +779,11 @@ export class MirrorDevice implements TargetDevice {
   async flush(): Promise<void> {
     this.checkActive("flush");
     const mark = this.log.dirtyMark;
+    const candidates = this.regionHash.cleanCandidates();
     const ok = await this.flushLegs();
     if (!ok) throw new IoError("EIO", this.name, "flush failed on every leg");
+    // Regions drained before this flush are durable on every leg: clean (written with the next log write).
+    if (candidates.length) this.regionHash.commitClean(candidates);
     // A leg that failed its flush is now stale: that must be durable before the flush completes.
     if (this.log.dirtyMark !== mark) await this.log.waitDirtyDurable(this.log.dirtyMark);
   }
@@ -834,13 +845,23 @@ export class MirrorDevice implements TargetDevice {
 
   private scheduleCleanPass(): void {
     if (this.cleanTimer || this.closed || this.detached) return;
-    this.cleanTimer = setTimeout(() => {
-      this.cleanTimer = undefined;
-      void this.cleanPass().catch((err: unknown) =>
-        this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log flush failed"),
-      );
-    }, CLEAN_PASS_DELAY_MS);
-    this.cleanTimer.unref?.();
+    this.cleanDueSinceMs = performance.now();
+    const arm = (ms: number) => {
+      this.cleanTimer = setTimeout(() => {
+        const now = performance.now();
+        const idleFor = now - this.lastWriteMs;
+        if (idleFor < CLEAN_PASS_DELAY_MS && now - this.cleanDueSinceMs < CLEAN_PASS_MAX_DELAY_MS) {
+          arm(CLEAN_PASS_DELAY_MS - idleFor); // still busy: wait for a pause
+          return;
+        }
+        this.cleanTimer = undefined;
+        void this.cleanPass().catch((err: unknown) =>
+          this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log flush failed"),
+        );
+      }, ms);
+      this.cleanTimer.unref?.();
+    };
+    arm(CLEAN_PASS_DELAY_MS);
   }
 
   /** Marks drained regions clean and writes the log (flushing the legs first). */

@@ -17,10 +17,16 @@ import { fileURLToPath } from "node:url";
 export const name = "nbd";
 
 const MiB = 1024 * 1024;
-/** NBD_BENCH_DIST overrides the server build (e.g. a saved copy of an older build, to compare). */
+/** NBD_BENCH_DIST overrides the server build. */
 const DIST =
   process.env.NBD_BENCH_DIST ??
   fileURLToPath(new URL("../../packages/nbd-server/dist/index.js", import.meta.url));
+/**
+ * NBD_BENCH_BEFORE_DIST: another build of the server (a saved copy of dist/ from an older commit,
+ * kept where it still resolves @udm/kcopyd, e.g. packages/nbd-server/node_modules/.before/) run
+ * as an extra peer "udm before", so a change is measured before/after in the same run.
+ */
+const BEFORE_DIST = process.env.NBD_BENCH_BEFORE_DIST;
 const KCOPYD_DIST = fileURLToPath(new URL("../../packages/kcopyd/dist/index.js", import.meta.url));
 const CLK_TCK = 100;
 
@@ -95,10 +101,11 @@ process.on("SIGTERM", async () => { await server.close(); await device.close(); 
 
 async function startPeer(peer, disk, port) {
   let child;
-  if (peer === "udm") {
+  if (peer === "udm" || peer === "udm before") {
+    const dist = peer === "udm" ? DIST : BEFORE_DIST;
     child = spawn(process.execPath, ["--input-type=module", "-e", UDM_SERVER_SCRIPT], {
       stdio: "ignore",
-      env: { ...process.env, UDM_NBD: DIST, UDM_KCOPYD: KCOPYD_DIST, UDM_DISK: disk, UDM_PORT: String(port) },
+      env: { ...process.env, UDM_NBD: dist, UDM_KCOPYD: KCOPYD_DIST, UDM_DISK: disk, UDM_PORT: String(port) },
     });
   } else if (peer === "nbdkit file") {
     child = spawn("nbdkit", ["-f", "-i", "127.0.0.1", "-p", String(port), "file", disk], { stdio: "ignore" });
@@ -161,7 +168,7 @@ export async function run(ctx) {
   writeRandomFile(disk, diskBytes);
   writeRandomFile(src, copyBytes);
 
-  const peers = ["udm", "nbdkit file", "qemu-nbd"];
+  const peers = ["udm", ...(BEFORE_DIST ? ["udm before"] : []), "nbdkit file", "qemu-nbd"];
   const workloads = [
     { case: `seq write ${copyBytes / MiB} MiB (nbdcopy)`, unit: "MiB/s" },
     { case: `seq read ${diskBytes / MiB} MiB (nbdcopy)`, unit: "MiB/s" },
@@ -224,6 +231,10 @@ export async function run(ctx) {
     for (const p of peers) row[p] = fmt(r[p].value, w.unit);
     row["udm/qemu-nbd"] = ratio(r.udm.value, r["qemu-nbd"].value);
     row["udm/nbdkit"] = ratio(r.udm.value, r["nbdkit file"].value);
+    if (BEFORE_DIST) {
+      row["before/qemu-nbd"] = ratio(r["udm before"].value, r["qemu-nbd"].value);
+      row["before/nbdkit"] = ratio(r["udm before"].value, r["nbdkit file"].value);
+    }
     for (const p of peers) row[`${p} cpu s`] = Math.round(r[p].cpu * 100) / 100;
     row.runs = peers.map((p) => `${p}: ${r[p].runs.map((v) => fmt(v, w.unit)).join("/")}`).join("; ");
     return row;

@@ -79,14 +79,19 @@ describe("disk log, byte-compatible with the kernel's dm-log", () => {
     const gate = new Promise<void>((r) => {
       release = r;
     });
+    let reached!: () => void;
+    const atLeg = new Promise<void>((r) => {
+      reached = r;
+    });
     const b = devices.get("b")!;
     const slowWrite = b.write.bind(b);
     b.write = async (...args) => {
+      reached();
       await gate;
       return slowWrite(...args);
     };
     const w = m.write(9 * REGION + 512, Buffer.alloc(512, 9));
-    await new Promise((r) => setTimeout(r, 20));
+    await atLeg; // the write reached a leg, so its dirty bit must be on disk
     const during = await inspectDiskLog(log);
     expect(during.clean(9)).toBe(false);
     expect(during.cleanRegions).toBe(127);

@@ -364,7 +364,13 @@ describe("resync", () => {
     bHook.hook = (op) => (op.startsWith("write") ? new Promise<void>(() => undefined) : undefined);
     void m1.write(20 * REGION, fill(2, 2 * REGION));
     void m1.write(40 * REGION + 4096, fill(3));
-    await tick(20);
+    // Wait until leg a has both writes (b never gets them).
+    while (
+      !(await a.read(21 * REGION, 4)).equals(fill(2, 4)) ||
+      !(await a.read(40 * REGION + 4096, 4)).equals(fill(3, 4))
+    ) {
+      await tick(1);
+    }
     frozen.on = true;
     open = open.filter((x) => x !== m1); // killed: it never closes
     expect(await same(a, b)).toBe(false);

@@ -120,8 +120,8 @@ describe("kill -9", () => {
       const again = await openFiles(dir);
       // Killed between the first merged batch and the last one.
       const left = (await inspectCow(await again.ctx.openDevice(again.cowPath))).exceptions.length;
-      expect(left).toBeGreaterThan(0);
-      expect(left).toBeLessThan(before);
+      expect(left, `killed after the merge finished (${before} exceptions before)`).toBeGreaterThan(0);
+      expect(left, "killed before any merged batch was committed").toBeLessThan(before);
       const m = (await snapshotMergeTarget.create(
         [again.originPath, again.cowPath, "P", "0"],
         SIZE,

@@ -13,7 +13,7 @@ import {
 } from "@udm/kcopyd";
 import type { MergeRun } from "./exception-store.js";
 import type { MergingTarget, OriginState } from "./origin-state.js";
-import { snapshotStatus, snapshotTable } from "./snapshot-device.js";
+import { type SnapshotFeatures, snapshotStatus, snapshotTable } from "./snapshot-device.js";
 import { copiedRuns, type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
 
 /**
@@ -94,6 +94,8 @@ export class MergeDevice implements TargetDevice, MergingTarget {
     private readonly kcopyd: KcopydClient,
     private readonly log?: TargetLogger,
     name?: string,
+    /** Feature arguments of the table line, echoed by `table()` (they have no effect while merging). */
+    readonly features?: SnapshotFeatures,
   ) {
     this.name = name ?? `snapshot-merge(${state.cow.name})`;
     this.sizeBytes = state.lengthBytes;
@@ -109,7 +111,7 @@ export class MergeDevice implements TargetDevice, MergingTarget {
   }
 
   table(): string {
-    return snapshotTable(this.state);
+    return snapshotTable(this.state, this.features);
   }
 
   status(): string {

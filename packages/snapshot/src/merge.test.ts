@@ -258,7 +258,12 @@ describe("snapshot-merge", () => {
     await expect(snapshotMergeTarget.create(["origin", "cow", "N", "8"], size, ctx)).rejects.toBeInstanceOf(
       TargetArgError,
     );
-    const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
+    const m = (await snapshotMergeTarget.create(
+      ["origin", "cow", "PO", "8", "1", "discard_zeroes_cow"],
+      size,
+      ctx,
+    )) as MergeDevice;
+    expect(m.table()).toBe("origin cow PO 8 1 discard_zeroes_cow");
     await expect(snapshotMergeTarget.create(["origin", "cow2", "P", "8"], size, ctx)).rejects.toThrow(
       /already has a merging snapshot/,
     );

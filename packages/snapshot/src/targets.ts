@@ -270,12 +270,25 @@ export const snapshotMergeTarget: TargetType = {
   name: "snapshot-merge",
   usage: "<origin> <cow> <P|PO> <chunk_sectors>",
   async create(args, lengthBytes, context) {
-    const { state, originState } = await buildSnapshot(args, lengthBytes, context, true, "snapshot-merge");
+    const { state, originState, parsed } = await buildSnapshot(
+      args,
+      lengthBytes,
+      context,
+      true,
+      "snapshot-merge",
+    );
     if (originState.merging)
       throw new TargetArgError(0, `${state.origin.name} already has a merging snapshot`);
     originState.register(state);
     state.active = true;
-    const device = new MergeDevice(state, originState, context.kcopyd, context.log, context.deviceName);
+    const device = new MergeDevice(
+      state,
+      originState,
+      context.kcopyd,
+      context.log,
+      context.deviceName,
+      parsed.features,
+    );
     originState.merging = device;
     device.start();
     return device;

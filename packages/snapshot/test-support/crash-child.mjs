@@ -31,6 +31,21 @@ if (mode === "copy") {
   await Promise.all(Array.from({ length: 8 }, worker));
 } else if (mode === "merge") {
   setMergeBatchBytes(8192);
+  // Slow origin writes down a little, so the parent's kill lands in the middle of the merge
+  // even on a fast disk.
+  const origin = devices[originPath];
+  devices[originPath] = new Proxy(origin, {
+    get(target, prop) {
+      if (prop === "write") {
+        return async (...args) => {
+          await new Promise((r) => setTimeout(r, 3));
+          return target.write(...args);
+        };
+      }
+      const value = target[prop];
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
   const merge = await snapshotMergeTarget.create([originPath, cowPath, "P", "0"], size, ctx);
   for (;;) {
     console.log(`progress ${merge.progress().doneBytes}`);

@@ -8,8 +8,12 @@
  *                                    file system lacks it), BLKZEROOUT on block devices
  *   copyRange(fdIn, offIn, fdOut, offOut, length) -> Promise<bytes copied>: copy_file_range, in the
  *                                    kernel (no copy through user memory; reflinks where supported)
+ *   preadNowait(fd, target, position) -> bytes read from the page cache only (preadv2 RWF_NOWAIT),
+ *                                    -1 when none of it is cached (EAGAIN), 0 at end of file
+ *   dropCache(fd, offset, length) -> posix_fadvise(DONTNEED): clean cached pages of the range dropped
  *
- * The two seeks are cheap metadata calls and run synchronously; punching and zeroing can take
+ * The two seeks, preadNowait (it never waits for the disk: it
+ * copies what the page cache holds, or fails with EAGAIN) and dropCache run synchronously; punching and zeroing can take
  * long (a 1 GiB BLKZEROOUT writes 1 GiB) and run on the libuv thread pool via napi async work.
  * Errors reject/throw an Error with `code` set to the errno name (e.g. "EOPNOTSUPP") and `errno`.
  */
@@ -24,6 +28,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define CHECK(call)                                                                   \
@@ -54,6 +59,8 @@ static const char *errno_code(int err) {
     case ENOSYS: return "ENOSYS";
     case EISDIR: return "EISDIR";
     case ENOTTY: return "ENOTTY";
+    case EAGAIN: return "EAGAIN";
+    case EFAULT: return "EFAULT";
     default: return "EIO";
   }
 }
@@ -332,6 +339,75 @@ static napi_value copy_range(napi_env env, napi_callback_info info) {
   return promise;
 }
 
+/*
+ * preadNowait(fd, target, position): one preadv2(RWF_NOWAIT) into the whole of `target` (a
+ * Uint8Array/Buffer; pass a subarray for part of one) on the calling (JS) thread. It copies only
+ * what the page cache already holds and never sleeps on I/O: a short count means the rest is not
+ * cached (or the file ends there), -1 means nothing at `position` is cached (EAGAIN; the kernel may
+ * have started readahead). EAGAIN is a return value, not an exception, because it is the common
+ * miss and building an Error costs more than the call. Other failures throw (EOPNOTSUPP where the
+ * file system cannot do RWF_NOWAIT, e.g. tmpfs; ENOSYS/EOPNOTSUPP on kernels before 4.14).
+ */
+static napi_value pread_nowait(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], result;
+  int fd;
+  int64_t position;
+  bool is_typedarray = false;
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 3) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: expected (fd, target, position)");
+    return NULL;
+  }
+  if (!get_fd(env, argv, &fd) || !get_offset(env, argv, 2, "position", &position)) return NULL;
+  if (napi_is_typedarray(env, argv[1], &is_typedarray) != napi_ok || !is_typedarray ||
+      napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL) != napi_ok ||
+      type != napi_uint8_array) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: target must be a Buffer or Uint8Array");
+    return NULL;
+  }
+  ssize_t n = 0;
+  if (length > 0) {
+    struct iovec iov = {data, length};
+    do n = preadv2(fd, &iov, 1, (off_t)position, RWF_NOWAIT);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+      if (errno != EAGAIN) {
+        napi_throw(env, make_errno_error(env, "preadv2(RWF_NOWAIT)", errno));
+        return NULL;
+      }
+      n = -1;
+    }
+  }
+  CHECK(napi_create_double(env, (double)n, &result));
+  return result;
+}
+
+/* dropCache(fd, offset, length): posix_fadvise(POSIX_FADV_DONTNEED); length 0 means to the end. */
+static napi_value drop_cache(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  int fd;
+  int64_t offset, length;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 3) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: expected (fd, offset, length)");
+    return NULL;
+  }
+  if (!get_fd(env, argv, &fd) || !get_offset(env, argv, 1, "offset", &offset) ||
+      !get_offset(env, argv, 2, "length", &length))
+    return NULL;
+  int err = posix_fadvise(fd, (off_t)offset, (off_t)length, POSIX_FADV_DONTNEED);
+  if (err) {
+    napi_throw(env, make_errno_error(env, "posix_fadvise(DONTNEED)", err));
+    return NULL;
+  }
+  return NULL;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -339,6 +415,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_enumerable, NULL},
       {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"dropCache", NULL, drop_cache, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   return exports;

@@ -8,10 +8,19 @@ import {
   type WriteZeroesOptions,
 } from "./block-device.js";
 import { errnoOf, IoError } from "./errors.js";
-import { nativeFileOps } from "./native.js";
+import { type NativeFileOps, nativeFileOps } from "./native.js";
 
 /** Zeros are written in pieces of this size when the range cannot be punched or zero-ranged. */
 const ZERO_WRITE_BYTES = 1024 * 1024;
+
+/**
+ * Reads up to this size first try the page cache synchronously on the JS thread (preadv2 with
+ * RWF_NOWAIT through the native addon), skipping the libuv thread-pool round trip (~50-80 µs here
+ * against ~6-10 µs for a cached 4 KiB read). Larger reads go straight to the thread pool: their
+ * memcpy would stall the event loop for as long as the trip it saves (measured on this host:
+ * 256 KiB costs ~40-140 µs synchronously, 1 MiB ~430 µs either way).
+ */
+export const SYNC_READ_MAX_BYTES = 256 * 1024;
 
 export interface FileDeviceOptions {
   readOnly?: boolean;
@@ -19,12 +28,43 @@ export interface FileDeviceOptions {
   createSizeBytes?: number;
   /** Name to print in tables; defaults to the path. */
   name?: string;
+  /**
+   * Largest read tried synchronously from the page cache ({@link SYNC_READ_MAX_BYTES} by
+   * default); 0 sends every read through the thread pool, as without the native addon.
+   */
+  syncReadMaxBytes?: number;
+}
+
+/**
+ * How a FileDevice's reads were served, for benchmarks and diagnostics: synchronously from the
+ * page cache (`sync*`) or on the libuv thread pool (`pool*`). A read that was partly cached counts
+ * in both (its cached head synchronously, the rest in the pool).
+ */
+export interface FileReadStats {
+  /** preadv2(RWF_NOWAIT) calls made (hits, misses and the refusal that turns the path off). */
+  syncAttempts: number;
+  /** Attempts that returned at least one byte, and the bytes they returned. */
+  syncReads: number;
+  syncBytes: number;
+  /** Thread-pool reads (each `FileHandle.read` call) and their bytes. */
+  poolReads: number;
+  poolBytes: number;
+  /**
+   * Whether reads still try the page cache synchronously: false without the addon (or with
+   * `UDM_NO_NATIVE=1` at open), with `syncReadMaxBytes: 0`, and once the kernel or file system
+   * refused RWF_NOWAIT on this file (EOPNOTSUPP, e.g. tmpfs on Linux 6.18; ENOSYS; EINVAL).
+   */
+  syncPath: boolean;
 }
 
 /**
  * A regular file or a real block device (`/dev/sdX`, `/dev/loopN`) as a BlockDevice.
  * Sparse-aware when the native addon is built: extents from SEEK_DATA/SEEK_HOLE, discard
- * and write-zeroes by punching holes (BLKDISCARD / BLKZEROOUT on block devices).
+ * and write-zeroes by punching holes (BLKDISCARD / BLKZEROOUT on block devices). With the addon,
+ * reads of cached data up to `syncReadMaxBytes` are served synchronously (see
+ * {@link SYNC_READ_MAX_BYTES}); what is not cached goes through the thread pool as before.
+ * Writes always use the thread pool: buffered pwritev2(RWF_NOWAIT) is refused (EOPNOTSUPP) by
+ * ext4 and tmpfs on Linux 6.18, so there is nothing to gain there.
  *
  * @example
  * ```ts
@@ -42,6 +82,10 @@ export class FileDevice implements BlockDevice {
   readonly isBlockDevice: boolean;
   private readonly handle: fsp.FileHandle;
   private closed = false;
+  /** The addon while synchronous cached reads are worth trying on this fd; null once refused. */
+  private nowait: NativeFileOps | null;
+  private readonly syncReadMaxBytes: number;
+  private readonly stats = { syncAttempts: 0, syncReads: 0, syncBytes: 0, poolReads: 0, poolBytes: 0 };
 
   private constructor(
     path: string,
@@ -52,6 +96,7 @@ export class FileDevice implements BlockDevice {
       readOnly: boolean;
       isBlockDevice: boolean;
       name: string;
+      syncReadMaxBytes: number;
     },
   ) {
     this.path = path;
@@ -61,10 +106,19 @@ export class FileDevice implements BlockDevice {
     this.logicalBlockSize = info.logicalBlockSize;
     this.readOnly = info.readOnly;
     this.isBlockDevice = info.isBlockDevice;
+    this.syncReadMaxBytes = info.syncReadMaxBytes;
+    const native = nativeFileOps();
+    this.nowait = native?.preadNowait && info.syncReadMaxBytes > 0 ? native : null;
   }
 
   static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
     const readOnly = options.readOnly ?? false;
+    const syncReadMaxBytes = options.syncReadMaxBytes ?? SYNC_READ_MAX_BYTES;
+    if (!Number.isSafeInteger(syncReadMaxBytes) || syncReadMaxBytes < 0) {
+      throw new TypeError(
+        `FileDevice.open(${path}): syncReadMaxBytes must be a non-negative integer, got ${syncReadMaxBytes}`,
+      );
+    }
     let flags = readOnly ? fsConstants.O_RDONLY : fsConstants.O_RDWR;
     if (options.createSizeBytes !== undefined && !readOnly) flags |= fsConstants.O_CREAT;
     const handle = await fsp.open(path, flags, 0o644);
@@ -94,6 +148,7 @@ export class FileDevice implements BlockDevice {
         readOnly,
         isBlockDevice: st.isBlockDevice(),
         name: options.name ?? path,
+        syncReadMaxBytes,
       });
     } catch (err) {
       await handle.close();
@@ -112,12 +167,27 @@ export class FileDevice implements BlockDevice {
     return buf;
   }
 
+  /** A snapshot of how reads were served so far (see {@link FileReadStats}). */
+  get readStats(): FileReadStats {
+    return { ...this.stats, syncPath: this.nowait !== null };
+  }
+
+  /**
+   * Cached data (up to `syncReadMaxBytes`) is copied synchronously, before this returns its
+   * promise; what is not cached, and the rest of a partly cached read, go through the thread pool.
+   */
   async readInto(offsetBytes: number, target: Buffer): Promise<void> {
     this.checkOpen();
     checkRange(this, offsetBytes, target.length);
     let done = 0;
+    if (this.nowait !== null && target.length > 0 && target.length <= this.syncReadMaxBytes) {
+      done = this.readCached(this.nowait, offsetBytes, target);
+      if (done === target.length) return;
+    }
     while (done < target.length) {
       const { bytesRead } = await this.handle.read(target, done, target.length - done, offsetBytes + done);
+      this.stats.poolReads++;
+      this.stats.poolBytes += bytesRead;
       if (bytesRead === 0) {
         // A file shrunk under us: what is past its end reads as zeros, like a hole.
         target.fill(0, done);
@@ -271,6 +341,28 @@ export class FileDevice implements BlockDevice {
     if (this.closed) return;
     this.closed = true;
     await this.handle.close();
+  }
+
+  /**
+   * One preadv2(RWF_NOWAIT) of `target` at `offsetBytes`: the bytes it copied from the page cache
+   * (0 when none were cached). Any failure leaves the whole read to the thread-pool path, which
+   * reports real I/O errors exactly as without the addon; a refusal of RWF_NOWAIT itself turns
+   * this path off for the file.
+   */
+  private readCached(native: NativeFileOps, offsetBytes: number, target: Buffer): number {
+    this.stats.syncAttempts++;
+    let n: number;
+    try {
+      n = native.preadNowait!(this.handle.fd, target, offsetBytes);
+    } catch (err) {
+      const code = (err as { code?: unknown } | null)?.code;
+      if (isUnsupported(err) || code === "ENOSYS" || code === "EINVAL") this.nowait = null;
+      return 0;
+    }
+    if (n <= 0) return 0;
+    this.stats.syncReads++;
+    this.stats.syncBytes += n;
+    return n;
   }
 
   /** The pure-JS zeroing path: writes of a shared zero buffer, in pieces. */

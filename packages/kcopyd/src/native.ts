@@ -26,6 +26,19 @@ export interface NativeFileOps {
     offsetOut: number,
     length: number,
   ): Promise<number>;
+  /**
+   * preadv2(RWF_NOWAIT) into the whole of `target`, synchronously on the calling thread: copies
+   * only what the page cache already holds and never waits for the disk. Returns the bytes read
+   * (fewer than asked when the rest is not cached or the file ends; 0 at end of file), or -1 when
+   * nothing at `position` is cached (EAGAIN). Throws `EOPNOTSUPP` where the file system (tmpfs)
+   * or kernel (< 4.14) cannot do it. Optional: absent from an addon built before it existed.
+   */
+  preadNowait?(fd: number, target: Uint8Array, position: number): number;
+  /**
+   * posix_fadvise(POSIX_FADV_DONTNEED): drops the clean cached pages of the range (length 0: to
+   * the end of the file), e.g. to measure or test cold reads. Synchronous. Optional like above.
+   */
+  dropCache?(fd: number, offset: number, length: number): void;
 }
 
 /** Where `pnpm install` (the package's `install` script, node-gyp) puts the addon. */

@@ -496,6 +496,8 @@ describe("leg replacement and remote legs", () => {
     open.push(m2);
     expect(m2.status()).toBe("3 a b c 0/64 1 AAA 1 core");
     await expect(m1.write(0, fill(1))).rejects.toThrow(/replaced by a reload/);
+    await m1.flush(); // still fine: only the legs are flushed
+    expect((await m1.read(0, 4096)).equals(fill(5))).toBe(true);
     await m2.waitForSync();
     expect(m2.status()).toBe("3 a b c 64/64 1 AAA 1 core");
     expect({ a: a.bytesWritten, b: b.bytesWritten }).toEqual(before);

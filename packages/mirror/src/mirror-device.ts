@@ -777,7 +777,14 @@ export class MirrorDevice implements TargetDevice {
   }
 
   async flush(): Promise<void> {
-    this.checkActive("flush");
+    if (this.closed) throw new IoError("EIO", this.name, "flush: mirror is closed");
+    if (this.detached) {
+      // Replaced by a reload: the legs can still be flushed, the log belongs to the new table.
+      const results = await Promise.allSettled(this.legs.filter((l) => !l.offline).map((l) => l.dev.flush()));
+      if (!results.some((r) => r.status === "fulfilled"))
+        throw new IoError("EIO", this.name, "flush failed on every leg");
+      return;
+    }
     const mark = this.log.dirtyMark;
     const candidates = this.regionHash.cleanCandidates();
     const ok = await this.flushLegs();

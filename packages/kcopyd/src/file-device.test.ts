@@ -488,4 +488,295 @@ describe("FileDevice.open", () => {
     expect(again.sizeBytes).toBe(10 * GiB);
     await again.close();
   });
+
+  it("refuses a bad syncReadMaxBytes, naming it", async () => {
+    await expect(FileDevice.open(join(dir, "bad-opt.img"), { syncReadMaxBytes: -1 })).rejects.toThrow(
+      /bad-opt\.img\): syncReadMaxBytes must be a non-negative integer, got -1/,
+    );
+    await expect(FileDevice.open(join(dir, "bad-opt.img"), { syncReadMaxBytes: 1.5 })).rejects.toThrow(
+      TypeError,
+    );
+  });
+});
+
+/**
+ * Whether the file system of `dir` serves preadv2(RWF_NOWAIT): ext4, xfs, btrfs do; tmpfs refuses
+ * it with EOPNOTSUPP on Linux 6.18. Probed once with the addon (null without it).
+ */
+async function nowaitSupportedIn(where: string): Promise<boolean | null> {
+  const native = withNative(true, () => nativeFileOps());
+  if (!native?.preadNowait) return null;
+  const path = join(where, `nowait-probe-${process.pid}.img`);
+  const fh = await fsp.open(path, "w+");
+  try {
+    await fh.write(Buffer.alloc(4 * KiB, 1), 0, 4 * KiB, 0);
+    native.preadNowait(fh.fd, Buffer.alloc(4 * KiB), 0);
+    return true;
+  } catch (err) {
+    if ((err as { code?: unknown }).code === "EOPNOTSUPP") return false;
+    throw err;
+  } finally {
+    await fh.close();
+    await fsp.rm(path, { force: true });
+  }
+}
+
+describe.each(MODES)("FileDevice reads from the page cache, $mode path", ({ native, runs }) => {
+  let saved: string | undefined;
+  let nowait: boolean | null = null;
+  beforeAll(async () => {
+    nowait = await nowaitSupportedIn(dir);
+  });
+  beforeEach(() => {
+    saved = process.env[NO_NATIVE_ENV];
+    if (native) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = "1";
+  });
+  afterEach(() => {
+    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = saved;
+  });
+  const file = (name: string) => join(dir, `${native ? "n" : "js"}-cache-${name}`);
+  /** posix_fadvise(DONTNEED) through the addon whatever the mode (the pure-JS device ignores it). */
+  const dropCache = (dev: FileDevice, offset: number, length: number) =>
+    withNative(true, () => nativeFileOps())!.dropCache!(dev.fd, offset, length);
+  /** Where the synchronous path must work: the addon on a file system that serves RWF_NOWAIT. */
+  const syncExpected = () => native && nowait === true;
+
+  it.skipIf(!runs)("under CI, os.tmpdir() serves RWF_NOWAIT so the synchronous path is tested", () => {
+    if (native && CI) expect(nowait, `${tmpdir()} refused preadv2(RWF_NOWAIT)`).toBe(true);
+  });
+
+  it.skipIf(!runs)("copies cached data before readInto's promise is even awaited", async () => {
+    const dev = await FileDevice.open(file("hot.img"), { createSizeBytes: MiB });
+    try {
+      const data = randomBytes(MiB);
+      await dev.write(0, data);
+      const target = Buffer.alloc(64 * KiB, 0xaa);
+      const pending = dev.readInto(100 * KiB + 3, target);
+      const expected = data.subarray(100 * KiB + 3, 164 * KiB + 3);
+      // The synchronous path has filled the buffer already. (Without it nothing can be said here:
+      // a thread-pool read may complete before this line runs.)
+      if (syncExpected()) expect(target.equals(expected)).toBe(true);
+      await pending;
+      expect(target.equals(expected)).toBe(true);
+      const stats = dev.readStats;
+      if (syncExpected()) {
+        expect(stats).toEqual({
+          syncAttempts: 1,
+          syncReads: 1,
+          syncBytes: 64 * KiB,
+          poolReads: 0,
+          poolBytes: 0,
+          syncPath: true,
+        });
+      } else {
+        expect(stats.syncBytes).toBe(0);
+        expect(stats.poolBytes).toBe(64 * KiB);
+        if (!native) expect(stats).toMatchObject({ syncAttempts: 0, syncPath: false });
+      }
+      // Above the cap, and with the path turned off, reads go to the thread pool only.
+      await dev.read(0, MiB);
+      expect(dev.readStats.syncAttempts).toBe(stats.syncAttempts);
+      expect(dev.readStats.poolBytes).toBe(stats.poolBytes + MiB);
+    } finally {
+      await dev.close();
+    }
+    const off = await FileDevice.open(file("hot.img"), { syncReadMaxBytes: 0 });
+    try {
+      expect((await off.read(0, 4 * KiB)).length).toBe(4 * KiB);
+      expect(off.readStats).toMatchObject({ syncAttempts: 0, poolReads: 1, syncPath: false });
+    } finally {
+      await off.close();
+    }
+  });
+
+  it.skipIf(!runs || !nativeBuilt)(
+    "reads what is not cached, or only partly, through the thread pool",
+    async () => {
+      const dev = await FileDevice.open(file("cold.img"), { createSizeBytes: 2 * MiB });
+      try {
+        const data = randomBytes(2 * MiB);
+        await dev.write(0, data);
+        await dev.flush();
+        // Drop it all (clean after the flush), then cache [MiB - 64 KiB, MiB) again by rewriting
+        // it. (Dropping only part of the file is unreliable: a large folio that straddles the
+        // range's edge stays, ext4 on Linux 6.18 makes 2 MiB ones.)
+        dropCache(dev, 0, 0);
+        await dev.write(MiB - 64 * KiB, data.subarray(MiB - 64 * KiB, MiB));
+        const target = Buffer.alloc(128 * KiB, 0xaa);
+        const pending = dev.readInto(MiB - 64 * KiB, target);
+        const expected = data.subarray(MiB - 64 * KiB, MiB + 64 * KiB);
+        // Synchronously: the cached half (the pool may be quick enough to race with this check for
+        // the other half, so only the counters tell which path read it).
+        if (syncExpected())
+          expect(target.subarray(0, 64 * KiB).equals(expected.subarray(0, 64 * KiB))).toBe(true);
+        await pending;
+        expect(target.equals(expected)).toBe(true);
+        if (syncExpected()) {
+          expect(dev.readStats).toMatchObject({ syncReads: 1, syncBytes: 64 * KiB, poolBytes: 64 * KiB });
+        }
+        // Wholly uncached: the attempt misses (EAGAIN) and the pool reads it all.
+        dropCache(dev, 0, 0);
+        const before = dev.readStats;
+        const cold = Buffer.alloc(4 * KiB, 0xaa);
+        await dev.readInto(512 * KiB, cold);
+        expect(cold.equals(data.subarray(512 * KiB, 516 * KiB))).toBe(true);
+        expect(dev.readStats.syncBytes).toBe(before.syncBytes);
+        expect(dev.readStats.poolBytes).toBe(before.poolBytes + 4 * KiB);
+        expect(dev.readStats.syncPath).toBe(syncExpected());
+      } finally {
+        await dev.close();
+      }
+    },
+  );
+
+  it.skipIf(!runs)("a short read at the end of a file that shrank completes with zeros", async () => {
+    const path = file("shrink.img");
+    const dev = await FileDevice.open(path, { createSizeBytes: MiB });
+    try {
+      const data = randomBytes(MiB);
+      await dev.write(0, data);
+      await fsp.truncate(path, MiB - 1000);
+      const tail = await dev.read(MiB - 4 * KiB, 4 * KiB);
+      const expected = Buffer.alloc(4 * KiB);
+      data.copy(expected, 0, MiB - 4 * KiB, MiB - 1000);
+      expect(tail.equals(expected)).toBe(true);
+      if (syncExpected()) {
+        expect(dev.readStats).toMatchObject({ syncReads: 1, syncBytes: 4 * KiB - 1000, poolBytes: 0 });
+      }
+      // Wholly past the new end: 0 bytes from the cache, 0 from the pool, zeros.
+      expect((await dev.read(MiB - 512, 512)).every((b) => b === 0)).toBe(true);
+      expect(dev.readStats.syncPath).toBe(syncExpected());
+    } finally {
+      await dev.close();
+    }
+  });
+
+  it.skipIf(!runs)("matches a byte-array model under random writes, cache drops and reads", async () => {
+    const SIZE = 3 * MiB + 777;
+    const dev = await FileDevice.open(file("model.img"), {
+      createSizeBytes: SIZE,
+      syncReadMaxBytes: 128 * KiB,
+    });
+    const model = Buffer.alloc(SIZE);
+    const op = fc.record({
+      kind: fc.constantFrom("write", "drop", "read", "read", "read"),
+      offset: fc.nat(SIZE - 1),
+      length: fc.integer({ min: 1, max: 300 * KiB }),
+      seed: fc.nat(255),
+    });
+    try {
+      await fc.assert(
+        fc.asyncProperty(fc.array(op, { minLength: 1, maxLength: 20 }), async (ops) => {
+          for (const o of ops) {
+            const length = Math.min(o.length, SIZE - o.offset);
+            if (o.kind === "write") {
+              const bytes = Buffer.alloc(length, o.seed);
+              await dev.write(o.offset, bytes);
+              bytes.copy(model, o.offset);
+            } else if (o.kind === "drop") {
+              if (!nativeBuilt) continue;
+              // Half the drops flush and drop the whole file (misses for sure); the others drop
+              // a range, dirty or not (the kernel drops what it can).
+              if (o.seed % 2) {
+                await dev.flush();
+                dropCache(dev, 0, 0);
+              } else {
+                dropCache(dev, o.offset, length);
+              }
+            } else {
+              expect(
+                (await dev.read(o.offset, length)).equals(model.subarray(o.offset, o.offset + length)),
+              ).toBe(true);
+            }
+          }
+        }),
+        { numRuns: 30 },
+      );
+      const stats = dev.readStats;
+      if (syncExpected()) {
+        // Both paths served this workload: cached reads, and misses after the drops.
+        expect(stats.syncBytes).toBeGreaterThan(0);
+        expect(stats.poolBytes).toBeGreaterThan(0);
+      } else {
+        expect(stats.syncBytes).toBe(0);
+      }
+      expect((await dev.read(0, SIZE)).equals(model)).toBe(true);
+    } finally {
+      await dev.close();
+    }
+  });
+
+  it.skipIf(!runs || !native || !nativeBuilt)(
+    "stops trying where the file system refuses RWF_NOWAIT",
+    async () => {
+      // tmpfs refuses preadv2(RWF_NOWAIT) on Linux 6.18: one attempt, then thread pool only.
+      const shm = "/dev/shm";
+      const where = (await fsp.stat(shm).catch(() => null))?.isDirectory() ? shm : dir;
+      const supported = await nowaitSupportedIn(where);
+      const path = join(where, `udm-filedev-nowait-${process.pid}.img`);
+      const dev = await FileDevice.open(path, { createSizeBytes: MiB });
+      try {
+        const data = randomBytes(MiB);
+        await dev.write(0, data);
+        for (let i = 0; i < 8; i++) {
+          const at = i * 100 * KiB;
+          expect((await dev.read(at, 4 * KiB)).equals(data.subarray(at, at + 4 * KiB))).toBe(true);
+        }
+        const stats = dev.readStats;
+        if (supported) {
+          expect(stats).toMatchObject({ syncAttempts: 8, syncReads: 8, poolReads: 0, syncPath: true });
+        } else {
+          expect(stats).toMatchObject({ syncAttempts: 1, syncReads: 0, poolReads: 8, syncPath: false });
+        }
+      } finally {
+        await dev.close();
+        await fsp.rm(path, { force: true });
+      }
+    },
+  );
+});
+
+describe("native preadNowait and dropCache", () => {
+  it.skipIf(!nativeBuilt)(
+    "returns cached bytes, -1 for a miss, 0 at EOF, and names bad arguments",
+    async () => {
+      const native = withNative(true, () => nativeFileOps())!;
+      const fh = await fsp.open(join(dir, "pread-nowait.img"), "w+");
+      try {
+        const data = randomBytes(256 * KiB);
+        await fh.write(data, 0, data.length, 0);
+        const target = Buffer.alloc(8 * KiB);
+        if (!(await nowaitSupportedIn(dir))) {
+          expect(() => native.preadNowait!(fh.fd, target, 0)).toThrow(
+            expect.objectContaining({ code: "EOPNOTSUPP" }),
+          );
+          return;
+        }
+        expect(native.preadNowait!(fh.fd, target, 4096)).toBe(8 * KiB);
+        expect(target.equals(data.subarray(4096, 4096 + 8 * KiB))).toBe(true);
+        expect(
+          native.preadNowait!(fh.fd, new Uint8Array(target.buffer, target.byteOffset + 100, 10), 7),
+        ).toBe(10);
+        expect(target.subarray(100, 110).equals(data.subarray(7, 17))).toBe(true);
+        expect(native.preadNowait!(fh.fd, target, 256 * KiB - 100)).toBe(100);
+        expect(native.preadNowait!(fh.fd, target, 256 * KiB)).toBe(0);
+        expect(native.preadNowait!(fh.fd, Buffer.alloc(0), 0)).toBe(0);
+        await fh.datasync();
+        native.dropCache!(fh.fd, 0, 0);
+        expect(native.preadNowait!(fh.fd, target, 128 * KiB)).toBe(-1);
+        expect(() => native.preadNowait!(fh.fd, new Uint16Array(4) as unknown as Uint8Array, 0)).toThrow(
+          /target must be a Buffer or Uint8Array/,
+        );
+        expect(() => native.preadNowait!(fh.fd, target, -1)).toThrow(/position must be a non-negative/);
+        expect(() => native.dropCache!(fh.fd, 0, -5)).toThrow(/length must be a non-negative/);
+      } finally {
+        await fh.close();
+      }
+      expect(() => native.preadNowait!(1 << 20, Buffer.alloc(1), 0)).toThrow(
+        expect.objectContaining({ code: "EBADF" }),
+      );
+    },
+  );
 });

@@ -5,7 +5,11 @@
  * machine is shared: compare the ratio, not the absolute figures).
  *
  *   npx tsc -b packages/kcopyd && node packages/kcopyd/bench/file-read.mjs [file] [--size=GiB] [--rounds=3]
+ *     [--seconds=2] [--block=KiB (4)] [--sync-max=bytes (the default SYNC_READ_MAX_BYTES)]
  *
+ * `--block=256 --sync-max=1048576` measures whether a read size is worth serving synchronously.
+ * Besides µs per read, it reports the longest event-loop delay (how long other
+ * work, e.g. another NBD connection, waits behind the synchronous copies).
  * Without a file argument a random 1 GiB file is created in os.tmpdir() and removed at the end.
  * The file is read once first so that it is in the page cache.
  */
@@ -13,10 +17,10 @@ import { randomFillSync } from "node:crypto";
 import { closeSync, createReadStream, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import { FileDevice } from "../dist/index.js";
 
 const MiB = 1024 * 1024;
-const BLOCK = 4096;
 const arg = (name, fallback) => {
   const a = process.argv.find((x) => x.startsWith(`--${name}=`));
   return a ? Number(a.slice(name.length + 3)) : fallback;
@@ -24,6 +28,8 @@ const arg = (name, fallback) => {
 const createBytes = arg("size", 1) * 1024 * MiB;
 const rounds = arg("rounds", 3);
 const seconds = arg("seconds", 2);
+const BLOCK = arg("block", 4) * 1024;
+const syncMax = arg("sync-max", undefined);
 let path = process.argv.slice(2).find((x) => !x.startsWith("--"));
 const created = !path;
 if (!path) {
@@ -40,8 +46,10 @@ await new Promise((resolve, reject) =>
     .on("error", reject),
 );
 
-/** Runs `qd` loops of random 4 KiB reads for `seconds`; returns µs per op (wall / ops). */
+/** Runs `qd` loops of random reads for `seconds`; µs per op (wall / ops) and loop delay p99 (µs). */
 async function run(dev, qd) {
+  const delay = monitorEventLoopDelay({ resolution: 1 });
+  delay.enable();
   const blocks = Math.floor(dev.sizeBytes / BLOCK);
   const deadline = performance.now() + seconds * 1000;
   let ops = 0;
@@ -55,12 +63,13 @@ async function run(dev, qd) {
       }
     }),
   );
-  return ((performance.now() - start) * 1000) / ops;
+  delay.disable();
+  return { us: ((performance.now() - start) * 1000) / ops, loopMax: delay.max / 1000 };
 }
 
 const modes = [
   ["thread pool (before)", { syncReadMaxBytes: 0 }],
-  ["sync page cache (after)", {}],
+  ["sync page cache (after)", syncMax === undefined ? {} : { syncReadMaxBytes: syncMax }],
 ];
 const results = {};
 for (let round = 0; round < rounds; round++) {
@@ -68,9 +77,9 @@ for (let round = 0; round < rounds; round++) {
     for (const [label, options] of round % 2 ? [...modes].reverse() : modes) {
       const dev = await FileDevice.open(path, { readOnly: true, ...options });
       try {
-        const us = await run(dev, qd);
+        const r = await run(dev, qd);
         const key = `QD${qd} ${label}`;
-        results[key] = [...(results[key] ?? []), us];
+        results[key] = [...(results[key] ?? []), r];
         if (round === 0 && label.startsWith("sync")) console.error(`QD${qd} stats`, dev.readStats);
       } finally {
         await dev.close();
@@ -79,14 +88,19 @@ for (let round = 0; round < rounds; round++) {
   }
 }
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const fmt = (xs) => xs.map((x) => x.toFixed(1)).join("/");
 console.log(
-  `4 KiB random reads, ${(statSync(path).size / 1024 / MiB).toFixed(2)} GiB cached file ${path}, ${rounds} rounds of ${seconds} s, load ${readFileSync("/proc/loadavg", "utf8").trim()}`,
+  `${BLOCK / 1024} KiB random reads (sync cap ${syncMax ?? "default"}), ${(statSync(path).size / 1024 / MiB).toFixed(2)} GiB cached file ${path}, ${rounds} rounds of ${seconds} s, load ${readFileSync("/proc/loadavg", "utf8").trim()}`,
 );
 for (const qd of [1, 16]) {
-  const before = median(results[`QD${qd} thread pool (before)`]);
-  const after = median(results[`QD${qd} sync page cache (after)`]);
+  const b = results[`QD${qd} thread pool (before)`];
+  const a = results[`QD${qd} sync page cache (after)`];
+  const before = median(b.map((r) => r.us));
+  const after = median(a.map((r) => r.us));
   console.log(
-    `QD${qd}: before ${before.toFixed(1)} µs/op (${Math.round(1e6 / before)} IOPS), after ${after.toFixed(1)} µs/op (${Math.round(1e6 / after)} IOPS), speed-up ${(before / after).toFixed(2)}x; runs before ${results[`QD${qd} thread pool (before)`].map((x) => x.toFixed(1)).join("/")} after ${results[`QD${qd} sync page cache (after)`].map((x) => x.toFixed(1)).join("/")}`,
+    `QD${qd}: before ${before.toFixed(1)} µs/op (${Math.round(1e6 / before)} IOPS), after ${after.toFixed(1)} µs/op (${Math.round(1e6 / after)} IOPS), speed-up ${(before / after).toFixed(2)}x; ` +
+      `event-loop delay max before ${median(b.map((r) => r.loopMax)).toFixed(0)} µs, after ${median(a.map((r) => r.loopMax)).toFixed(0)} µs; ` +
+      `runs µs/op before ${fmt(b.map((r) => r.us))} after ${fmt(a.map((r) => r.us))}`,
   );
 }
 if (created) rmSync(path, { force: true });

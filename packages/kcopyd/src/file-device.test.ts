@@ -6,7 +6,7 @@ import { join } from "node:path";
 import fc from "fast-check";
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import type { Extent } from "./block-device.js";
-import { FileDevice } from "./file-device.js";
+import { FileDevice, SYNC_READ_STREAK_READS } from "./file-device.js";
 import { KcopydClient, KcopydFlags } from "./kcopyd.js";
 import { MemoryDevice } from "./memory-device.js";
 import { NO_NATIVE_ENV, nativeFileOps, nativeFileOpsLoadError } from "./native.js";
@@ -779,4 +779,36 @@ describe("native preadNowait and dropCache", () => {
       );
     },
   );
+});
+
+describe("FileDevice synchronous reads and the event loop", () => {
+  it("a loop of cached reads still lets timers run (the streak limit yields)", async () => {
+    const dev = await FileDevice.open(join(dir, "streak.img"), { createSizeBytes: 64 * KiB });
+    try {
+      await dev.write(0, randomBytes(64 * KiB));
+      for (const qd of [1, 8]) {
+        let fired = false;
+        let readsWhenFired = -1;
+        let reads = 0;
+        setTimeout(() => {
+          fired = true;
+          readsWhenFired = reads;
+        }, 0);
+        const READS = 3 * SYNC_READ_STREAK_READS;
+        await Promise.all(
+          Array.from({ length: qd }, async () => {
+            const buf = Buffer.alloc(4 * KiB);
+            while (reads < READS) {
+              reads++;
+              await dev.readInto((reads % 16) * 4 * KiB, buf);
+            }
+          }),
+        );
+        expect(fired).toBe(true);
+        expect(readsWhenFired).toBeLessThan(READS);
+      }
+    } finally {
+      await dev.close();
+    }
+  });
 });

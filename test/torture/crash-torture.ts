@@ -266,16 +266,16 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
     `built ${dir}: origin with snapA and snapB (persistent, ${CHUNK_SECTORS}-sector chunks), snapM merging, mirror0 with a disk log`,
   );
   /** The merge finished: the origin holds snapM's content; its line leaves the table. */
+  // From the moment snapshot-merge is loaded the origin device shows the merge's view (dm loads
+  // snapshot-merge on the origin): the origin must read as snapM did, merged or not.
+  models.snapM.skipGenerationsTo(models.origin.nextGeneration);
+  models.origin = models.snapM;
   const mergeDone = () => {
     if (!merging) return;
     merging = false;
-    models.snapM.skipGenerationsTo(models.origin.nextGeneration);
-    models.origin = models.snapM;
     writeFileSync(table, baseTable);
     summary.mergesCompleted++;
-    log(
-      `iteration ${summary.iterations}: merge of snapM complete; origin now checked against snapM's content`,
-    );
+    log(`iteration ${summary.iterations}: merge of snapM complete (no exception left)`);
   };
 
   // ---- iterations: start, verify, work, kill -9 ----
@@ -293,6 +293,7 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
       if (typeof left === "string") fail(`snapM.cow after a kill during its merge: ${left}`);
       else if (left > 0) summary.killsDuringMerge++;
       mergeProgress.push(typeof left === "number" ? left : null);
+      if (left === 0) mergeDone(); // finished before the kill: the table forgets it
       log(
         `iteration ${it + 1}: killed ${Math.round(ms)} ms after the start; snapM.cow holds ${left} exceptions to merge`,
       );
@@ -316,14 +317,13 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
           if (bad.length > 5) fail(`${name}: ${bad.length - 5} more blocks lost in this MiB`);
         }
       };
-      // While snapM merges, it reads as snapM's content; the origin device is not checked (the
-      // merge is rewriting it). Done (no exception left, as lvm polls it): the origin must read the same.
+      // While snapM merges, it (and the origin device) read as snapM's content. Done (no
+      // exception left, as lvm polls it): the origin keeps reading the same.
       let mergeDev: NbdDevice | null = null;
       if (merging) {
         const left = await mergeRemainingSectors(udm);
         mergeProgress.push(left);
         if (left === null) throw new Error("snapM (snapshot-merge) is not listed after the restart");
-        if (it > 0 && left > 0) summary.killsDuringMerge++;
         mergeDev = await NbdDevice.connect(`nbd://${serve.address}/snapM`);
         conns.push(mergeDev);
         await verify("snapM (merging)", mergeDev, models.snapM);
@@ -332,7 +332,8 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
           mergeDev = null;
         }
       }
-      if (!merging) await verify("origin", oDev, models.origin);
+      // While merging, the origin device shows the merge's view (dm loads snapshot-merge on the origin).
+      await verify(merging ? "origin (merging)" : "origin", oDev, models.origin);
       await verify("snapA", aDev, models.snapA);
       await verify("snapB", bDev, models.snapB);
       await verify("mirror0", mDev, models.mirror);
@@ -434,15 +435,13 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
       ]);
       conns.push(...extra);
       const seedBase = Math.floor(rng() * 1e9);
-      if (merging) {
-        if (mergeDev) lanes.push(lane(mergeDev, models.snapM, seedBase + 1, true, true));
-      } else {
-        lanes.push(
-          lane(oDev, models.origin, seedBase + 1, false),
-          lane(oDev, models.origin, seedBase + 2, false),
-          lane(extra[0] as NbdDevice, models.origin, seedBase + 3, false),
-        );
-      }
+      // I/O through the origin, during the merge too (it lands in the merge's view).
+      lanes.push(
+        lane(oDev, models.origin, seedBase + 1, false),
+        lane(oDev, models.origin, seedBase + 2, false),
+        lane(extra[0] as NbdDevice, models.origin, seedBase + 3, false),
+      );
+      if (merging && mergeDev) lanes.push(lane(mergeDev, models.snapM, seedBase + 8, true, true));
       lanes.push(
         lane(mDev, models.mirror, seedBase + 4, false),
         lane(extra[1] as NbdDevice, models.mirror, seedBase + 5, false),
@@ -457,6 +456,12 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
       await Promise.allSettled(lanes);
       summary.requestsInFlightAtKill += inFlight;
       for (const m of Object.values(models)) m.crash();
+      if (merging) {
+        const left = await mergeExceptionsOnDisk(udm, join(dir, "snapM.cow"));
+        summary.cowInspections++;
+        if (typeof left === "string") fail(`snapM.cow after a kill during its merge: ${left}`);
+        else if (left > 0) summary.killsDuringMerge++;
+      }
       log(
         `iteration ${it + 1}: killed after ${Math.round(runMs)} ms with ${inFlight} requests in flight; ` +
           `${summary.failures.length} failures so far`,
@@ -497,7 +502,6 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
         ["snapB", models.snapB],
         ["mirror0", models.mirror],
       ] as const) {
-        if (name === "origin" && merging) continue;
         const dev = await NbdDevice.connect(`nbd://${serve.address}/${name}`);
         conns.push(dev);
         for (let off = 0; off < model.sizeBytes; off += 1 << 20) {

@@ -498,6 +498,10 @@ export function buildProgram(): Command {
       .option("--chunk-size <size>", "chunk size in bytes instead of --chunk: 4k, 16k")
       .option("--transient", "transient store (N): exceptions live in memory only")
       .option("--overflow-ok", "persistent store PO: a full COW fails writes instead of invalidating")
+      .option(
+        "--reuse-cow",
+        "keep the COW's content (load the exceptions of the snapshot it already holds) instead of zeroing its header chunk as lvcreate does",
+      )
       .action(async (origin: string, name: string, opts, cmd: Command) => {
         let chunkSectors = sectorsOption(opts.chunk, "--chunk");
         if (opts.chunkSize !== undefined) {
@@ -507,6 +511,10 @@ export function buildProgram(): Command {
         }
         if (opts.transient && opts.overflowOk)
           throw new UsageError("--overflow-ok applies to persistent snapshots only");
+        if (opts.transient && opts.reuseCow)
+          throw new UsageError(
+            "--reuse-cow applies to persistent snapshots only (a transient COW keeps nothing)",
+          );
         await request(cmd, "snapshot-create", {
           origin,
           name,
@@ -515,6 +523,7 @@ export function buildProgram(): Command {
           chunkSectors,
           persistent: !opts.transient,
           overflowOk: Boolean(opts.overflowOk),
+          reuseCow: Boolean(opts.reuseCow),
         });
         print(`created snapshot ${name} of ${origin}`);
       }),

@@ -126,6 +126,7 @@ export function controlHandlers(manager: DeviceManager, listExports?: ExportList
         chunkSectors,
         persistent: args.persistent !== false,
         overflowOk: args.overflowOk === true,
+        reuseCow: args.reuseCow === true,
       });
       return { created: args.name };
     },

@@ -239,4 +239,34 @@ describe("DeviceManager", () => {
       }),
     ).rejects.toThrow(/plain is a zero device: a snapshot needs a snapshot-origin device/);
   });
+  test("snapshot create zeroes an old COW's header (a new snapshot starts empty) unless reuseCow keeps it", async () => {
+    file("origin.img", 256 * SECTOR_SIZE);
+    await manager.create(tables("origin: 0 256 snapshot-origin origin.img\n"));
+    const origin = manager.device("origin");
+    await origin.write(0, Buffer.alloc(4096, 0xaa));
+    const cow = join(dir, "old.cow");
+    const opts = { cow, createSizeBytes: 1 << 20, chunkSectors: 8, persistent: true, overflowOk: false };
+    await manager.snapshotCreate("origin", "s1", opts);
+    await origin.write(0, Buffer.alloc(4096, 0xbb)); // s1 copies 0xaa out to the COW
+    expect((await manager.device("s1").read(0, 4096)).equals(Buffer.alloc(4096, 0xaa))).toBe(true);
+    // A COW in use by a live snapshot is never zeroed.
+    await expect(manager.snapshotCreate("origin", "s2", opts)).rejects.toThrow(
+      /COW .*old\.cow is in use by s1: a new snapshot needs a COW of its own/,
+    );
+    await manager.remove("s1");
+
+    // A new snapshot on the old COW sees the origin as it is now, not s1's old chunk.
+    await manager.snapshotCreate("origin", "s2", opts);
+    expect((await manager.device("s2").read(0, 4096)).equals(Buffer.alloc(4096, 0xbb))).toBe(true);
+    expect(manager.status("s2")[0]!.args).toMatch(/^\d+\/2048 \d+$/);
+    const fresh = manager.status("s2")[0]!.args;
+    await origin.write(0, Buffer.alloc(4096, 0xcc));
+    expect((await manager.device("s2").read(0, 4096)).equals(Buffer.alloc(4096, 0xbb))).toBe(true);
+    await manager.remove("s2");
+
+    // reuseCow keeps the exceptions: s3 is s2 again (0xbb), whatever the origin holds now.
+    await manager.snapshotCreate("origin", "s3", { ...opts, reuseCow: true });
+    expect((await manager.device("s3").read(0, 4096)).equals(Buffer.alloc(4096, 0xbb))).toBe(true);
+    expect(manager.status("s3")[0]!.args).not.toBe(fresh);
+  });
 });

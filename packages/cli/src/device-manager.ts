@@ -104,6 +104,12 @@ export interface SnapshotCreateOptions {
   chunkSectors: number;
   persistent: boolean;
   overflowOk: boolean;
+  /**
+   * Keep what the COW holds (an existing snapshot's header and exceptions). By default a
+   * persistent COW's header chunk is zeroed first, as lvcreate does, so the new snapshot starts
+   * empty instead of silently reloading an old one's exceptions.
+   */
+  reuseCow?: boolean;
 }
 
 /**
@@ -292,6 +298,8 @@ export class DeviceManager {
         await this.pool.release(options.cow);
         this.log.info({ device: snapName, cow: options.cow, sizeBytes: dev.sizeBytes }, "created COW file");
       }
+      if (options.persistent && !options.reuseCow)
+        await this.zeroCowHeader(options.cow, options.chunkSectors);
       const store = options.persistent ? (options.overflowOk ? "PO" : "P") : "N";
       const args = [line.args[0]!, options.cow, store, String(options.chunkSectors)];
       const table: DeviceTable = {
@@ -308,6 +316,38 @@ export class DeviceManager {
       };
       await this.withSuspended([originName], () => this.createLocked([{ table, baseDir: origin.baseDir }]));
     });
+  }
+
+  /**
+   * Zeroes the header chunk of a COW about to back a new snapshot (lvcreate zeroes the start of
+   * the COW volume): the store then writes a fresh header instead of loading old exceptions.
+   * Refused while a live device uses the same COW, whose exceptions this would destroy.
+   */
+  private async zeroCowHeader(cow: string, chunkSectors: number): Promise<void> {
+    const users = [...this.devices.values()].filter((d) =>
+      cow.startsWith("@") ? d.uses.has(cow.slice(1)) : d.held.includes(cow),
+    );
+    if (users.length > 0 || (!cow.startsWith("@") && this.pool.refs(cow) > 0)) {
+      throw new DeviceManagerError(
+        "EBUSY",
+        `COW ${cow} is in use${users.length ? ` by ${users.map((d) => d.name).join(", ")}` : ""}: a new snapshot needs a COW of its own`,
+      );
+    }
+    const bytes = Math.max(chunkSectors, 1) * SECTOR_SIZE;
+    let dev: BlockDevice;
+    if (cow.startsWith("@")) {
+      dev = this.get(cow.slice(1)).gate;
+    } else {
+      dev = await this.pool.acquire(cow);
+    }
+    try {
+      if (dev.readOnly) throw new DeviceManagerError("EINVAL", `COW ${cow} is read-only`);
+      await dev.write(0, Buffer.alloc(Math.min(bytes, dev.sizeBytes)));
+      await dev.flush();
+    } finally {
+      if (!cow.startsWith("@")) await this.pool.release(cow);
+    }
+    this.log.info({ cow, bytes }, "zeroed the COW header chunk for a new snapshot");
   }
 
   /**

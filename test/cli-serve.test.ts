@@ -230,6 +230,41 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     expect(run("remove", "vol").status).toBe(0);
   });
 
+  test("--timeout: a suspend whose in-flight I/O never completes exits 1 with a clear message; the server stays healthy", async () => {
+    expect(run("create", "tbase", "--table", "0 2048 linear mem:1M 0").status).toBe(0);
+    expect(run("create", "tlin", "--table", "0 2048 linear @tbase 0").status).toBe(0);
+    const lin = await connect("tlin");
+    expect(run("suspend", "tbase").status).toBe(0);
+    // In flight on tlin, held below it by the suspended tbase: tlin's drain cannot finish.
+    const write = lin.write(0, Buffer.alloc(4096, 7));
+    for (let i = 0; i < 200; i++) {
+      if (JSON.parse((await runAsync("info", "tbase", "--json")).stdout)[0].heldRequests === 1) break;
+    }
+    const timedOut = await runAsync("--timeout", "1", "suspend", "tlin");
+    expect(timedOut.stdout).toBe("");
+    expect(timedOut.stderr).toMatch(
+      /^udm: no reply to "suspend" tlin from .*ctl\.sock within 1 s \(--timeout SECONDS, 0 waits forever\); the server goes on with the request: check it with "udm info tlin"\n$/,
+    );
+    expect(timedOut.status).toBe(1);
+    // Queries and table verbs still answer; resuming the lower device lets the drain finish.
+    expect((await runAsync("status", "tlin")).stdout).toBe("0 2048 linear\n");
+    expect((await runAsync("resume", "tbase")).status).toBe(0);
+    await write;
+    let state = "";
+    for (let i = 0; i < 200 && state !== "suspended"; i++) {
+      state = JSON.parse((await runAsync("info", "tlin", "--json")).stdout)[0].state;
+    }
+    expect(state).toBe("suspended");
+    expect((await runAsync("resume", "tlin")).status).toBe(0);
+    expect((await lin.read(0, 4096)).equals(Buffer.alloc(4096, 7))).toBe(true);
+    const bad = await runAsync("--timeout", "soon", "ls");
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toMatch(/--timeout "soon": expected a number of seconds \(0 waits forever\)/);
+    await disconnectAll();
+    expect((await runAsync("remove", "tlin")).status).toBe(0);
+    expect((await runAsync("remove", "tbase")).status).toBe(0);
+  });
+
   test("snapshot create on a live origin keeps the old content; merge brings it back and removes the snapshot", async () => {
     const origin = await connect("origin");
     const before = Buffer.alloc(65536, 0xa5);

@@ -2,7 +2,12 @@ import { readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { formatSize, parseSize, SECTOR_SIZE } from "@udm/kcopyd";
 import { Command, CommanderError, Option } from "commander";
-import { ControlError, ControlUnavailableError, controlRequest } from "./control-protocol.js";
+import {
+  ControlError,
+  ControlUnavailableError,
+  controlRequest,
+  DEFAULT_CONTROL_TIMEOUT_SECONDS,
+} from "./control-protocol.js";
 import { CONTROL_SOCKET_NAME, DEFAULT_DATA_DIR, LOG_LEVELS, type LogLevel } from "./defaults.js";
 import type { DeviceInfo, SegmentLine } from "./device-manager.js";
 import { canonicalSpec } from "./device-pool.js";
@@ -36,11 +41,26 @@ function collect(value: string, previous: string[]): string[] {
 interface GlobalOptions {
   control?: string;
   logLevel?: LogLevel;
+  timeout?: string;
 }
 
 function controlPath(cmd: Command): string {
   const opts = cmd.optsWithGlobals<GlobalOptions>();
   return resolve(opts.control ?? process.env.UDM_CONTROL ?? `${DEFAULT_DATA_DIR}/${CONTROL_SOCKET_NAME}`);
+}
+
+/** `--timeout SECONDS` in milliseconds (0: wait forever). */
+function controlTimeoutMs(cmd: Command): number {
+  const text = cmd.optsWithGlobals<GlobalOptions>().timeout ?? String(DEFAULT_CONTROL_TIMEOUT_SECONDS);
+  if (!/^\d+(\.\d+)?$/.test(text) || !Number.isFinite(Number(text))) {
+    throw new UsageError(`--timeout "${text}": expected a number of seconds (0 waits forever)`);
+  }
+  return Math.round(Number(text) * 1000);
+}
+
+/** One request to the server of a command, bounded by its `--timeout`. */
+function send(cmd: Command, verb: string, args: Record<string, unknown> = {}): Promise<unknown> {
+  return controlRequest(controlPath(cmd), verb, args, { timeoutMs: controlTimeoutMs(cmd) });
 }
 
 /** The logger of a command; loaded on demand (pino) so client verbs start fast. */
@@ -118,8 +138,7 @@ async function targetStatus(
   types: string[],
   json: boolean,
 ): Promise<void> {
-  const path = controlPath(cmd);
-  const entries = (await controlRequest(path, "status", name ? { name } : {})) as Array<{
+  const entries = (await send(cmd, "status", name ? { name } : {})) as Array<{
     name: string;
     lines: SegmentLine[];
   }>;
@@ -127,7 +146,7 @@ async function targetStatus(
   if (name && matching.length === 0) {
     throw new ControlError("EINVAL", `${name} has no ${types.join("/")} target`);
   }
-  const infos = (await controlRequest(path, "info", name ? { name } : {})) as DeviceInfo[];
+  const infos = (await send(cmd, "info", name ? { name } : {})) as DeviceInfo[];
   if (json) {
     return printJson(
       matching.map((e) => ({ ...e, progress: infos.find((i) => i.name === e.name)?.progress ?? null })),
@@ -146,7 +165,7 @@ async function targetStatus(
 async function waitForProgress(cmd: Command, name: string, label: string): Promise<void> {
   let bar: ReturnType<typeof createProgress> | undefined;
   for (;;) {
-    const [info] = (await controlRequest(controlPath(cmd), "info", { name })) as DeviceInfo[];
+    const [info] = (await send(cmd, "info", { name })) as DeviceInfo[];
     const p = info?.progress;
     if (!p) break;
     bar ??= createProgress(label, p.totalBytes);
@@ -173,6 +192,10 @@ export function buildProgram(): Command {
     .option(
       "--control <path>",
       `control socket of a running "udm serve" (env UDM_CONTROL; default ${DEFAULT_DATA_DIR}/${CONTROL_SOCKET_NAME})`,
+    )
+    .option(
+      "--timeout <seconds>",
+      `client commands: give up (exit 1) when the server does not answer a request within SECONDS; the server goes on with it (default ${DEFAULT_CONTROL_TIMEOUT_SECONDS}; 0 waits forever; merge and resync waits poll, each poll bounded, and have no overall limit)`,
     )
     .addOption(new Option("--log-level <level>", "log level (env UDM_LOG_LEVEL)").choices(LOG_LEVELS))
     .showHelpAfterError("(run with --help for usage)")
@@ -324,8 +347,7 @@ export function buildProgram(): Command {
   );
 
   // dmsetup verbs against a running server
-  const request = (cmd: Command, verb: string, args: Record<string, unknown> = {}) =>
-    controlRequest(controlPath(cmd), verb, args);
+  const request = send;
 
   example(
     program

@@ -31,6 +31,30 @@ export class ControlError extends Error {
   }
 }
 
+/**
+ * No reply within the client's timeout. The server keeps working on the request (a suspend
+ * waiting for in-flight I/O may still complete); the client only stops waiting.
+ */
+export class ControlTimeoutError extends ControlError {
+  override name = "ControlTimeoutError";
+  constructor(
+    readonly verb: string,
+    readonly timeoutMs: number,
+    message: string,
+  ) {
+    super("ETIMEDOUT", message);
+  }
+}
+
+/** Default wait for one control reply, in seconds (`udm --timeout`); 0 waits forever. */
+export const DEFAULT_CONTROL_TIMEOUT_SECONDS = 30;
+
+/** Options of one control request. */
+export interface ControlRequestOptions {
+  /** Give up after this many milliseconds without a reply (ControlTimeoutError); 0 or absent: wait forever. */
+  timeoutMs?: number;
+}
+
 /** The server could not be reached at the control socket. */
 export class ControlUnavailableError extends Error {
   override name = "ControlUnavailableError";
@@ -48,17 +72,35 @@ export function controlRequest(
   path: string,
   verb: string,
   args: Record<string, unknown> = {},
+  options: ControlRequestOptions = {},
 ): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const socket = connect(path);
     let buffered = "";
     let settled = false;
+    let timer: NodeJS.Timeout | undefined;
     const settle = (fn: () => void) => {
       if (settled) return;
       settled = true;
+      if (timer) clearTimeout(timer);
       socket.destroy();
       fn();
     };
+    const timeoutMs = options.timeoutMs ?? 0;
+    if (timeoutMs > 0) {
+      timer = setTimeout(() => {
+        const name = typeof args.name === "string" ? args.name : undefined;
+        settle(() =>
+          reject(
+            new ControlTimeoutError(
+              verb,
+              timeoutMs,
+              `no reply to "${verb}"${name ? ` ${name}` : ""} from ${path} within ${timeoutMs / 1000} s (--timeout SECONDS, 0 waits forever); the server goes on with the request${name ? `: check it with "udm info ${name}"` : ""}`,
+            ),
+          ),
+        );
+      }, timeoutMs);
+    }
     socket.setEncoding("utf8");
     socket.on("connect", () =>
       socket.write(`${JSON.stringify({ id: 1, verb, args } satisfies ControlRequest)}\n`),

@@ -196,9 +196,14 @@ export class DeviceManager {
     return [...out];
   }
 
-  /** dmsetup suspend: drain and hold I/O, flush. */
-  suspend(name: string): Promise<void> {
-    return this.exclusive(() => this.suspendGate(this.get(name).gate));
+  /**
+   * dmsetup suspend: drain and hold I/O, flush. The table lock is only held to start the suspend,
+   * not while in-flight I/O drains: I/O that waits on another suspended device (a stacked `@NAME`)
+   * completes once that one is resumed, and `udm resume` of it must not queue behind this drain.
+   */
+  async suspend(name: string): Promise<void> {
+    const started = await this.exclusive(async () => ({ done: this.suspendGate(this.get(name).gate) }));
+    await started.done;
   }
 
   private async suspendGate(gate: GateDevice): Promise<void> {

@@ -72,7 +72,8 @@ type Mode = "header" | "payload" | "skip" | "stopped";
 /**
  * The transmission phase of one connection: an incremental parser over the socket's chunks,
  * every request served concurrently through the export's current device, replies written as
- * they complete (out of order), corked per event-loop turn so small replies share packets.
+ * they complete (out of order); when several are outstanding, replies are corked per event-loop
+ * turn so they share writev calls and packets, and at queue depth 1 a reply leaves at once.
  *
  * @example
  * ```ts

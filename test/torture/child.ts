@@ -27,7 +27,7 @@ export interface RunningChild {
   exited(): { code: number | null; signal: NodeJS.Signals | null } | null;
   /** Everything the child wrote to stderr (the last 64 KiB). */
   stderr(): string;
-  /** Resident set size now (VmRSS), in bytes. */
+  /** Resident set size now (VmRSS), in bytes; 0 once the process has exited. */
   rssBytes(): number;
   /** SIGTERM, then SIGKILL after `graceMs`; resolves when the child is gone. */
   stop(graceMs?: number): Promise<void>;
@@ -87,10 +87,13 @@ export async function startChild(
     exited: () => exit,
     stderr: () => err,
     rssBytes: () => {
-      const status = readFileSync(`/proc/${pid}/status`, "utf8");
+      // 0 once the process is gone (a zombie has no VmRSS): callers check exited() for that.
+      let status = "";
+      try {
+        status = readFileSync(`/proc/${pid}/status`, "utf8");
+      } catch {}
       const m = /VmRSS:\s+(\d+) kB/.exec(status);
-      if (!m) throw new Error(`no VmRSS for pid ${pid}`);
-      return Number(m[1]) * 1024;
+      return m ? Number(m[1]) * 1024 : 0;
     },
     async stop(graceMs = 5000) {
       if (exit) return;

@@ -357,6 +357,48 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
   });
 });
 
+describe("NBD meta contexts of served devices", () => {
+  test.runIf(hasNbdinfo)(
+    "nbdinfo --map=snapshot:exceptions on a two-segment device maps the snapshot segment's chunks to device offsets",
+    async () => {
+      writeFileSync(join(dir, "so.img"), Buffer.alloc(1 << 20));
+      writeFileSync(join(dir, "so.cow"), Buffer.alloc(1 << 20));
+      writeFileSync(
+        join(dir, "seg.table"),
+        "so: 0 2048 snapshot-origin so.img\nseg2: 0 2048 zero\nseg2: 2048 2048 snapshot so.img so.cow P 8\n",
+      );
+      expect(run("create", "--table-file", "seg.table").stdout).toBe("created so, seg2\n");
+      const so = await connect("so");
+      await so.write(5 * 4096, Buffer.alloc(4096, 9)); // copies chunk 5 out to seg2's COW
+      await so.flush();
+      await disconnectAll();
+      const map = (ctx: string, name: string) =>
+        spawnSync("nbdinfo", [`--map=${ctx}`, `nbd://127.0.0.1:${serve!.port}/${name}`], {
+          encoding: "utf8",
+          timeout: 30_000,
+        });
+      const r = map("snapshot:exceptions", "seg2");
+      expect(r.stderr).toBe("");
+      expect(r.status).toBe(0);
+      const rows = r.stdout
+        .trim()
+        .split("\n")
+        .map((l) => l.trim().split(/\s+/).slice(0, 3).map(Number));
+      expect(rows).toEqual([
+        [0, (1 << 20) + 5 * 4096, 0],
+        [(1 << 20) + 5 * 4096, 4096, 1],
+        [(1 << 20) + 6 * 4096, (1 << 20) - 6 * 4096, 0],
+      ]);
+      // The mirror's context passes through the gate too (the embedded mirror0 is in sync).
+      const m = map("mirror:out-of-sync", "mirror0");
+      expect(m.status).toBe(0);
+      expect(m.stdout.trim().split(/\s+/).slice(0, 3)).toEqual(["0", String(1 << 30), "0"]);
+      expect(run("remove", "seg2").status).toBe(0);
+      expect(run("remove", "so").status).toBe(0);
+    },
+  );
+});
+
 describe("offline inspection", () => {
   test("snapshot inspect reads the live COW; a non-COW is explained with exit 1", () => {
     const ok = run("snapshot", "inspect", "data/snap0.cow");

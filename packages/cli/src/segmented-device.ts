@@ -127,10 +127,55 @@ export class SegmentedDevice implements TargetDevice {
     return mergeExtents(parts.flat());
   }
 
-  /** Meta contexts only pass through a single-segment device (offsets would need remapping). */
+  /**
+   * The NBD meta contexts of the segments, as one device: every name some segment publishes
+   * (first description wins). A query maps offsets onto the segments; a segment without the
+   * context reports flags 0 over its range. Contexts are looked up at query time, so a segment
+   * whose contexts change (a reload) is followed.
+   */
   statusContexts(): StatusContext[] {
-    if (this.segments.length !== 1) return [];
-    return this.segments[0]!.target.statusContexts?.() ?? [];
+    const byName = new Map<string, string>();
+    for (const s of this.segments) {
+      for (const c of s.target.statusContexts?.() ?? []) {
+        if (!byName.has(c.name)) byName.set(c.name, c.description);
+      }
+    }
+    return [...byName].map(([name, description]) => ({
+      name,
+      description,
+      query: (offsetBytes: number, lengthBytes: number) => this.queryContext(name, offsetBytes, lengthBytes),
+    }));
+  }
+
+  private async queryContext(
+    name: string,
+    offsetBytes: number,
+    lengthBytes: number,
+  ): Promise<Array<{ lengthBytes: number; flags: number }>> {
+    const out: Array<{ lengthBytes: number; flags: number }> = [];
+    const push = (length: number, flags: number) => {
+      if (length <= 0) return;
+      const last = out[out.length - 1];
+      if (last && last.flags === flags) last.lengthBytes += length;
+      else out.push({ lengthBytes: length, flags });
+    };
+    for (const p of this.pieces(offsetBytes, lengthBytes)) {
+      const ctx = p.target.statusContexts?.().find((c) => c.name === name);
+      if (!ctx) {
+        push(p.length, 0);
+        continue;
+      }
+      let covered = 0;
+      for (const run of await ctx.query(p.at, p.length)) {
+        const length = Math.min(run.lengthBytes, p.length - covered);
+        push(length, run.flags);
+        covered += length;
+        if (covered >= p.length) break;
+      }
+      // A segment may answer for less than asked (allowed): stop there, the client asks again.
+      if (covered < p.length) break;
+    }
+    return out;
   }
 
   async message(argv: string[]): Promise<string | undefined> {

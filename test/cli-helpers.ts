@@ -1,5 +1,5 @@
 import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_process";
-import { mkdirSync, rmdirSync, statSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, rmdirSync, rmSync, statSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 
 /** Repository root. */
@@ -27,6 +27,15 @@ export function buildCli(): void {
     }
   }
   try {
+    // `tsc -p ... --noEmit` updates the build info without emitting, after which `tsc -b` believes
+    // a stale dist is up to date: forget the build info when a source is newer than its output.
+    const src = `${ROOT}/packages/cli/src`;
+    const stale = readdirSync(src).some((f) => {
+      if (!f.endsWith(".ts") || f.endsWith(".test.ts")) return false;
+      const out = `${ROOT}/packages/cli/dist/${f.replace(/\.ts$/, ".js")}`;
+      return !existsSync(out) || statSync(out).mtimeMs < statSync(`${src}/${f}`).mtimeMs;
+    });
+    if (stale) rmSync(`${ROOT}/packages/cli/tsconfig.tsbuildinfo`, { force: true });
     execFileSync("npx", ["tsc", "-b", "packages/cli"], { cwd: ROOT, stdio: "pipe" });
   } catch (err) {
     const e = err as { stdout?: Buffer; stderr?: Buffer };

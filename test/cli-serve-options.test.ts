@@ -153,6 +153,17 @@ describe("udm serve options", () => {
     );
   });
 
+  test("a table file that cannot be read: exit 1 naming --table and the file, nothing served", () => {
+    const r = udm(
+      ["serve", "--table", "missing.table", "--listen", "127.0.0.1:0", "--control", join(dir, "c5.sock")],
+      { cwd: dir },
+    );
+    expect(r.stderr).toMatch(
+      /^udm: --table missing\.table: cannot read the file \(ENOENT: no such file or directory/m,
+    );
+    expect(r.status).toBe(1);
+  });
+
   test("a busy port: exit 1 naming the address", async () => {
     const blocker: Server = createServer();
     await new Promise<void>((r) => blocker.listen(0, "127.0.0.1", r));
@@ -174,6 +185,50 @@ describe("udm serve options", () => {
     [["serve", "--export", "noequals"], /--export "noequals": expected NAME=DEVICE/],
     [["serve", "--tls-cert", "x.pem"], /--tls-cert and --tls-key go together/],
     [["serve", "--log-level", "loud"], /argument 'loud' is invalid/],
+    [
+      ["copy", "--size", "12Q", "a.img", "b.img"],
+      /^udm: --size: invalid size "12Q": expected a number with an optional unit \(512, 4k, 1G, 1GiB, 2048s\)\n/,
+    ],
+    [["copy", "--size", "1000", "a.img", "b.img"], /--size 1000: must be a multiple of 512 bytes/],
+    [
+      ["copy", "--count", "1.5", "a.img", "b.img"],
+      /--count "1.5": expected a whole number of 512-byte sectors/,
+    ],
+    [["copy", "--count", "8", "--size", "4k", "a.img", "b.img"], /--count and --size are mutually exclusive/],
+    [["snapshot", "create", "o", "s", "--cow", "c", "--size", "12Q"], /--size: invalid size "12Q"/],
+    [
+      ["snapshot", "create", "o", "s", "--cow", "c", "--chunk", "3"],
+      /--chunk 3: the chunk size must be a power of two number of sectors \(8 = 4 KiB\), got 3/,
+    ],
+    [
+      ["snapshot", "create", "o", "s", "--cow", "c", "--chunk-size", "3k"],
+      /--chunk-size 3k: the chunk size must be a power of two number of sectors \(8 = 4 KiB\), got 6/,
+    ],
+    [
+      ["snapshot", "create", "o", "s", "--cow", "c", "--chunk-size", "1000"],
+      /--chunk-size 1000: must be a multiple of 512 bytes/,
+    ],
+    [
+      ["snapshot", "create", "o", "s", "--cow", "c", "--size", "4k"],
+      /--size 4k: a COW needs at least a header and a metadata chunk \(8192 bytes\)/,
+    ],
+    [
+      ["snapshot", "create", "o", "s", "--cow", "c", "--transient", "--reuse-cow"],
+      /--reuse-cow applies to persistent snapshots only/,
+    ],
+    [["snapshot", "create", "o", "s"], /required option '--cow <device>' not specified/],
+    [["message", "x", "zero", "resync"], /sector "zero": expected a whole number of 512-byte sectors/],
+    [
+      ["mirror", "resync", "--region-size", "abc", "a.img", "b.img"],
+      /--region-size "abc": expected a whole number/,
+    ],
+    [
+      ["mirror", "resync", "--region-size", "8", "a.img"],
+      /an offline resync needs PRIMARY and at least one more LEG/,
+    ],
+    [["create", "x", "--table-file", "missing.table"], /--table-file missing\.table: ENOENT/],
+    [["create", "x", "--table", "0 8 zero", "--table-file", "t"], /give --table or --table-file, not both/],
+    [["--timeout", "-1", "ls"], /--timeout "-1": expected a number of seconds/],
   ])("usage error %j exits 2", (args, message) => {
     const r = udm(args, { cwd: dir });
     expect(r.stderr).toMatch(message);

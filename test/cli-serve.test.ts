@@ -142,10 +142,56 @@ describe("dmsetup verbs over the control socket", () => {
       ["create", "x", "--table", "0 8 snapshot data/origin.img data/snap0.cow Q 8"],
       /^udm: --table:1: snapshot argument 3 \("Q"\)/,
     ],
-    [["create", "origin", "--table", "0 8 zero"], /device "origin" already exists/],
+    [
+      ["create", "x", "--table", "0 8 zero", "--table", "4 8 zero"],
+      /^udm: --table:2: x: segment starts at sector 4, expected 8 \(it overlaps the previous segment, which ends at sector 7;/,
+    ],
+    [
+      ["create", "x", "--table", "8 8 zero"],
+      /^udm: --table:1: x: segment starts at sector 8, expected 0 \(the first segment must start at 0;/,
+    ],
+    [
+      ["create", "x", "--table", "0 x zero"],
+      /^udm: --table:1: length "x" must be a whole number of 512-byte sectors\n$/,
+    ],
+    [["create", "x", "--table", "zero"], /^udm: --table:1: start sector "zero" must be a whole number/],
+    [
+      ["create", "x", "--table", "0 8"],
+      /^udm: --table:1: missing target type: expected one of linear, zero, error, flakey, mirror, snapshot-origin, snapshot, snapshot-merge\n$/,
+    ],
+    [
+      ["create", "x", "--table", "0 8 linear @nobody 0"],
+      /^udm: --table:1: linear argument 1 \("@nobody"\): no udm device "nobody" \(expected @NAME of an existing device\)/,
+    ],
+    [
+      ["create", "--table-file", "mixed.table"],
+      /^udm: mixed\.table:3: expected "NAME: <start> <length> <target> <args\.\.\.>"\n$/,
+    ],
+    [
+      ["create", "--table-file", "dup.table"],
+      /^udm: dup\.table:2: d1: segment starts at sector 0, expected 8 \(it overlaps the previous segment/,
+    ],
+    [["create", "nope", "--table-file", "dup.table"], /^udm: dup\.table:2: d1: segment starts at sector 0/],
+    [
+      ["create", "nope", "--table-file", "two.table"],
+      /^udm: two\.table defines no device "nope" \(it defines: t1, t2\)\n$/,
+    ],
+    [["create", "--table-file", "dmsetup.table"], /a device name is needed for dmsetup-format table lines/],
+    [
+      ["create", "a/b", "--table", "0 8 zero"],
+      /^udm: --table:1: invalid device name "a\/b": expected letters, digits/,
+    ],
+    [["message", "mirror0", "99999999", "resync"], /mirror0: sector 99999999 is outside the device/],
+    [["create", "origin", "--table", "0 8 zero"], /^udm: --table:1: device "origin" already exists\n$/],
+    [["create", "--table-file", "exists.table"], /^udm: exists\.table:2: device "snap0" already exists\n$/],
     [["remove", "nope"], /^udm: no device "nope" \(devices: origin, snap0, mirror0\)\n$/],
     [["suspend", "nope"], /no device "nope"/],
   ])("%j fails with exit 1 and a message naming the problem", (args, message) => {
+    writeFileSync(join(dir, "mixed.table"), "m1: 0 8 zero\n# a dmsetup line has no NAME:\n0 8 zero\n");
+    writeFileSync(join(dir, "dup.table"), "d1: 0 8 zero\nd1: 0 8 zero\n");
+    writeFileSync(join(dir, "two.table"), "t1: 0 8 zero\nt2: 0 8 zero\n");
+    writeFileSync(join(dir, "dmsetup.table"), "0 8 zero\n");
+    writeFileSync(join(dir, "exists.table"), "fresh: 0 8 zero\nsnap0: 0 8 zero\n");
     const r = run(...args);
     expect(r.stderr).toMatch(message);
     expect(r.status).toBe(1);

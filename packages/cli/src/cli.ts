@@ -526,10 +526,23 @@ export function buildProgram(): Command {
       )
       .action(async (origin: string, name: string, opts, cmd: Command) => {
         let chunkSectors = sectorsOption(opts.chunk, "--chunk");
+        let chunkOption = `--chunk ${opts.chunk}`;
         if (opts.chunkSize !== undefined) {
           const bytes = sizeOption(opts.chunkSize, "--chunk-size");
-          if (bytes % SECTOR_SIZE) throw new UsageError("--chunk-size must be a multiple of 512 bytes");
+          if (bytes % SECTOR_SIZE)
+            throw new UsageError(`--chunk-size ${opts.chunkSize}: must be a multiple of 512 bytes`);
           chunkSectors = bytes / SECTOR_SIZE;
+          chunkOption = `--chunk-size ${opts.chunkSize}`;
+        }
+        if (chunkSectors < 1 || !Number.isInteger(Math.log2(chunkSectors))) {
+          throw new UsageError(
+            `${chunkOption}: the chunk size must be a power of two number of sectors (8 = 4 KiB), got ${chunkSectors}`,
+          );
+        }
+        if (opts.size !== undefined && sizeOption(opts.size, "--size") < 2 * chunkSectors * SECTOR_SIZE) {
+          throw new UsageError(
+            `--size ${opts.size}: a COW needs at least a header and a metadata chunk (${2 * chunkSectors * SECTOR_SIZE} bytes)`,
+          );
         }
         if (opts.transient && opts.overflowOk)
           throw new UsageError("--overflow-ok applies to persistent snapshots only");

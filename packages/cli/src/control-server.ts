@@ -54,9 +54,14 @@ export function tableRequests(
       throw new DeviceManagerError("EINVAL", "a device name is needed for dmsetup-format table lines");
     return [{ table: parseDeviceTable(name, text, file, manager.registry), baseDir }];
   }
-  let tables = parseTableFile(text, file, manager.registry);
-  if (name) tables = tables.filter((t) => t.name === name);
-  if (tables.length === 0) throw new DeviceManagerError("EINVAL", `${file} defines no device "${name}"`);
+  const all = parseTableFile(text, file, manager.registry);
+  const tables = name ? all.filter((t) => t.name === name) : all;
+  if (tables.length === 0) {
+    throw new DeviceManagerError(
+      "EINVAL",
+      `${file} defines no device "${name}" (it defines: ${all.map((t) => t.name).join(", ") || "none"})`,
+    );
+  }
   if (options.single && tables.length !== 1) {
     throw new DeviceManagerError(
       "EINVAL",

@@ -86,6 +86,20 @@ export function attachHints(
   ];
 }
 
+/** Reads the file an option names; a failure names the option and the file. */
+function readOptionFile(file: string, option: string): string;
+function readOptionFile(file: string, option: string, encoding: null): Buffer;
+function readOptionFile(file: string, option: string, encoding: "utf8" | null = "utf8"): string | Buffer {
+  try {
+    return encoding ? readFileSync(file, encoding) : readFileSync(file);
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    throw new Error(
+      `${option} ${file}: cannot read the file (${e.code ?? "error"}: ${e.message.replace(/^\w+: /, "")})`,
+    );
+  }
+}
+
 /**
  * `udm serve`: builds every device of the table (or `--export`s, or the embedded default in the
  * data directory), serves each as an NBD export of the same name, answers the control socket,
@@ -104,9 +118,9 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
 
   registerDeviceSchemes();
   const tls = options.tls && {
-    cert: readFileSync(options.tls.certFile),
-    key: readFileSync(options.tls.keyFile),
-    ...(options.tls.caFile && { ca: readFileSync(options.tls.caFile) }),
+    cert: readOptionFile(options.tls.certFile, "--tls-cert", null),
+    key: readOptionFile(options.tls.keyFile, "--tls-key", null),
+    ...(options.tls.caFile && { ca: readOptionFile(options.tls.caFile, "--tls-ca", null) }),
     requireClientCert: options.tls.verifyClient,
     required: options.tls.required,
   };
@@ -140,7 +154,7 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     }
     const requests: TableRequest[] = [];
     if (tableFile) {
-      const text = readFileSync(tableFile, "utf8");
+      const text = readOptionFile(tableFile, "--table");
       for (const table of parseTableFile(text, tableFile, manager.registry)) {
         requests.push({ table, baseDir: dirname(resolve(tableFile)) });
       }

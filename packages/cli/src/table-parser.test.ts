@@ -37,8 +37,29 @@ describe("parseTableFile", () => {
     ["a: 0 0 zero", 1, /length must be at least 1 sector/],
     ["a: 0 8", 1, /missing target type: expected one of linear, zero, error, flakey/],
     ["a: 0 8 stripe 2", 1, /unknown target type "stripe": expected one of linear, zero, error, flakey/],
-    ["a: 0 8 zero\na: 16 8 zero", 2, /segment starts at sector 16, expected 8/],
-    ["a: 8 8 zero", 1, /segment starts at sector 8, expected 0/],
+    [
+      "a: 0 8 zero\na: 16 8 zero",
+      2,
+      /segment starts at sector 16, expected 8 \(a gap: sectors 8-15 are not mapped;/,
+    ],
+    [
+      "a: 0 8 zero\na: 4 8 zero",
+      2,
+      /segment starts at sector 4, expected 8 \(it overlaps the previous segment, which ends at sector 7;/,
+    ],
+    [
+      "a: 0 8 zero\nb: 0 8 zero\na: 0 8 zero",
+      3,
+      /^bad\.table:3: a: segment starts at sector 0, expected 8 \(it overlaps/,
+    ],
+    ["a: 8 8 zero", 1, /segment starts at sector 8, expected 0 \(the first segment must start at 0;/],
+    ["a: 99999999999999999 8 zero", 1, /start sector "99999999999999999" is too large: at most \d+ sectors/],
+    ["a: 0 1e3 zero", 1, /length "1e3" must be a whole number of 512-byte sectors/],
+    ["a 0 8 zero", 1, /^bad\.table:1: expected "NAME: <start> <length> <target> <args...>"$/],
+    [": 0 8 zero", 1, /expected "NAME: <start>/],
+    ["ok: 0 8 zero\n\n# c\n0 8 zero", 4, /expected "NAME: <start>/],
+    ["a:", 1, /missing start sector: expected "<start> <length> <target> <args...>"/],
+    ["a: 0", 1, /missing length: expected "<start> <length> <target> <args...>"/],
     ["-x: 0 8 zero", 1, /invalid device name "-x"/],
   ])("%j fails at line %i", (text, line, message) => {
     const err = parseError(() => parseTableFile(text, "bad.table", registry));

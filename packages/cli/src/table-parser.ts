@@ -63,8 +63,14 @@ function parseSectors(text: string | undefined, what: string, source: TableSourc
   if (text === undefined) {
     throw new TableParseError(source, `missing ${what}: expected "<start> <length> <target> <args...>"`);
   }
-  if (!/^\d+$/.test(text) || !Number.isSafeInteger(Number(text) * SECTOR_SIZE)) {
+  if (!/^\d+$/.test(text)) {
     throw new TableParseError(source, `${what} "${text}" must be a whole number of 512-byte sectors`);
+  }
+  if (!Number.isSafeInteger(Number(text) * SECTOR_SIZE)) {
+    throw new TableParseError(
+      source,
+      `${what} "${text}" is too large: at most ${Math.floor(Number.MAX_SAFE_INTEGER / SECTOR_SIZE)} sectors`,
+    );
   }
   return Number(text);
 }
@@ -107,10 +113,19 @@ export function checkSegments(table: DeviceTable): void {
   let next = 0;
   for (const line of table.lines) {
     if (line.startSectors !== next) {
+      const why =
+        next === 0
+          ? "the first segment must start at 0"
+          : line.startSectors > next
+            ? `a gap: sectors ${next}-${line.startSectors - 1} are not mapped`
+            : `it overlaps the previous segment, which ends at sector ${next - 1}`;
       throw new TableParseError(
         line.source,
-        `${table.name}: segment starts at sector ${line.startSectors}, expected ${next} (segments must be contiguous from 0, in order)`,
+        `${table.name}: segment starts at sector ${line.startSectors}, expected ${next} (${why}; segments must be contiguous from 0, in order)`,
       );
+    }
+    if (!Number.isSafeInteger((next + line.lengthSectors) * SECTOR_SIZE)) {
+      throw new TableParseError(line.source, `${table.name}: the device would be too large`);
     }
     next += line.lengthSectors;
   }

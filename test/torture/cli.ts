@@ -62,7 +62,11 @@ function vitestLine(file: string, prefix: string, env: NodeJS.ProcessEnv): Promi
       // biome-ignore lint/suspicious/noControlCharactersInRegex: strip ANSI colours
       const clean = out.replace(/\u001b\[[0-9;]*m/g, "");
       const m = new RegExp(`${prefix}[^\\n]*`).exec(clean);
-      resolve(`${m ? m[0] : `${prefix} no summary line`} (vitest exit ${status})`);
+      const why =
+        status === 0
+          ? ""
+          : ` — ${(/(AssertionError|Error): [^\n]*/.exec(clean) ?? ["see vitest output"])[0]}`;
+      resolve(`${m ? m[0] : `${prefix} no summary line`} (vitest exit ${status}${why})`);
     });
   });
 }
@@ -70,6 +74,7 @@ function vitestLine(file: string, prefix: string, env: NodeJS.ProcessEnv): Promi
 if (reportFile !== undefined) {
   const fuzz = await vitestLine("test/fuzz-nbd.test.ts", "fuzz-nbd:", {});
   const load = await vitestLine("test/load-nbd.test.ts", "load-nbd:", {});
+  const faults = await vitestLine("test/torture/faults.test.ts", "tests:", {});
   const md = `# udm torture report
 
 Generated ${new Date().toISOString()} in ${((Date.now() - started) / 1000).toFixed(0)} s.
@@ -87,6 +92,10 @@ Generated ${new Date().toISOString()} in ${((Date.now() - started) / 1000).toFix
 ## Bad inputs tried (protocol fuzzing)
 
 ${fuzz}
+
+## Device faults survived (test/torture/faults.test.ts: mirror leg, mirror log, COW failing and filling, origin read during copy-out)
+
+${faults}
 
 ## Load held
 

@@ -582,6 +582,55 @@ describe("NBD meta context and life cycle", () => {
     expect((await inspectDiskLog(log)).cleanRegions).toBe(64);
     expect(await same(a, b)).toBe(true);
   });
+  test("close after a leg failed keeps only the regions that leg missed dirty in the disk log", async () => {
+    // Reported: waitForSync, leg b down, one write, close -> 0/64 clean (the resync's copies to b
+    // were still unflushed, so b's failed flush made it stale everywhere).
+    const a = mem("a");
+    const bDisk = mem("b");
+    const b = new FlakeyDevice(bDisk, { upIntervalSeconds: 1, downIntervalSeconds: 0, name: "b" });
+    const log = mem("log", MIB);
+    await a.write(0, fill(5, SIZE));
+    const m1 = await mirror("disk 2 log 128 2 a 0 b 0", { a, b, log });
+    await m1.waitForSync();
+    expect(await same(a, bDisk)).toBe(true);
+    b.setMode("down");
+    await m1.write(3 * REGION + 4096, fill(6));
+    expect(m1.status()).toBe("2 a b 63/64 1 AD 3 disk log A");
+    await m1.close();
+    const info = await inspectDiskLog(log);
+    expect(info.cleanRegions).toBe(63);
+    expect(info.clean(3)).toBe(false); // the region b missed is never clean
+    // A restart with b back copies that one region, from a (the header says b is stale).
+    b.setMode("up");
+    const m2 = await mirror("disk 2 log 128 2 a 0 b 0", { a, b, log });
+    expect(m2.status()).toBe("2 a b 63/64 1 AA 3 disk log A");
+    await m2.waitForSync();
+    expect(m2.resyncedRegions).toBe(1);
+    expect(await same(a, bDisk)).toBe(true);
+    expect((await m2.read(3 * REGION + 4096, 4096)).equals(fill(6))).toBe(true);
+    await m2.close();
+    expect((await inspectDiskLog(log)).cleanRegions).toBe(64);
+  });
+
+  test("a leg whose flush fails before the resync's copies are flushed is stale there again", async () => {
+    const a = mem("a");
+    const b = new TracedDevice("b", mem("b"));
+    const log = mem("log", MIB);
+    await a.write(0, fill(5, 4 * REGION));
+    let failFlush = true;
+    b.hook = (op) => {
+      if (op === "flush" && failFlush) throw new IoError("EIO", "b", "flush failed");
+    };
+    const m = await mirror("disk 2 log 128 2 a 0 b 0", { a, b, log });
+    // The pass's flush of b fails: b may have lost every copy, so nothing is in sync or clean.
+    await expect(m.waitForSync()).rejects.toThrow(/cannot be resynced now/);
+    expect(m.status()).toBe("2 a b 0/64 1 AF 3 disk log A");
+    expect((await inspectDiskLog(log)).cleanRegions).toBe(0);
+    failFlush = false;
+    await m.message(["resync"]);
+    await m.waitForSync();
+    expect((await inspectDiskLog(log)).cleanRegions).toBe(64);
+  });
 });
 
 describe("errors around the log and flushes", () => {

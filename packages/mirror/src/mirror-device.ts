@@ -146,6 +146,10 @@ export class MirrorDevice implements TargetDevice {
   private recoveriesActive = 0;
   private recoveryIdleWaiters: Array<() => void> = [];
   private opsInFlight = 0;
+  /** Regions copied by the resync whose destinations were not flushed since (see `finishResyncPass`). */
+  private recoveredUnflushed = 0;
+  /** The clean pass that makes a finished resync durable, while it runs. */
+  private resyncFlush: Promise<void> | null = null;
   /** End offsets of recent writes, to recognise sequential streams. */
   private readonly recentWriteEnds: number[] = new Array(16).fill(-1);
   private recentWriteCursor = 0;
@@ -919,7 +923,30 @@ export class MirrorDevice implements TargetDevice {
           this.kickRecovery();
         });
     }
-    if (this.recoveriesActive === 0) this.updateInSync();
+    if (this.recoveriesActive === 0) {
+      this.updateInSync();
+      if (this.log.resyncSearchExhausted) this.finishResyncPass();
+    }
+  }
+
+  /**
+   * The resync ran out of work: flush the legs it copied to and set the clean bits now, rather
+   * than after the lazy clean delay. Until a destination is flushed, a copy it acknowledged may
+   * still sit in a volatile cache, so a flush failure in that window must (and does) make the leg
+   * stale there again; this closes the window as soon as the pass ends, so a leg that fails later
+   * is not blamed for copies it already made durable. `waitForSync` waits for it.
+   */
+  private finishResyncPass(): void {
+    if (this.recoveredUnflushed === 0 || this.resyncFlush || this.closed || this.detached) return;
+    this.recoveredUnflushed = 0;
+    const run = this.cleanPass()
+      .catch((err: unknown) =>
+        this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log flush failed"),
+      )
+      .finally(() => {
+        if (this.resyncFlush === run) this.resyncFlush = null;
+      });
+    this.resyncFlush = run;
   }
 
   /** The leg a region is copied from: the default leg if current there, else another current one. */
@@ -971,6 +998,7 @@ export class MirrorDevice implements TargetDevice {
       if (success) {
         this.resyncedBytes += count * SECTOR_SIZE * dests.length;
         this.resyncedRegions++;
+        this.recoveredUnflushed++;
       }
     } finally {
       if (success) {
@@ -1071,7 +1099,12 @@ export class MirrorDevice implements TargetDevice {
   /** Resolves once nothing is out of sync that the resync can reach (test and CLI helper). */
   async waitForSync(): Promise<void> {
     for (;;) {
-      if (this.log.syncCount === this.regionCount && this.recoveriesActive === 0) return;
+      if (this.log.syncCount === this.regionCount && this.recoveriesActive === 0) {
+        // In sync, and the copies are durable on their legs (the pass's flush and clean bits).
+        if (!this.resyncFlush) return;
+        await this.resyncFlush; // a leg whose flush failed is stale again: look again
+        continue;
+      }
       if (!this.recoveryRunning) throw new Error(`${this.name}: resync is suspended`);
       if (this.recoveriesActive === 0 && this.log.resyncSearchExhausted) {
         throw new Error(

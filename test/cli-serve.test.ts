@@ -363,6 +363,43 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     expect(notMirror.stderr).toMatch(/snap0 has no mirror target/);
   });
 
+  test("udm status shows a resync in progress with percent (human and --json) until the mirror is in sync", async () => {
+    writeFileSync(join(dir, "rl-a.img"), Buffer.alloc(1 << 20, 0x61));
+    writeFileSync(join(dir, "rl-b.img"), Buffer.alloc(1 << 20));
+    expect(run("create", "rleg", "--table", "0 2048 linear rl-b.img 0").status).toBe(0);
+    // The second leg is suspended: the resync's writes to it are held, so it stays in progress.
+    expect(run("suspend", "rleg").status).toBe(0);
+    const created = run("create", "rmir", "--table", "0 2048 mirror core 1 64 2 rl-a.img 0 @rleg 0");
+    expect(created.stderr).toBe("");
+    expect(created.status).toBe(0);
+    const human = (await runAsync("status", "rmir")).stdout;
+    expect(human).toMatch(
+      /^0 2048 mirror 2 \S+rl-a\.img @rleg \d+\/32 1 \w\w 1 core\n {2}resync: [\d.]+ \w+ \/ 1\.00 MiB \(\d+\.\d%\)(, ETA \d+ s)?\n$/,
+    );
+    const all = (await runAsync("status")).stdout;
+    expect(all).toMatch(/\nrmir: 0 2048 mirror .*\n {2}resync: .* \/ 1\.00 MiB \(\d+\.\d%\)/);
+    const [entry] = JSON.parse((await runAsync("status", "rmir", "--json")).stdout);
+    expect(entry).toMatchObject({ name: "rmir", progress: { operation: "resync", totalBytes: 1 << 20 } });
+    expect(entry.progress.doneBytes).toBeLessThan(1 << 20);
+    expect((await runAsync("mirror", "status", "rmir")).stdout).toMatch(/\n {2}resync: .*\(\d+\.\d%\)/);
+    expect((await runAsync("info", "rmir")).stdout).toMatch(
+      /Progress: +resync: .* \/ 1\.00 MiB \(\d+\.\d%\)/,
+    );
+
+    expect((await runAsync("resume", "rleg")).status).toBe(0);
+    let done = entry;
+    for (let i = 0; i < 600 && done.progress !== null; i++) {
+      done = JSON.parse((await runAsync("status", "rmir", "--json")).stdout)[0];
+    }
+    expect(done.progress).toBe(null);
+    expect((await runAsync("status", "rmir")).stdout).toMatch(
+      /^0 2048 mirror 2 \S+ @rleg 32\/32 1 AA 1 core\n$/,
+    );
+    expect(readFileSync(join(dir, "rl-b.img")).equals(Buffer.alloc(1 << 20, 0x61))).toBe(true);
+    expect((await runAsync("remove", "rmir")).status).toBe(0);
+    expect((await runAsync("remove", "rleg")).status).toBe(0);
+  });
+
   test("snapshot create under a stream of writes: no write fails, none is lost or torn in the snapshot", async () => {
     const origin = await connect("origin");
     const base = 8 << 20;

@@ -1,6 +1,6 @@
 import type { Command } from "commander";
 import { describe, expect, test } from "vitest";
-import { buildProgram } from "./cli.js";
+import { buildProgram, formatProgress } from "./cli.js";
 
 function allCommands(cmd: Command): Command[] {
   return [cmd, ...cmd.commands.flatMap(allCommands)];
@@ -59,5 +59,17 @@ describe("udm command line", () => {
     )) {
       expect(c.options.map((o) => o.long)).toContain("--json");
     }
+  });
+
+  test("progress lines give sizes, percent and ETA when known", () => {
+    expect(formatProgress({ operation: "merge", doneBytes: 512, totalBytes: 1024 })).toBe(
+      "merge: 512 B / 1.00 KiB (50.0%)",
+    );
+    expect(
+      formatProgress({ operation: "resync", doneBytes: 3 << 20, totalBytes: 1 << 30, etaSeconds: 40.2 }),
+    ).toBe("resync: 3.00 MiB / 1.00 GiB (0.3%), ETA 41 s");
+    expect(formatProgress({ operation: "copy", doneBytes: 0, totalBytes: 0 })).toBe(
+      "copy: 0 B / 0 B (100.0%)",
+    );
   });
 });

@@ -1,6 +1,6 @@
 import { readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { formatSize, parseSize, SECTOR_SIZE } from "@udm/kcopyd";
+import { formatSize, parseSize, SECTOR_SIZE, type TargetProgress } from "@udm/kcopyd";
 import { Command, CommanderError, Option } from "commander";
 import {
   ControlError,
@@ -107,6 +107,36 @@ function formatSegments(entries: Array<{ name: string; lines: SegmentLine[] }>, 
   return entries.flatMap((e) => e.lines.map((l) => formatTableLine(named ? e.name : null, l)));
 }
 
+/**
+ * One line about background work: `resync: 12.0 MiB / 1.00 GiB (1.2%), ETA 40 s`.
+ *
+ * @example
+ * ```ts
+ * formatProgress({ operation: "merge", doneBytes: 512, totalBytes: 1024 }); // "merge: 512 B / 1.00 KiB (50.0%)"
+ * ```
+ */
+export function formatProgress(p: TargetProgress): string {
+  const pct = p.totalBytes > 0 ? (100 * p.doneBytes) / p.totalBytes : 100;
+  const eta =
+    p.etaSeconds !== undefined && Number.isFinite(p.etaSeconds) ? `, ETA ${Math.ceil(p.etaSeconds)} s` : "";
+  return `${p.operation}: ${formatSize(p.doneBytes)} / ${formatSize(p.totalBytes)} (${pct.toFixed(1)}%)${eta}`;
+}
+
+/** What the `status` verb answers for each device. */
+interface StatusEntry {
+  name: string;
+  lines: SegmentLine[];
+  progress?: TargetProgress | null;
+}
+
+/** Status lines of each device, each followed by an indented progress line while work runs. */
+function formatStatus(entries: StatusEntry[], named: boolean): string[] {
+  return entries.flatMap((e) => [
+    ...formatSegments([e], named),
+    ...(e.progress ? [`  ${formatProgress(e.progress)}`] : []),
+  ]);
+}
+
 function formatInfo(info: DeviceInfo & { connections: number }): string[] {
   const p = info.progress;
   return [
@@ -119,11 +149,7 @@ function formatInfo(info: DeviceInfo & { connections: number }): string[] {
     `Uses:              ${info.uses.map((u) => `@${u}`).join(" ") || "-"}`,
     `Used by:           ${info.usedBy.join(" ") || "-"}`,
     ...(info.state === "suspended" ? [`Held requests:     ${info.heldRequests}`] : []),
-    ...(p
-      ? [
-          `Progress:          ${p.operation} ${formatSize(p.doneBytes)} / ${formatSize(p.totalBytes)}${p.etaSeconds !== undefined ? `, ETA ${Math.ceil(p.etaSeconds)} s` : ""}`,
-        ]
-      : []),
+    ...(p ? [`Progress:          ${formatProgress(p)}`] : []),
   ];
 }
 
@@ -138,27 +164,13 @@ async function targetStatus(
   types: string[],
   json: boolean,
 ): Promise<void> {
-  const entries = (await send(cmd, "status", name ? { name } : {})) as Array<{
-    name: string;
-    lines: SegmentLine[];
-  }>;
+  const entries = (await send(cmd, "status", name ? { name } : {})) as StatusEntry[];
   const matching = entries.filter((e) => e.lines.some((l) => types.includes(l.targetType)));
   if (name && matching.length === 0) {
     throw new ControlError("EINVAL", `${name} has no ${types.join("/")} target`);
   }
-  const infos = (await send(cmd, "info", name ? { name } : {})) as DeviceInfo[];
-  if (json) {
-    return printJson(
-      matching.map((e) => ({ ...e, progress: infos.find((i) => i.name === e.name)?.progress ?? null })),
-    );
-  }
-  const out: string[] = [];
-  for (const e of matching) {
-    out.push(...formatSegments([e], !name));
-    const p = infos.find((i) => i.name === e.name)?.progress;
-    if (p) out.push(`  ${p.operation}: ${formatSize(p.doneBytes)} / ${formatSize(p.totalBytes)}`);
-  }
-  print(out);
+  if (json) return printJson(matching.map((e) => ({ ...e, progress: e.progress ?? null })));
+  print(formatStatus(matching, !name));
 }
 
 /** Polls a device's background progress with a bar until it has none. */
@@ -408,18 +420,15 @@ export function buildProgram(): Command {
         .description(
           verb === "table"
             ? "print the table of a device (or all, as NAME: lines) in dmsetup's format"
-            : "print the status of a device (or all) in dmsetup's format",
+            : 'print the status of a device (or all) in dmsetup\'s format; a resync or merge in progress adds an indented line with percent and ETA (--json: "progress")',
         )
         .argument("[name]")
         .option("--json", "machine-readable output")
         .action(async (name: string | undefined, opts, cmd: Command) => {
-          const entries = (await request(cmd, verb, name ? { name } : {})) as Array<{
-            name: string;
-            lines: SegmentLine[];
-          }>;
+          const entries = (await request(cmd, verb, name ? { name } : {})) as StatusEntry[];
           if (opts.json) return printJson(entries);
           if (entries.length === 0) return print("No devices found");
-          print(formatSegments(entries, !name));
+          print(verb === "status" ? formatStatus(entries, !name) : formatSegments(entries, !name));
         }),
       verb === "table"
         ? "udm table mirror0      # 0 2097152 mirror disk 3 /srv/mirror0.log 1024 nosync 2 ..."

@@ -84,7 +84,8 @@ export function controlHandlers(manager: DeviceManager, listExports?: ExportList
     ls: async () => manager.names().map((n) => ({ ...manager.info(n), connections: connections(n) })),
     info: async (args) => names(args).map((n) => ({ ...manager.info(n), connections: connections(n) })),
     table: async (args) => names(args).map((n) => ({ name: n, lines: manager.table(n) })),
-    status: async (args) => names(args).map((n) => ({ name: n, lines: manager.status(n) })),
+    status: async (args) =>
+      names(args).map((n) => ({ name: n, lines: manager.status(n), progress: manager.info(n).progress })),
     create: async (args) => {
       const requests = tableRequests(manager, args, { single: false });
       await manager.create(requests);

@@ -400,6 +400,36 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     expect((await runAsync("remove", "rleg")).status).toBe(0);
   });
 
+  test("udm status shows a merge in progress with percent (human and --json); the merged device goes away", async () => {
+    writeFileSync(join(dir, "mo.img"), Buffer.alloc(4 << 20));
+    writeFileSync(join(dir, "ms.cow"), Buffer.alloc(4 << 20));
+    expect(run("create", "mo", "--table", "0 8192 linear mo.img 0").status).toBe(0);
+    expect(run("create", "ms", "--table", "0 8192 snapshot @mo ms.cow P 8").status).toBe(0);
+    const data = Buffer.alloc(1 << 20);
+    for (let i = 0; i < data.length; i += 4) data.writeUInt32LE(Math.imul(i, 2654435761) >>> 0, i);
+    const ms = await connect("ms");
+    await ms.write(0, data); // a writable snapshot: 1 MiB of exceptions to merge
+    await ms.flush();
+    await disconnectAll();
+    // The origin is suspended: the merge's writes to it are held, so it stays in progress.
+    expect(run("suspend", "mo").status).toBe(0);
+    const started = await runAsync("snapshot", "merge", "ms", "--no-wait");
+    expect(started.stdout).toBe("merging ms\n");
+    expect(started.status).toBe(0);
+    expect((await runAsync("status", "ms")).stdout).toMatch(
+      /^0 8192 snapshot-merge \d+\/8192 \d+\n {2}merge: [\d.]+ \w+ \/ 1\.00 MiB \(\d+\.\d%\)(, ETA \d+ s)?\n$/,
+    );
+    const [entry] = JSON.parse((await runAsync("status", "ms", "--json")).stdout);
+    expect(entry).toMatchObject({ name: "ms", progress: { operation: "merge", totalBytes: 1 << 20 } });
+    expect((await runAsync("snapshot", "status")).stdout).toMatch(/\nms: 0 8192 snapshot-merge .*\n {2}merge: /);
+    expect((await runAsync("resume", "mo")).status).toBe(0);
+    let listed = true;
+    for (let i = 0; i < 600 && listed; i++) listed = (await runAsync("ls")).stdout.includes("ms\t");
+    expect(listed).toBe(false);
+    expect(readFileSync(join(dir, "mo.img")).subarray(0, 1 << 20).equals(data)).toBe(true);
+    expect((await runAsync("remove", "mo")).status).toBe(0);
+  });
+
   test("snapshot create under a stream of writes: no write fails, none is lost or torn in the snapshot", async () => {
     const origin = await connect("origin");
     const base = 8 << 20;

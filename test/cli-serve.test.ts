@@ -421,12 +421,18 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     );
     const [entry] = JSON.parse((await runAsync("status", "ms", "--json")).stdout);
     expect(entry).toMatchObject({ name: "ms", progress: { operation: "merge", totalBytes: 1 << 20 } });
-    expect((await runAsync("snapshot", "status")).stdout).toMatch(/\nms: 0 8192 snapshot-merge .*\n {2}merge: /);
+    expect((await runAsync("snapshot", "status")).stdout).toMatch(
+      /\nms: 0 8192 snapshot-merge .*\n {2}merge: /,
+    );
     expect((await runAsync("resume", "mo")).status).toBe(0);
     let listed = true;
     for (let i = 0; i < 600 && listed; i++) listed = (await runAsync("ls")).stdout.includes("ms\t");
     expect(listed).toBe(false);
-    expect(readFileSync(join(dir, "mo.img")).subarray(0, 1 << 20).equals(data)).toBe(true);
+    expect(
+      readFileSync(join(dir, "mo.img"))
+        .subarray(0, 1 << 20)
+        .equals(data),
+    ).toBe(true);
     expect((await runAsync("remove", "mo")).status).toBe(0);
   });
 
@@ -461,6 +467,41 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     expect(seen.indexOf(false) === -1 || !seen.slice(seen.indexOf(false)).includes(true)).toBe(true);
     await disconnectAll();
     expect(run("remove", "s3").status).toBe(0);
+  });
+
+  test("snapshot create on an old COW starts a new snapshot (header zeroed) unless --reuse-cow; a COW in use is refused", async () => {
+    const at = 16 << 20;
+    const origin = await connect("origin");
+    const fill = async (v: number) => {
+      await origin.write(at, Buffer.alloc(4096, v));
+      await origin.flush();
+    };
+    const snapRead = async (name: string) => {
+      const dev = await connect(name);
+      const b = await dev.read(at, 4096);
+      await dev.close();
+      devices.splice(devices.indexOf(dev), 1);
+      return b[0];
+    };
+    await fill(0xa1);
+    expect(run("snapshot", "create", "origin", "r1", "--cow", "r.cow", "--size", "16M").status).toBe(0);
+    await fill(0xb2); // r1 keeps 0xa1 in r.cow
+    expect(await snapRead("r1")).toBe(0xa1);
+    const busy = run("snapshot", "create", "origin", "r9", "--cow", "r.cow");
+    expect(busy.stderr).toMatch(
+      /^udm: COW .*r\.cow is in use by r1: a new snapshot needs a COW of its own\n$/,
+    );
+    expect(busy.status).toBe(1);
+    expect(run("remove", "r1").status).toBe(0);
+
+    expect(run("snapshot", "create", "origin", "r2", "--cow", "r.cow").status).toBe(0);
+    expect(await snapRead("r2")).toBe(0xb2); // not r1's 0xa1
+    await fill(0xc3); // r2 keeps 0xb2
+    expect(run("remove", "r2").status).toBe(0);
+    expect(run("snapshot", "create", "origin", "r3", "--cow", "r.cow", "--reuse-cow").status).toBe(0);
+    expect(await snapRead("r3")).toBe(0xb2); // r2's exceptions, reloaded
+    expect(run("remove", "r3").status).toBe(0);
+    await disconnectAll();
   });
 
   test("snapshot create refuses a device that is not a snapshot-origin", () => {

@@ -183,6 +183,11 @@ describe("dmsetup verbs over the control socket", () => {
     ],
     [["message", "mirror0", "99999999", "resync"], /mirror0: sector 99999999 is outside the device/],
     [["create", "origin", "--table", "0 8 zero"], /^udm: --table:1: device "origin" already exists\n$/],
+    [
+      ["snapshot", "create", "origin", "sx", "--cow", "nothere.cow"],
+      /^udm: COW .*nothere\.cow: device ".*nothere\.cow" does not exist \(give --size to create it\)\n$/,
+    ],
+    [["snapshot", "create", "nope", "sx", "--cow", "nothere.cow"], /^udm: no device "nope"/],
     [["create", "--table-file", "exists.table"], /^udm: exists\.table:2: device "snap0" already exists\n$/],
     [["remove", "nope"], /^udm: no device "nope" \(devices: origin, snap0, mirror0\)\n$/],
     [["suspend", "nope"], /no device "nope"/],

@@ -343,7 +343,14 @@ export class DeviceManager {
     if (cow.startsWith("@")) {
       dev = this.get(cow.slice(1)).gate;
     } else {
-      dev = await this.pool.acquire(cow);
+      try {
+        dev = await this.pool.acquire(cow);
+      } catch (err) {
+        throw new DeviceManagerError(
+          "EINVAL",
+          `COW ${cow}: ${(err as Error).message}${isPathSpec(cow) && !existsSync(cow) ? " (give --size to create it)" : ""}`,
+        );
+      }
     }
     try {
       if (dev.readOnly) throw new DeviceManagerError("EINVAL", `COW ${cow} is read-only`);

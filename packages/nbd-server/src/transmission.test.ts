@@ -210,6 +210,43 @@ describe("simple replies", () => {
     }
   });
 
+  it("answers a burst of 30000 requests, most answered at once, while the in-flight budget pauses reading", async () => {
+    const small = new NbdServer({ maxInFlightBytesPerConnection: 256 * 1024 });
+    small.addExport("disk", disk);
+    const smallAddress = await small.listen({ host: "127.0.0.1", port: 0 });
+    try {
+      const p = await RawPeer.connect(smallAddress);
+      peers.push(p);
+      await p.greet();
+      await p.go("disk");
+      await disk.write(65536, Buffer.alloc(65536, 0x5a));
+      const n = 30_000;
+      const burst: Buffer[] = [];
+      const cookie = Buffer.alloc(8);
+      for (let i = 0; i < n; i++) {
+        cookie.writeBigUInt64BE(BigInt(i), 0);
+        // Every 100th is a 64 KiB read (holds budget); the rest are CACHE (answered without awaiting).
+        const isRead = i % 100 === 0;
+        burst.push(
+          encodeRequest(0, isRead ? NBD_CMD_READ : NBD_CMD_CACHE, cookie, 65536n, isRead ? 65536 : 4096),
+        );
+      }
+      p.write(Buffer.concat(burst));
+      const seen = new Set<bigint>();
+      for (let i = 0; i < n; i++) {
+        const header = await p.read(16); // simple reply: magic, error, cookie
+        expect(header.readUInt32BE(4)).toBe(0);
+        const got = header.readBigUInt64BE(8);
+        if (got % 100n === 0n) expect((await p.read(65536)).every((b) => b === 0x5a)).toBe(true);
+        seen.add(got);
+      }
+      expect(seen.size).toBe(n);
+      await expectServing();
+    } finally {
+      await small.close({ force: true });
+    }
+  });
+
   it("finishes writes in flight before closing on DISC", async () => {
     const { p } = await open();
     const data = Buffer.alloc(1 << 20, 0x77);

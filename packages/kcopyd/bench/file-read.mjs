@@ -10,6 +10,7 @@
  * `--block=256 --sync-max=1048576` measures whether a read size is worth serving synchronously.
  * Besides µs per read, it reports the longest event-loop delay (how long other
  * work, e.g. another NBD connection, waits behind the synchronous copies).
+ *
  * Without a file argument a random 1 GiB file is created in os.tmpdir() and removed at the end.
  * The file is read once first so that it is in the page cache.
  */
@@ -46,7 +47,7 @@ await new Promise((resolve, reject) =>
     .on("error", reject),
 );
 
-/** Runs `qd` loops of random reads for `seconds`; µs per op (wall / ops) and loop delay p99 (µs). */
+/** Runs `qd` loops of random reads for `seconds`; µs per op (wall / ops) and the longest event-loop delay (µs). */
 async function run(dev, qd) {
   const delay = monitorEventLoopDelay({ resolution: 1 });
   delay.enable();

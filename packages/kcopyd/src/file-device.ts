@@ -15,12 +15,14 @@ const ZERO_WRITE_BYTES = 1024 * 1024;
 
 /**
  * Reads up to this size first try the page cache synchronously on the JS thread (preadv2 with
- * RWF_NOWAIT through the native addon), skipping the libuv thread-pool round trip (~50-80 µs here
- * against ~6-10 µs for a cached 4 KiB read). Larger reads go straight to the thread pool: their
- * memcpy would stall the event loop for as long as the trip it saves (measured on this host:
- * 256 KiB costs ~40-140 µs synchronously, 1 MiB ~430 µs either way).
+ * RWF_NOWAIT through the native addon), skipping the libuv thread-pool round trip (~40-80 µs on
+ * a loaded 2-core host against ~5-10 µs for a cached 4 KiB read). Larger reads go straight to the
+ * thread pool, whose threads copy in parallel while the JS thread works on. Measured with
+ * bench/file-read.mjs (random reads of a cached 1 GiB file, every size synchronous, µs per read,
+ * pool -> sync): 16 KiB QD1 37.9 -> 6.3, QD16 17.7 -> 5.8; 128 KiB QD1 48.5 -> 22.9, QD16
+ * 30.2 -> 21.8; 256 KiB QD1 73.8 -> 39.8 but QD16 38.8 -> 42.1 (a loss), 512 KiB QD16 78 -> 83.
  */
-export const SYNC_READ_MAX_BYTES = 256 * 1024;
+export const SYNC_READ_MAX_BYTES = 128 * 1024;
 
 /**
  * Synchronous reads complete without giving the event loop a turn (their promises resolve in

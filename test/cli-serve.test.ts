@@ -151,6 +151,18 @@ describe("dmsetup verbs over the control socket", () => {
       /^udm: --table:1: x: segment starts at sector 8, expected 0 \(the first segment must start at 0;/,
     ],
     [
+      ["create", "x", "--table", "0 8 snapshot data/origin.img"],
+      /^udm: --table:1: snapshot: snapshot requires 4 or more arguments: .*got 1 \(usage: snapshot <origin> <cow> <P\|PO\|N> <chunk_sectors>/,
+    ],
+    [
+      ["create", "x", "--table", "0 8 zero extra"],
+      /^udm: --table:1: zero: expected \(no arguments\), got 1 argument\(s\)/,
+    ],
+    [
+      ["create", "x", "--table", "0 8 flakey data/origin.img 0 1 1 1 bogus"],
+      /^udm: --table:1: flakey argument 6 \("bogus"\): unknown flakey feature "bogus" \(expected drop_writes, error_writes, error_reads\)/,
+    ],
+    [
       ["create", "x", "--table", "0 x zero"],
       /^udm: --table:1: length "x" must be a whole number of 512-byte sectors\n$/,
     ],

@@ -69,6 +69,8 @@ export interface TortureSummary {
   /** Mirror leg comparisons that found identical legs after resync. */
   mirrorLegChecks: number;
   cowInspections: number;
+  /** Live reads racing a write that came back torn inside a sector (legal, reported). */
+  subSectorTears: number;
   /** Iterations that started (and were killed) with the merge still running. */
   killsDuringMerge: number;
   mergesCompleted: number;
@@ -82,7 +84,8 @@ export function formatSummary(s: TortureSummary): string {
     `torture: ${s.iterations} iterations, ${s.kills} kills (${s.requestsInFlightAtKill} requests in flight at the kills), ` +
     `${s.requestsAcked} requests acknowledged, ${s.bytesVerified} bytes verified, ${s.mirrorLegChecks} mirror leg ` +
     `comparisons, ${s.cowInspections} COW inspections, ${s.killsDuringMerge} kills during a merge ` +
-    `(${s.mergesCompleted} merge completed, checked exactly), ${s.failures.length} failures ` +
+    `(${s.mergesCompleted} merge completed, checked exactly), ${s.subSectorTears} live reads torn inside a sector ` +
+    `by a racing write, ${s.failures.length} failures ` +
     `(replay: pnpm torture --iterations ${s.iterations} --seed ${s.seed})`
   );
 }
@@ -125,6 +128,7 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
     cowInspections: 0,
     killsDuringMerge: 0,
     mergesCompleted: 0,
+    subSectorTears: 0,
     failures: [],
     dataDir: dir,
   };
@@ -312,7 +316,9 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
           const bad = model.verifyAfterCrash(off, data);
           summary.bytesVerified += data.length;
           for (const m of bad.slice(0, 5)) {
-            fail(`${name} at ${m.offsetBytes}: found ${m.found}, expected one of ${m.expected.join(", ")}`);
+            fail(
+              `${name} at ${m.offsetBytes}: found ${m.found} (sectors ${m.sectors}), expected one of ${m.expected.join(", ")}`,
+            );
           }
           if (bad.length > 5) fail(`${name}: ${bad.length - 5} more blocks lost in this MiB`);
         }
@@ -416,7 +422,7 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
                 summary.requestsAcked++;
                 for (const m of model.checkRead(t, data).slice(0, 3)) {
                   fail(
-                    `live read of ${dev.name} at ${m.offsetBytes}: found ${m.found}, expected ${m.expected.join(", ")}`,
+                    `live read of ${dev.name} at ${m.offsetBytes}: found ${m.found} (sectors ${m.sectors}), expected ${m.expected.join(", ")}`,
                   );
                 }
               }
@@ -533,6 +539,7 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
       await serve.child.stop(20_000);
     }
   }
+  summary.subSectorTears = [...new Set(Object.values(models))].reduce((n, m) => n + m.subSectorTears, 0);
   if (!options.keep && summary.failures.length === 0) rmSync(dir, { recursive: true, force: true });
   return summary;
 }

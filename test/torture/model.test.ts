@@ -140,6 +140,23 @@ describe("DeviceModel: what must survive", () => {
     expect(m.clone().verifyAfterCrash(0, Buffer.alloc(BLOCK))).toHaveLength(1);
   });
 
+  it("a read racing a write may be torn at any byte; after a crash only at sectors", () => {
+    const m = newModel();
+    const old = m.beginWrite(0, BLOCK, { fua: true });
+    m.complete(old);
+    const w = m.beginWrite(0, BLOCK);
+    const r = m.beginRead(0, BLOCK);
+    const mixed = Buffer.concat([m.payload(w).subarray(0, 20), m.payload(old).subarray(20)]);
+    expect(m.checkRead(r, mixed)).toEqual([]);
+    const bad = Buffer.from(mixed);
+    bad.writeUInt8(bad.readUInt8(7) ^ 0xff, 7);
+    const found = m.checkRead(r, bad);
+    expect(found).toHaveLength(1);
+    expect(found[0]?.sectors).toBe("??AA"); // A = the durable write, B = the one in flight
+    m.crash();
+    expect(m.verifyAfterCrash(0, mixed)).toHaveLength(1);
+  });
+
   it("a live read sent after an acknowledgement sees that write or a newer one", () => {
     const m = newModel();
     const w = m.beginWrite(0, BLOCK);

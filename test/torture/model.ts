@@ -87,6 +87,8 @@ export interface Mismatch {
   expected: string[];
   /** What it holds: a recognised payload `gen G block B`, `zero`, or `unknown`. */
   found: string;
+  /** Per sector: which expected candidate it matches (A = first) or `?`. */
+  sectors?: string;
 }
 
 export interface DeviceModelOptions {
@@ -172,6 +174,11 @@ export class DeviceModel {
   private ackedVolatile = new Set<WriteTicket>();
   private readonly inFlight = new Set<WriteTicket>();
   private readonly scratch: Buffer;
+  /**
+   * Live reads that raced a write and came back torn inside a sector (legal: page-cache copies
+   * are not atomic; a crash still only tears at sectors). Counted for reports.
+   */
+  subSectorTears = 0;
 
   constructor(options: DeviceModelOptions) {
     this.blockBytes = options.blockBytes ?? MODEL_BLOCK_BYTES;
@@ -487,13 +494,18 @@ export class DeviceModel {
       const cands = this.live(b, settled);
       const whole = cands.find((c) => this.matches(c, b, got, 0, this.blockBytes));
       let ok = whole !== undefined;
-      if (!ok && cands.length > 1) ok = this.tornMatch(cands, b, got);
+      if (!ok && cands.length > 1) ok = this.tornMatch(cands, b, got, this.tearBytes);
+      if (!ok && cands.length > 1 && !adopt && this.tornMatch(cands, b, got, 1)) {
+        ok = true;
+        this.subSectorTears++;
+      }
       if (!ok) {
         out.push({
           offsetBytes: b * this.blockBytes,
           lengthBytes: this.blockBytes,
           expected: cands.map(label),
           found: describeBlock(got),
+          sectors: this.sectorMap(cands, b, got),
         });
       }
       if (adopt) {
@@ -504,11 +516,43 @@ export class DeviceModel {
     return out;
   }
 
-  private tornMatch(cands: WriteTicket[], block: number, got: Buffer): boolean {
-    for (let at = 0; at < this.blockBytes; at += this.tearBytes) {
-      if (!cands.some((c) => this.matches(c, block, got, at, at + this.tearBytes))) return false;
+  private tornMatch(cands: WriteTicket[], block: number, got: Buffer, tearBytes: number): boolean {
+    if (tearBytes >= this.tearBytes) {
+      for (let at = 0; at < this.blockBytes; at += tearBytes) {
+        if (!cands.some((c) => this.matches(c, block, got, at, at + tearBytes))) return false;
+      }
+      return true;
+    }
+    // Byte granularity: every byte equals the same byte of some candidate.
+    const images = cands.map((c) => this.image(c, block));
+    for (let i = 0; i < this.blockBytes; i++) {
+      if (!images.some((img) => img === null || img[i] === got[i])) return false;
     }
     return true;
+  }
+
+  /** A candidate's bytes for one block (null: anything goes). */
+  private image(c: WriteTicket, block: number): Buffer | null {
+    switch (c.content) {
+      case "any":
+        return null;
+      case "zero":
+        return Buffer.alloc(this.blockBytes);
+      case "literal":
+        return c.literal?.get(block) ?? Buffer.alloc(0);
+      case "payload":
+        return blockPayload(this.seed, c.gen, block, this.blockBytes);
+    }
+  }
+
+  /** Per sector, the index of the first candidate it matches, or "?" (for failure reports). */
+  private sectorMap(cands: WriteTicket[], block: number, got: Buffer): string {
+    let out = "";
+    for (let at = 0; at < this.blockBytes; at += this.tearBytes) {
+      const i = cands.findIndex((c) => this.matches(c, block, got, at, at + this.tearBytes));
+      out += i < 0 ? "?" : String.fromCharCode(65 + i);
+    }
+    return out;
   }
 
   private matches(c: WriteTicket, block: number, got: Buffer, from: number, to: number): boolean {

@@ -450,6 +450,39 @@ describe("leg failure", () => {
     a.setMode("up");
   });
 
+  test("a failed read settles only after every part stopped writing into the caller's buffer", async () => {
+    const a = new TracedDevice("a", mem("a"));
+    const b = new TracedDevice("b", mem("b"));
+    const m = await mirror("core 2 128 nosync 2 a 0 b 0", { a, b });
+    await m.write(0, fill(3, 2 * REGION));
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((r) => {
+      release = r;
+    });
+    let heldStarted = false;
+    a.hook = (op) => {
+      if (op === "read") throw new IoError("EIO", "a", "read failed");
+    };
+    b.hook = (op, offset) => {
+      if (op !== "read") return;
+      if (offset === 0) throw new IoError("EIO", "b", "read failed");
+      heldStarted = true;
+      return held; // region 1's retry on b is still filling the buffer
+    };
+    const target = Buffer.alloc(2 * REGION);
+    let settled = false;
+    const reading = m.readInto(0, target).finally(() => {
+      settled = true;
+    });
+    reading.catch(() => undefined);
+    while (!heldStarted) await tick(1);
+    for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+    expect(settled).toBe(false);
+    release();
+    await expect(reading).rejects.toThrow(/failed on every current leg/);
+    expect(target.subarray(REGION).equals(fill(3, REGION))).toBe(true);
+  });
+
   test("a read fails only when every current leg fails", async () => {
     const a = new FlakeyDevice(mem("a"), {
       upIntervalSeconds: 0,

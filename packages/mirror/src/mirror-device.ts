@@ -98,6 +98,16 @@ type LegOp = (
 ) => Promise<void>;
 
 /**
+ * Waits for every promise, then throws the first failure. Reads fill parts of the caller's buffer:
+ * failing before the other parts finished would let them write into a buffer the caller has
+ * already reused (an NBD server hands its reply buffers to the next request).
+ */
+async function settleAll(parts: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(parts);
+  for (const r of results) if (r.status === "rejected") throw r.reason;
+}
+
+/**
  * dm-mirror (dm-raid1) in userspace: every write goes to all legs, a dirty region log records
  * which regions may differ, and kcopyd resyncs out-of-sync regions from a current leg to the
  * others in the background.
@@ -546,7 +556,7 @@ export class MirrorDevice implements TargetDevice {
       else runs.push({ start: pos, end: stop, leg });
       pos = stop;
     }
-    await Promise.all(runs.map((run) => this.readRun(run.start, run.end, run.leg, offsetBytes, target)));
+    await settleAll(runs.map((run) => this.readRun(run.start, run.end, run.leg, offsetBytes, target)));
   }
 
   /** A current, online leg for `region`, avoiding `excluded`: default first, then backwards, as choose_mirror. */
@@ -592,7 +602,7 @@ export class MirrorDevice implements TargetDevice {
       if (next < 0) throw new IoError("EIO", this.name, `read at ${s}+${e - s} failed on every current leg`);
       parts.push(this.readRun(s, e, next, base, target, tried));
     }
-    await Promise.all(parts);
+    await settleAll(parts);
   }
 
   // ---- writes ------------------------------------------------------------------------------

@@ -380,21 +380,31 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     expect(notMirror.stderr).toMatch(/snap0 has no mirror target/);
   });
 
-  test("udm status shows a resync in progress with percent (human and --json) until the mirror is in sync", async () => {
+  test("udm status shows a resync in progress with percent (human and --json); nbdinfo maps the mirror segment of a two-segment device as out of sync until it is", async () => {
     writeFileSync(join(dir, "rl-a.img"), Buffer.alloc(1 << 20, 0x61));
     writeFileSync(join(dir, "rl-b.img"), Buffer.alloc(1 << 20));
     expect(run("create", "rleg", "--table", "0 2048 linear rl-b.img 0").status).toBe(0);
     // The second leg is suspended: the resync's writes to it are held, so it stays in progress.
     expect(run("suspend", "rleg").status).toBe(0);
-    const created = run("create", "rmir", "--table", "0 2048 mirror core 1 64 2 rl-a.img 0 @rleg 0");
+    // Two segments: a zero one, then the mirror (its offsets shifted by 1 MiB in the device).
+    const created = run(
+      "create",
+      "rmir",
+      "--table",
+      "0 2048 zero",
+      "--table",
+      "2048 2048 mirror core 1 64 2 rl-a.img 0 @rleg 0",
+    );
     expect(created.stderr).toBe("");
     expect(created.status).toBe(0);
     const human = (await runAsync("status", "rmir")).stdout;
     expect(human).toMatch(
-      /^0 2048 mirror 2 \S+rl-a\.img @rleg \d+\/32 1 \w\w 1 core\n {2}resync: [\d.]+ \w+ \/ 1\.00 MiB \(\d+\.\d%\)(, ETA \d+ s)?\n$/,
+      /^0 2048 zero\n2048 2048 mirror 2 \S+rl-a\.img @rleg \d+\/32 1 \w\w 1 core\n {2}resync: [\d.]+ \w+ \/ 1\.00 MiB \(\d+\.\d%\)(, ETA \d+ s)?\n$/,
     );
     const all = (await runAsync("status")).stdout;
-    expect(all).toMatch(/\nrmir: 0 2048 mirror .*\n {2}resync: .* \/ 1\.00 MiB \(\d+\.\d%\)/);
+    expect(all).toMatch(
+      /\nrmir: 0 2048 zero\nrmir: 2048 2048 mirror .*\n {2}resync: .* \/ 1\.00 MiB \(\d+\.\d%\)/,
+    );
     const [entry] = JSON.parse((await runAsync("status", "rmir", "--json")).stdout);
     expect(entry).toMatchObject({ name: "rmir", progress: { operation: "resync", totalBytes: 1 << 20 } });
     expect(entry.progress.doneBytes).toBeLessThan(1 << 20);
@@ -402,6 +412,24 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     expect((await runAsync("info", "rmir")).stdout).toMatch(
       /Progress: +resync: .* \/ 1\.00 MiB \(\d+\.\d%\)/,
     );
+    // The mirror segment's NBD context, mapped into the device: every region of it is out of sync.
+    const outOfSync = () => {
+      const r = spawnSync("nbdinfo", ["--map=mirror:out-of-sync", `nbd://127.0.0.1:${serve!.port}/rmir`], {
+        encoding: "utf8",
+        timeout: 30_000,
+      });
+      expect(r.stderr).toBe("");
+      return r.stdout
+        .trim()
+        .split("\n")
+        .map((l) => l.trim().split(/\s+/).slice(0, 3).map(Number));
+    };
+    if (hasNbdinfo) {
+      expect(outOfSync()).toEqual([
+        [0, 1 << 20, 0],
+        [1 << 20, 1 << 20, 1],
+      ]);
+    }
 
     expect((await runAsync("resume", "rleg")).status).toBe(0);
     let done = entry;
@@ -410,9 +438,10 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     }
     expect(done.progress).toBe(null);
     expect((await runAsync("status", "rmir")).stdout).toMatch(
-      /^0 2048 mirror 2 \S+ @rleg 32\/32 1 AA 1 core\n$/,
+      /^0 2048 zero\n2048 2048 mirror 2 \S+ @rleg 32\/32 1 AA 1 core\n$/,
     );
     expect(readFileSync(join(dir, "rl-b.img")).equals(Buffer.alloc(1 << 20, 0x61))).toBe(true);
+    if (hasNbdinfo) expect(outOfSync()).toEqual([[0, 2 << 20, 0]]);
     expect((await runAsync("remove", "rmir")).status).toBe(0);
     expect((await runAsync("remove", "rleg")).status).toBe(0);
   });

@@ -512,17 +512,13 @@ export class TransmissionSession {
       done();
       return Promise.resolve();
     }
-    let reading: Promise<void>;
+    // A failed read's buffer is left to the GC, not the pool: a device that rejected early may
+    // still be filling it (errors are rare; reusing it could leak bytes into another reply).
     try {
-      reading = device.readInto(offset, buf.subarray(headerBytes));
+      return device.readInto(offset, buf.subarray(headerBytes)).then(done);
     } catch (err) {
-      replyBuffers.give(buf);
       return Promise.reject(err);
     }
-    return reading.then(done, (err: unknown) => {
-      replyBuffers.give(buf);
-      throw err;
-    });
   }
 
   /** A large read: holes (per `extents()`) go out as OFFSET_HOLE chunks instead of zeros. */

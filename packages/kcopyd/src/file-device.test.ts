@@ -494,7 +494,7 @@ describe("FileDevice.open", () => {
       /bad-opt\.img\): syncReadMaxBytes must be a non-negative integer, got -1/,
     );
     await expect(FileDevice.open(join(dir, "bad-opt.img"), { syncReadMaxBytes: 1.5 })).rejects.toThrow(
-      TypeError,
+      RangeError,
     );
   });
 });

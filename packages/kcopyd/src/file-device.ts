@@ -131,7 +131,7 @@ export class FileDevice implements BlockDevice {
     const readOnly = options.readOnly ?? false;
     const syncReadMaxBytes = options.syncReadMaxBytes ?? SYNC_READ_MAX_BYTES;
     if (!Number.isSafeInteger(syncReadMaxBytes) || syncReadMaxBytes < 0) {
-      throw new TypeError(
+      throw new RangeError(
         `FileDevice.open(${path}): syncReadMaxBytes must be a non-negative integer, got ${syncReadMaxBytes}`,
       );
     }

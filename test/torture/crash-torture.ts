@@ -361,9 +361,30 @@ export async function runCrashTorture(options: TortureOptions): Promise<TortureS
           const legB = readFileSync(join(dir, "mirror-b.img"));
           summary.mirrorLegChecks++;
           if (!legA.equals(legB)) {
-            let first = 0;
-            while (legA[first] === legB[first]) first++;
-            fail(`mirror legs differ after resync (${synced.status}); first difference at byte ${first}`);
+            const regionBytes = REGION_SECTORS * 512;
+            const differing = (x: Buffer, y: Buffer) => {
+              const out: number[] = [];
+              for (let r = 0; r < MIRROR_BYTES / regionBytes; r++) {
+                if (
+                  x.compare(y, r * regionBytes, (r + 1) * regionBytes, r * regionBytes, (r + 1) * regionBytes)
+                )
+                  out.push(r);
+              }
+              return out;
+            };
+            const before = differing(legA, legB);
+            // Tell "status ran ahead of the copy" from "the legs diverged for good".
+            await new Promise((r) => setTimeout(r, 3000));
+            const later = differing(
+              readFileSync(join(dir, "mirror-a.img")),
+              readFileSync(join(dir, "mirror-b.img")),
+            );
+            const log = await udm(["mirror", "inspect-log", join(dir, "mirror.log")]);
+            fail(
+              `mirror legs differ although the status says in sync (${synced.status}): regions ${before.join(",")}; ` +
+                `3 s later: ${later.length ? `regions ${later.join(",")} still differ` : "identical"}; ` +
+                `log: ${log.out.replace(/\s+/g, " ").slice(0, 200)}`,
+            );
           }
         }
       }

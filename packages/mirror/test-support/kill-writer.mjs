@@ -1,5 +1,6 @@
 // Child process of mirror-kill.test.ts: a write storm on a 2-leg mirror with a disk log, until
-// the parent kills it with SIGKILL. Usage: node --import ./ts-register.mjs kill-writer.mjs DIR.
+// the parent kills it with SIGKILL. Usage: node --import ./ts-register.mjs kill-writer.mjs DIR [FIRST_SEQ].
+// A restarted writer passes a FIRST_SEQ above the last run's, so values keep increasing.
 // Block b (4 KiB) only ever gets increasing sequence numbers (u32 LE, repeated over the block);
 // after each completed flush it prints `F b:seq,...`: those values are durable.
 import { join } from "node:path";
@@ -19,7 +20,7 @@ const mirror = await mirrorTarget.create("disk 2 log 128 2 a 0 b 0".split(" "), 
   kcopyd: new KcopydClient(),
   openDevice: async (spec) => files[spec],
 });
-let seq = 0;
+let seq = Number(process.argv[3] ?? 0);
 const acked = new Map();
 async function writer(id) {
   for (;;) {

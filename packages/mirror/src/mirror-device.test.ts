@@ -385,6 +385,51 @@ describe("resync", () => {
   });
 });
 
+describe("overlapping writes", () => {
+  test("overlapping writes in flight together reach every leg in the same order", async () => {
+    const a = new TracedDevice("a", mem("a"));
+    const b = new TracedDevice("b", mem("b"));
+    const m = await mirror("core 2 128 nosync 2 a 0 b 0", { a, b });
+    // Leg b holds the first write; without ordering the second lands on b first, then the
+    // first overwrites it there, while leg a ends with the second: legs differ, region in sync.
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((r) => {
+      release = r;
+    });
+    let holding = false;
+    b.hook = (op) => {
+      if (op !== "write" || holding) return;
+      holding = true;
+      return held;
+    };
+    const first = m.write(3 * REGION, fill(1, 8192));
+    while (!holding) await tick(1);
+    const second = m.write(3 * REGION + 4096, fill(2, 8192));
+    for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
+    release();
+    await Promise.all([first, second]);
+    expect((await a.read(3 * REGION, 12288)).equals(Buffer.concat([fill(1), fill(2, 8192)]))).toBe(true);
+    expect(await same(a, b)).toBe(true);
+    expect(m.status()).toBe("2 a b 64/64 1 AA 1 core");
+  });
+
+  test("writes that do not overlap are not held back by a slow one", async () => {
+    const a = mem("a");
+    const b = new TracedDevice("b", mem("b"));
+    const m = await mirror("core 2 128 nosync 2 a 0 b 0", { a, b });
+    let release: () => void = () => undefined;
+    const held = new Promise<void>((r) => {
+      release = r;
+    });
+    b.hook = (op, offset) => (op === "write" && offset === 0 ? held : undefined);
+    const slow = m.write(0, fill(1));
+    await m.write(4096, fill(2)); // completes while the first is held
+    release();
+    await slow;
+    expect(await same(a, b)).toBe(true);
+  });
+});
+
 describe("leg failure", () => {
   test("without handle_errors: a failing leg is D, writes go on, nothing acknowledged is lost", async () => {
     const a = mem("a");

@@ -90,6 +90,13 @@ export interface MirrorHandover {
   stale: Uint16Array;
 }
 
+/** A write-like request in flight: its byte range, and a promise that settles when it ends. */
+interface InFlightWrite {
+  start: number;
+  end: number;
+  done: Promise<void>;
+}
+
 type LegOp = (
   leg: MirrorLeg,
   legOffsetBytes: number,
@@ -156,6 +163,8 @@ export class MirrorDevice implements TargetDevice {
   private recoveriesActive = 0;
   private recoveryIdleWaiters: Array<() => void> = [];
   private opsInFlight = 0;
+  /** Writes, write-zeroes and discards not yet completed, in arrival order (overlaps wait). */
+  private readonly writesInFlight = new Set<InFlightWrite>();
   /** Regions copied by the resync whose destinations were not flushed since (see `finishResyncPass`). */
   private recoveredUnflushed = 0;
   /** The clean pass that makes a finished resync durable, while it runs. */
@@ -645,9 +654,24 @@ export class MirrorDevice implements TargetDevice {
     if (lengthBytes === 0) return;
     this.opsInFlight++;
     this.lastWriteMs = performance.now();
+    const end = offsetBytes + lengthBytes;
+    // Overlapping writes in flight together could reach the legs in different orders (each leg
+    // is its own queue), leaving them different in a region the log calls in sync. A write waits
+    // for the earlier writes it overlaps, so every leg sees overlapping writes in the same order.
+    let finished: () => void = () => undefined;
+    const mine: InFlightWrite = {
+      start: offsetBytes,
+      end,
+      done: new Promise<void>((resolve) => {
+        finished = resolve;
+      }),
+    };
+    const earlier: Promise<void>[] = [];
+    for (const w of this.writesInFlight) if (w.start < end && offsetBytes < w.end) earlier.push(w.done);
+    this.writesInFlight.add(mine);
     try {
+      if (earlier.length) await Promise.all(earlier);
       const batchBytes = WRITE_BATCH_REGIONS * this.regionBytes;
-      const end = offsetBytes + lengthBytes;
       for (let pos = offsetBytes; pos < end; ) {
         const stop = Math.min(
           end,
@@ -658,6 +682,8 @@ export class MirrorDevice implements TargetDevice {
         pos = stop;
       }
     } finally {
+      this.writesInFlight.delete(mine);
+      finished();
       this.opsDone();
     }
   }

@@ -27,16 +27,23 @@ export const SYNC_READ_MAX_BYTES = 128 * 1024;
 /**
  * Synchronous reads complete without giving the event loop a turn (their promises resolve in
  * microtasks), so a loop of cached reads would starve timers, signals and sockets. After this many
- * synchronous reads in a row, or {@link SYNC_READ_STREAK_BYTES}, process-wide, reads go through
- * the thread pool, which yields, until one of those completes and starts a new streak. At ~5-10 µs
- * per cached 4 KiB read that bounds a stall to ~10 ms and costs one trip (~80 µs) per 1024 reads.
+ * synchronous reads, or {@link SYNC_READ_STREAK_BYTES}, process-wide, reads go through the thread
+ * pool (which yields) until the event loop reaches its check phase (a setImmediate), where a new
+ * streak starts. At ~3-10 µs per cached 4 KiB read that bounds the event loop's stall to ~3-10 ms
+ * per turn, whatever the number of reads in flight, for one thread-pool trip per 1024 reads.
  */
 export const SYNC_READ_STREAK_READS = 1024;
 /** See {@link SYNC_READ_STREAK_READS}: 8 MiB of copies is ~2 ms of memcpy. */
 export const SYNC_READ_STREAK_BYTES = 8 * 1024 * 1024;
 
-/** Synchronous reads since a read last went through the thread pool, in this process. */
-const syncStreak = { reads: 0, bytes: 0 };
+/** Synchronous reads since the streak last started, in this process. */
+const syncStreak = { reads: 0, bytes: 0, resetScheduled: false };
+
+function resetSyncStreak(): void {
+  syncStreak.reads = 0;
+  syncStreak.bytes = 0;
+  syncStreak.resetScheduled = false;
+}
 
 export interface FileDeviceOptions {
   readOnly?: boolean;
@@ -196,28 +203,21 @@ export class FileDevice implements BlockDevice {
     this.checkOpen();
     checkRange(this, offsetBytes, target.length);
     let done = 0;
-    if (
-      this.nowait !== null &&
-      target.length > 0 &&
-      target.length <= this.syncReadMaxBytes &&
-      syncStreak.reads < SYNC_READ_STREAK_READS &&
-      syncStreak.bytes < SYNC_READ_STREAK_BYTES
-    ) {
-      done = this.readCached(this.nowait, offsetBytes, target);
-      if (done === target.length) {
+    if (this.nowait !== null && target.length > 0 && target.length <= this.syncReadMaxBytes) {
+      if (syncStreak.reads < SYNC_READ_STREAK_READS && syncStreak.bytes < SYNC_READ_STREAK_BYTES) {
+        done = this.readCached(this.nowait, offsetBytes, target);
         syncStreak.reads++;
         syncStreak.bytes += done;
-        return;
+        if (done === target.length) return;
+      } else if (!syncStreak.resetScheduled) {
+        syncStreak.resetScheduled = true;
+        setImmediate(resetSyncStreak);
       }
     }
     while (done < target.length) {
       const { bytesRead } = await this.handle.read(target, done, target.length - done, offsetBytes + done);
       this.stats.poolReads++;
       this.stats.poolBytes += bytesRead;
-      // The event loop has turned while this waited (not merely when it was issued: with many
-      // reads in flight the others would go on synchronously).
-      syncStreak.reads = 0;
-      syncStreak.bytes = 0;
       if (bytesRead === 0) {
         // A file shrunk under us: what is past its end reads as zeros, like a hole.
         target.fill(0, done);

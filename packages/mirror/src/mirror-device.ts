@@ -832,7 +832,16 @@ export class MirrorDevice implements TargetDevice {
     // Regions drained before this flush are durable on every leg: clean (written with the next log write).
     if (candidates.length) this.regionHash.commitClean(candidates);
     // A leg that failed its flush is now stale: that must be durable before the flush completes.
-    if (this.log.dirtyMark !== mark) await this.log.waitDirtyDurable(this.log.dirtyMark);
+    if (this.log.dirtyMark !== mark) {
+      try {
+        await this.log.waitDirtyDurable(this.log.dirtyMark);
+      } catch (err) {
+        this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log write failed");
+        // As for writes: without handle_errors the kernel completes the flush once the legs are
+        // flushed (the log shows D and the mirror no longer claims sync).
+        if (this.handleErrors) throw err;
+      }
+    }
   }
 
   /**

@@ -150,7 +150,18 @@ function formatInfo(info: DeviceInfo & { connections: number }): string[] {
     `Used by:           ${info.usedBy.join(" ") || "-"}`,
     ...(info.state === "suspended" ? [`Held requests:     ${info.heldRequests}`] : []),
     ...(p ? [`Progress:          ${formatProgress(p)}`] : []),
+    `Allowed clients:   ${formatAllow(info.allow)}`,
   ];
+}
+
+/** `udm info`'s one-line view of an export's allow list. */
+function formatAllow(allow: DeviceInfo["allow"]): string {
+  if (!allow) return "everyone";
+  const parts: string[] = [];
+  if (allow.addresses) parts.push(`addresses ${allow.addresses.join(",") || "(none)"}`);
+  if (allow.certSubjects)
+    parts.push(`certificates ${allow.certSubjects.map((c) => JSON.stringify(c)).join(" ")}`);
+  return parts.join(" and ");
 }
 
 function sleep(ms: number): Promise<void> {
@@ -253,6 +264,18 @@ export function buildProgram(): Command {
       .option("--tls-ca <file>", "CA to verify client certificates")
       .option("--tls-verify-client", "require a client certificate signed by --tls-ca")
       .option("--tls-required", "refuse clients that do not start TLS")
+      .option(
+        "--allow-address <export=cidr,...>",
+        'only clients from these addresses see and open EXPORT: IPs, CIDRs (10.0.0.0/8), "unix" for the Unix socket (repeatable; applies to a later "udm create" of that name too)',
+        collect,
+        [],
+      )
+      .option(
+        "--allow-cert <export=subject>",
+        'only clients with a certificate verified by --tls-ca whose CN (or full subject "O=..., CN=...") is SUBJECT see and open EXPORT (repeatable; with --allow-address both must match)',
+        collect,
+        [],
+      )
       .action(async (opts, cmd: Command) => {
         const log = await logger(cmd, "info");
         const { runServe } = await import("./serve.js");
@@ -263,10 +286,17 @@ export function buildProgram(): Command {
             "--tls-ca, --tls-verify-client and --tls-required need --tls-cert and --tls-key",
           );
         }
+        if (opts.allowCert.length > 0 && !opts.tlsCa) {
+          throw new UsageError(
+            `--allow-cert "${opts.allowCert[0]}" needs --tls-ca (client certificates are verified against it)`,
+          );
+        }
         await runServe(
           {
             tableFile: opts.table,
             exports: opts.export,
+            allowAddress: opts.allowAddress,
+            allowCert: opts.allowCert,
             listen: opts.listen,
             unix: opts.unix,
             control: cmd.optsWithGlobals<GlobalOptions>().control,
@@ -286,7 +316,8 @@ export function buildProgram(): Command {
       }),
     "udm serve                         # embedded default in ./udm-data on 127.0.0.1:10809\n" +
       "udm serve --table my.table --listen 0.0.0.0:10809\n" +
-      "udm serve --export disk=disk.img --export scratch=mem:1G",
+      "udm serve --export disk=disk.img --export scratch=mem:1G\n" +
+      "udm serve --export disk=disk.img --listen 0.0.0.0:10809 --allow-address disk=10.0.0.0/8,unix --unix /run/udm.sock",
   );
 
   // copy

@@ -27,9 +27,22 @@ import {
 
 /** What the manager needs from an NBD server (NbdServer has these): one export per device. */
 export interface ExportTable {
-  addExport(name: string, device: BlockDevice, options?: { description?: string; readOnly?: boolean }): void;
+  addExport(
+    name: string,
+    device: BlockDevice,
+    options?: { description?: string; readOnly?: boolean; allow?: ExportAllowList },
+  ): void;
   replaceExportDevice(name: string, device: BlockDevice): void;
   removeExport(name: string): Promise<void>;
+}
+
+/**
+ * Who may see and open an export (`NbdAllowList` of @udm/nbd-server): source addresses (IPs,
+ * CIDRs, `"unix"`) and/or client certificate subjects; every list given must match.
+ */
+export interface ExportAllowList {
+  addresses?: string[];
+  certSubjects?: string[];
 }
 
 /** A device operation refused for a reason the user can fix (unknown name, device in use...). */
@@ -77,6 +90,8 @@ export interface DeviceInfo {
   usedBy: string[];
   heldRequests: number;
   progress: TargetProgress | null;
+  /** The export's allow list (`udm serve --allow-address/--allow-cert`); absent: everyone. */
+  allow?: ExportAllowList;
 }
 
 /** One segment's line as `dmsetup table` / `dmsetup status` print it. */
@@ -92,6 +107,11 @@ export interface DeviceManagerOptions {
   log: TargetLogger & { child(bindings: object): TargetLogger };
   /** The NBD server exporting every device (optional: `udm copy` uses tables offline). */
   exports?: ExportTable;
+  /**
+   * Allow lists by export name, applied whenever a device of that name is exported (also one
+   * created, or removed and created again, later on).
+   */
+  exportAllow?: ReadonlyMap<string, ExportAllowList>;
   kcopyd?: KcopydClient;
 }
 
@@ -131,12 +151,14 @@ export class DeviceManager {
   private readonly devices = new Map<string, UdmDevice>();
   private readonly log: DeviceManagerOptions["log"];
   private readonly exports: ExportTable | undefined;
+  private readonly exportAllow: ReadonlyMap<string, ExportAllowList>;
   private lock: Promise<unknown> = Promise.resolve();
 
   constructor(options: DeviceManagerOptions) {
     this.registry = new Map([...options.targets].map((t) => [t.name, t]));
     this.log = options.log;
     this.exports = options.exports;
+    this.exportAllow = options.exportAllow ?? new Map();
     this.kcopyd = options.kcopyd ?? new KcopydClient();
   }
 
@@ -257,6 +279,7 @@ export class DeviceManager {
   /** What `udm info` shows about a device. */
   info(name: string): DeviceInfo {
     const dev = this.get(name);
+    const allow = this.exportAllow.get(name);
     return {
       name,
       state: dev.gate.state,
@@ -267,6 +290,7 @@ export class DeviceManager {
       usedBy: this.usersOf(name),
       heldRequests: dev.gate.heldRequests,
       progress: dev.gate.progress(),
+      ...(allow && { allow }),
     };
   }
 
@@ -566,7 +590,11 @@ export class DeviceManager {
       held: built.held,
       uses: built.uses,
     });
-    this.exports?.addExport(name, gate, { description: built.segments.map((s) => s.targetType).join("+") });
+    const allow = this.exportAllow.get(name);
+    this.exports?.addExport(name, gate, {
+      description: built.segments.map((s) => s.targetType).join("+"),
+      ...(allow && { allow }),
+    });
     this.log.info(
       { device: name, sizeBytes: gate.sizeBytes, targets: request.table.lines.length },
       "device created",

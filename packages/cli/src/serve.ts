@@ -1,8 +1,14 @@
 import { mkdirSync, readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { type BlockDevice, formatSize, SECTOR_SIZE } from "@udm/kcopyd";
+import { compileAllowList } from "@udm/nbd-server";
 import { controlHandlers, startControlServer } from "./control-server.js";
-import { DeviceManager, type ExportTable, type TableRequest } from "./device-manager.js";
+import {
+  DeviceManager,
+  type ExportAllowList,
+  type ExportTable,
+  type TableRequest,
+} from "./device-manager.js";
 import { canonicalSpec } from "./device-pool.js";
 import { ensureEmbeddedDefault, lockDataDir } from "./embedded-default.js";
 import type { Logger } from "./logger.js";
@@ -31,6 +37,10 @@ export interface ServeOptions {
   unix?: string;
   control?: string;
   dataDir: string;
+  /** `--allow-address EXPORT=CIDR[,CIDR...]` values (repeatable; entries of one export add up). */
+  allowAddress?: string[];
+  /** `--allow-cert EXPORT=SUBJECT` values (repeatable; needs `tls.caFile`). */
+  allowCert?: string[];
   tls?: { certFile: string; keyFile: string; caFile?: string; verifyClient: boolean; required: boolean };
 }
 
@@ -59,6 +69,76 @@ export function parseExport(text: string): { name: string; spec: string } {
     throw new UsageError((err as Error).message);
   }
   return { name, spec: text.slice(eq + 1) };
+}
+
+/**
+ * Parses the `--allow-address EXPORT=CIDR[,CIDR...]` and `--allow-cert EXPORT=SUBJECT` values
+ * into allow lists by export name, checking each entry as the NBD server will (a bad one is a
+ * UsageError naming the flag and the value). Repeated flags for one export add entries; an
+ * export with both kinds needs a matching address AND a matching certificate.
+ *
+ * @example
+ * ```ts
+ * parseAllowOptions(["backup=10.0.0.0/8,unix"], ["backup=CN=backup host"]);
+ * // Map { "backup" => { addresses: ["10.0.0.0/8", "unix"], certSubjects: ["CN=backup host"] } }
+ * ```
+ */
+export function parseAllowOptions(
+  addressOptions: readonly string[],
+  certOptions: readonly string[],
+): Map<string, ExportAllowList> {
+  const allow = new Map<string, ExportAllowList>();
+  const entryOf = (name: string) => {
+    let entry = allow.get(name);
+    if (!entry) {
+      entry = {};
+      allow.set(name, entry);
+    }
+    return entry;
+  };
+  for (const text of addressOptions) {
+    const { name, value } = splitAllowOption(
+      "--allow-address",
+      text,
+      "EXPORT=CIDR[,CIDR...] (e.g. disk=10.0.0.0/8,unix)",
+    );
+    const addresses = value.split(",").map((a) => a.trim());
+    checkAllowEntries("--allow-address", text, { addresses });
+    const entry = entryOf(name);
+    entry.addresses = [...(entry.addresses ?? []), ...addresses];
+  }
+  for (const text of certOptions) {
+    const { name, value } = splitAllowOption(
+      "--allow-cert",
+      text,
+      'EXPORT=SUBJECT (e.g. disk=backup-host or "disk=O=Example, CN=backup-host")',
+    );
+    checkAllowEntries("--allow-cert", text, { certSubjects: [value] });
+    const entry = entryOf(name);
+    entry.certSubjects = [...(entry.certSubjects ?? []), value];
+  }
+  return allow;
+}
+
+function splitAllowOption(option: string, text: string, expected: string): { name: string; value: string } {
+  const eq = text.indexOf("=");
+  const name = eq < 0 ? "" : text.slice(0, eq);
+  const value = eq < 0 ? "" : text.slice(eq + 1);
+  if (eq <= 0 || value.trim() === "") throw new UsageError(`${option} "${text}": expected ${expected}`);
+  try {
+    checkDeviceName(name, { file: option, line: 1 });
+  } catch (err) {
+    throw new UsageError(`${option} "${text}": ${(err as Error).message}`);
+  }
+  return { name, value };
+}
+
+function checkAllowEntries(option: string, text: string, allow: ExportAllowList): void {
+  try {
+    compileAllowList(allow);
+  } catch (err) {
+    throw new UsageError(`${option} "${text}": ${(err as Error).message}`);
+  }
 }
 
 function connectionCount(c: unknown): number {
@@ -100,6 +180,24 @@ function readOptionFile(file: string, option: string, encoding: "utf8" | null = 
   }
 }
 
+/** An allow list for a name no device of the initial table has is a typo, not a rule for later. */
+function checkAllowedExportsExist(
+  exportAllow: ReadonlyMap<string, ExportAllowList>,
+  names: string[],
+  options: ServeOptions,
+): void {
+  for (const name of exportAllow.keys()) {
+    if (names.includes(name)) continue;
+    const flag = [
+      ...(options.allowAddress ?? []).map((v) => `--allow-address "${v}"`),
+      ...(options.allowCert ?? []).map((v) => `--allow-cert "${v}"`),
+    ].find((f) => f.split(" ")[1]?.startsWith(`"${name}=`));
+    throw new UsageError(
+      `${flag ?? "--allow-*"}: no export named "${name}" (exports: ${names.map((n) => `"${n}"`).join(", ") || "none"})`,
+    );
+  }
+}
+
 /**
  * `udm serve`: builds every device of the table (or `--export`s, or the embedded default in the
  * data directory), serves each as an NBD export of the same name, answers the control socket,
@@ -115,6 +213,10 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   const exportsWanted = options.exports.map(parseExport);
   const dataDir = resolve(options.dataDir);
   const controlPath = resolve(options.control ?? resolve(dataDir, CONTROL_SOCKET_NAME));
+  const exportAllow = parseAllowOptions(options.allowAddress ?? [], options.allowCert ?? []);
+  if (options.allowCert?.length && !options.tls?.caFile) {
+    throw new UsageError("--allow-cert needs --tls-ca (client certificates are verified against it)");
+  }
 
   registerDeviceSchemes();
   const tls = options.tls && {
@@ -125,7 +227,7 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     required: options.tls.required,
   };
   const server: NbdServerLike = await createNbdServer({ log, ...(tls && { tls }) });
-  const manager = new DeviceManager({ targets: allTargets(), log, exports: server });
+  const manager = new DeviceManager({ targets: allTargets(), log, exports: server, exportAllow });
 
   mkdirSync(dirname(controlPath), { recursive: true, mode: 0o700 });
   // First: a second server on the same control socket (and data) stops here, before opening devices.
@@ -159,6 +261,11 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
         requests.push({ table, baseDir: dirname(resolve(tableFile)) });
       }
     }
+    checkAllowedExportsExist(
+      exportAllow,
+      [...requests.map((r) => r.table.name), ...exportsWanted.map((e) => e.name)],
+      options,
+    );
     await manager.create(requests);
     for (const e of exportsWanted) {
       // A whole-device linear table: the spec is served as it is, and stays reloadable.

@@ -41,6 +41,13 @@ describe("udm copy", () => {
     for (const n of ["b.img", "c.img", "d.img"]) expect(readFileSync(join(dir, n)).equals(source)).toBe(true);
   });
 
+  test("destination files that do not exist are created with the source's size, like cp", () => {
+    const r = udm(["copy", "a.img", "new1.img", `file:${join(dir, "new2.img")}`], { cwd: dir });
+    expect(r.stderr).toBe("");
+    expect(r.status).toBe(0);
+    for (const n of ["new1.img", "new2.img"]) expect(readFileSync(join(dir, n)).equals(source)).toBe(true);
+  });
+
   test("an error destination gives exit 1 and its mask bit; healthy destinations complete with --ignore-error", () => {
     blank("e.img");
     blank("f.img");

@@ -1,4 +1,4 @@
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import {
   type BlockDevice,
@@ -84,16 +84,20 @@ export async function runCopy(
   const held: string[] = [];
   try {
     await manager.create(requests);
-    const open = async (spec: string, readOnly: boolean): Promise<BlockDevice> => {
+    const open = async (spec: string, readOnly: boolean, createSizeBytes?: number): Promise<BlockDevice> => {
       if (spec.startsWith("@")) return manager.device(spec.slice(1));
       const canonical = canonicalSpec(spec, cwd);
-      const dev = await manager.pool.acquire(canonical, { readOnly });
+      const dev = await manager.pool.acquire(canonical, {
+        readOnly,
+        ...(createSizeBytes !== undefined && { createSizeBytes }),
+      });
       held.push(canonical);
       return dev;
     };
     const source = await open(src, true);
     const targets: BlockDevice[] = [];
-    for (const d of dests) targets.push(await open(d, false));
+    // Like cp and dd: a destination file that does not exist yet is created (sparse, the source's size).
+    for (const d of dests) targets.push(await open(d, false, missingFile(d) ? source.sizeBytes : undefined));
 
     const sourceSectors = Math.floor(source.sizeBytes / SECTOR_SIZE);
     if (options.sector > sourceSectors) {
@@ -192,4 +196,12 @@ export function formatCopySummary(summary: CopySummary, dests: string[]): string
     `${summary.seconds.toFixed(2)} s, ${mibps.toFixed(1)} MiB/s; read error: ${summary.readErr ? "yes" : "no"}; ` +
     `write error mask: 0x${summary.writeErr.toString(16)}${failed.length ? ` (failed: ${failed.join(", ")})` : ""}`
   );
+}
+
+/** A destination naming a regular file path (plain or `file:`) that does not exist yet. */
+function missingFile(spec: string): boolean {
+  if (spec.startsWith("@")) return false;
+  const path = spec.startsWith("file:") ? spec.slice(5) : spec;
+  if (/^[a-z][a-z0-9+.-]*:/i.test(path)) return false;
+  return !existsSync(path);
 }

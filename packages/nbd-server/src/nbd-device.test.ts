@@ -203,4 +203,64 @@ describe("NbdDevice against NbdServer", () => {
     expect((await pending).every((b) => b === 3)).toBe(true);
     expect(health).toEqual([false, true]);
   });
+
+  it("with holdRequests: false, fails requests at once while down and reconnects in the background", async () => {
+    const port = Number(
+      uri
+        .replace(/^nbd:\/\//, "")
+        .replace(/\/disk$/, "")
+        .split(":")[1],
+    );
+    const dev = await connect({
+      reconnect: { retries: Number.POSITIVE_INFINITY, delayMs: 20, holdRequests: false },
+    });
+    const health: boolean[] = [];
+    const back = new Promise<void>((resolve) =>
+      dev.watchHealth((h) => {
+        health.push(h);
+        if (h) resolve();
+      }),
+    );
+    await dev.write(0, Buffer.alloc(4096, 5));
+    await server.close({ force: true });
+    // Many retries later (the server is gone), a request still fails at once instead of waiting.
+    await new Promise((r) => setTimeout(r, 100));
+    const err = await dev.read(0, 512).catch((e: unknown) => e);
+    expect((err as IoError).code).toBe("EIO");
+    server = new NbdServer();
+    server.addExport("disk", disk);
+    await server.listen({ host: "127.0.0.1", port });
+    await back;
+    expect(health).toEqual([false, true]);
+    expect((await dev.read(0, 4096)).every((b) => b === 5)).toBe(true);
+    await dev.close();
+  });
+
+  it("devices opened by URI (table arguments, mirror legs) reconnect by default", async () => {
+    const port = Number(
+      uri
+        .replace(/^nbd:\/\//, "")
+        .replace(/\/disk$/, "")
+        .split(":")[1],
+    );
+    registerNbdSchemes();
+    const dev = await openDevice(uri);
+    const health: boolean[] = [];
+    const back = new Promise<void>((resolve) =>
+      dev.watchHealth?.((h) => {
+        health.push(h);
+        if (h) resolve();
+      }),
+    );
+    await server.close({ force: true });
+    expect(((await dev.read(0, 512).catch((e: unknown) => e)) as IoError).code).toBe("EIO");
+    server = new NbdServer();
+    server.addExport("disk", disk);
+    await server.listen({ host: "127.0.0.1", port });
+    await back; // NBD_URI_RECONNECT retries every second
+    expect(health).toEqual([false, true]);
+    await dev.write(0, Buffer.alloc(512, 9));
+    expect((await disk.read(0, 512)).every((b) => b === 9)).toBe(true);
+    await dev.close();
+  });
 });

@@ -74,8 +74,14 @@ const ERRNO_OF_NBD_ERROR: Record<number, Errno> = {
 
 export interface NbdDeviceOptions {
   readOnly?: boolean;
-  /** After a lost connection, reconnect up to `retries` times `delayMs` apart, replaying requests in flight. */
-  reconnect?: { retries: number; delayMs: number };
+  /**
+   * After a lost connection, reconnect up to `retries` times (`Infinity`: until closed) `delayMs`
+   * apart. By default requests in flight and new ones wait and are replayed on the new connection;
+   * with `holdRequests: false` they fail at once with EIO while the device reconnects in the
+   * background (what a mirror leg wants: the mirror goes on without it and resyncs it when
+   * `watchHealth` reports it back).
+   */
+  reconnect?: { retries: number; delayMs: number; holdRequests?: boolean };
   /** TLS credentials (PEM); `nbds://` URIs require TLS. */
   tls?: { ca?: string | Buffer; cert?: string | Buffer; key?: string | Buffer; servername?: string };
   /** The name tables print; default the URI. */
@@ -677,11 +683,13 @@ export class NbdDevice implements BlockDevice {
         this.conn.submit(p.pending);
         break;
       case "reconnecting":
-        this.waiting.push(p.pending);
+        if (this.holdsRequests) this.waiting.push(p.pending);
+        else p.pending.reject(new IoError("EIO", this.name, "NBD connection lost (reconnecting)"));
         break;
       case "failed":
         if (this.options.reconnect) {
-          this.waiting.push(p.pending);
+          if (this.holdsRequests) this.waiting.push(p.pending);
+          else p.pending.reject(new IoError("EIO", this.name, "NBD connection lost (reconnecting)"));
           this.reconnect();
         } else p.pending.reject(new IoError("EIO", this.name, "NBD connection lost"));
         break;
@@ -738,6 +746,11 @@ export class NbdDevice implements BlockDevice {
       for (const p of inFlight) p.reject(new IoError("EIO", this.name, `NBD connection lost: ${reason}`));
       return;
     }
+    if (!this.holdsRequests) {
+      for (const p of inFlight) p.reject(new IoError("EIO", this.name, `NBD connection lost: ${reason}`));
+      this.reconnect();
+      return;
+    }
     // Replaying is safe: every NBD request is idempotent on a block device.
     for (const p of inFlight) {
       p.error = null;
@@ -746,6 +759,11 @@ export class NbdDevice implements BlockDevice {
     }
     this.waiting.unshift(...inFlight);
     this.reconnect();
+  }
+
+  /** Whether requests wait for a reconnect (rather than failing while the device is down). */
+  private get holdsRequests(): boolean {
+    return this.options.reconnect?.holdRequests ?? true;
   }
 
   private reconnect(): void {

@@ -1,0 +1,211 @@
+/**
+ * A mirror with a remote leg (dm-mirror issue, item 7): `udm serve --table` runs a 2-leg mirror
+ * whose legs are a local file and `nbd://127.0.0.1:PORT/...` served by a second server (nbdkit
+ * file, qemu-nbd), in the same test. Writes go in over NBD; the remote server is SIGKILLed, writes
+ * go on and `udm status` shows the remote leg `D`; the server restarts on the same port, the leg
+ * reconnects and only it is resynced; both files end byte-identical with every acknowledged write.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { NbdDevice } from "@udm/nbd-server";
+import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { buildCli, requireTool, type ServeProcess, startServe, udmAsync } from "./cli-helpers.js";
+
+const SIZE = 4 * 2 ** 20;
+const BLOCK = 4096;
+/** Region size in sectors (64 KiB): 64 regions. */
+const REGION_SECTORS = 128;
+/** Writes while the remote leg is down stay below this offset (16 regions). */
+const DOWN_LIMIT = 2 ** 20;
+
+let dir: string;
+const started = new Set<ChildProcess>();
+const serves = new Set<ServeProcess>();
+
+beforeAll(() => buildCli(), 300_000);
+
+afterAll(async () => {
+  for (const s of serves) await s.stop();
+  for (const c of started) if (c.exitCode === null && c.signalCode === null) process.kill(c.pid!, "SIGKILL");
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** How a remote NBD server is started on a fixed port, and the URI of its export. */
+interface RemoteKind {
+  tool: string;
+  args: (port: number, file: string) => string[];
+  uri: (port: number) => string;
+}
+
+const KINDS: Record<string, RemoteKind> = {
+  "nbdkit file": {
+    tool: "nbdkit",
+    // -f: foreground (so the PID is the server's), -i/-p: address, --exit-with-parent as a backstop.
+    args: (port, file) => ["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", String(port), "file", file],
+    uri: (port) => `nbd://127.0.0.1:${port}/`,
+  },
+  "qemu-nbd": {
+    tool: "qemu-nbd",
+    // -t: keep serving after a client disconnects; -e 4: several clients (udm reconnecting).
+    args: (port, file) => [
+      "-f",
+      "raw",
+      "-b",
+      "127.0.0.1",
+      "-p",
+      String(port),
+      "-x",
+      "leg",
+      "-t",
+      "-e",
+      "4",
+      file,
+    ],
+    uri: (port) => `nbd://127.0.0.1:${port}/leg`,
+  },
+};
+
+/** Starts the remote server and waits until it accepts an NBD client. */
+async function startRemote(kind: RemoteKind, port: number, file: string): Promise<ChildProcess> {
+  const child = spawn(kind.tool, kind.args(port, file), { stdio: ["ignore", "ignore", "pipe"] });
+  started.add(child);
+  let stderr = "";
+  child.stderr!.on("data", (d) => {
+    stderr += d;
+  });
+  for (let i = 0; i < 200; i++) {
+    if (child.exitCode !== null) throw new Error(`${kind.tool} exited with ${child.exitCode}: ${stderr}`);
+    try {
+      const probe = await NbdDevice.connect(kind.uri(port), { readOnly: true });
+      await probe.close();
+      return child;
+    } catch {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  throw new Error(`${kind.tool} did not start on port ${port}: ${stderr}`);
+}
+
+function killRemote(child: ChildProcess): Promise<void> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) return resolve();
+    child.once("exit", () => resolve());
+    process.kill(child.pid!, "SIGKILL");
+  });
+}
+
+async function status(control: string): Promise<string> {
+  const r = await udmAsync(["status", "m0", "--control", control]);
+  if (r.status !== 0) throw new Error(`udm status failed (${r.status}): ${r.stderr}`);
+  return r.stdout;
+}
+
+async function waitForStatus(control: string, match: RegExp, what: string): Promise<string> {
+  let last = "";
+  for (let i = 0; i < 300; i++) {
+    last = await status(control);
+    if (match.test(last)) return last;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`timed out waiting for ${what}; last status: ${last}`);
+}
+
+/**
+ * Writes `count` random 4 KiB blocks at distinct random offsets below `limit` through `dev`
+ * (concurrently), and into `model` once acknowledged.
+ */
+async function writeBlocks(dev: NbdDevice, model: Buffer, count: number, limit = SIZE): Promise<void> {
+  const offsets = new Set<number>();
+  while (offsets.size < count) offsets.add(Math.floor(Math.random() * (limit / BLOCK)) * BLOCK);
+  await Promise.all(
+    [...offsets].map(async (offset) => {
+      const data = randomBytes(BLOCK);
+      await dev.write(offset, data);
+      data.copy(model, offset); // acknowledged
+    }),
+  );
+}
+
+describe.each(Object.keys(KINDS))("a mirror with a remote leg served by %s", (kindName) => {
+  const kind = KINDS[kindName]!;
+  const available = requireTool(kind.tool);
+
+  test.runIf(available)(
+    "the remote leg fails when its server dies, reconnects when it returns, and only it is resynced",
+    async () => {
+      dir ??= mkdtempSync(join(tmpdir(), "udm-mirror-remote-"));
+      const sub = mkdtempSync(join(dir, `${kind.tool}-`));
+      const local = join(sub, "local.img");
+      const remoteFile = join(sub, "remote.img");
+      writeFileSync(local, Buffer.alloc(SIZE));
+      writeFileSync(remoteFile, Buffer.alloc(SIZE));
+      writeFileSync(join(sub, "mirror.log"), Buffer.alloc(2 ** 20));
+      const port = await freePort();
+      let remote = await startRemote(kind, port, remoteFile);
+      const sectors = SIZE / 512;
+      writeFileSync(
+        join(sub, "udm.table"),
+        `m0: 0 ${sectors} mirror disk 2 mirror.log ${REGION_SECTORS} 2 local.img 0 ${kind.uri(port)} 0 1 handle_errors\n`,
+      );
+      const control = join(sub, "control.sock");
+      const serve = await startServe(
+        ["--table", "udm.table", "--listen", "127.0.0.1:0", "--control", control, "--data-dir", sub],
+        { cwd: sub },
+      );
+      serves.add(serve);
+      // A new disk log: the mirror starts with a full resync (of zeros); wait for it.
+      await waitForStatus(control, / 64\/64 1 AA /, "the initial resync");
+
+      const model = Buffer.alloc(SIZE);
+      const dev = await NbdDevice.connect(`nbd://127.0.0.1:${serve.port}/m0`);
+      try {
+        await writeBlocks(dev, model, 64);
+        await dev.flush();
+
+        // The remote server dies: writes go on (to the local leg), the remote leg shows D. The
+        // writes while it is down stay in the first 1 MiB (regions 0-15).
+        await killRemote(remote);
+        await writeBlocks(dev, model, 64, DOWN_LIMIT);
+        await dev.flush();
+        const degraded = await waitForStatus(control, / 1 AD /, "the remote leg to show D");
+        expect(degraded).toMatch(/mirror 2 \S*local\.img nbd:\/\/127\.0\.0\.1:\d+\/\S* \d+\/64 1 AD 3 disk /);
+        await writeBlocks(dev, model, 32, DOWN_LIMIT);
+        await dev.flush();
+        // Only regions written while the leg was away are out of sync: at most the first 16.
+        const inSync = Number(/ (\d+)\/64 1 AD /.exec(await status(control))![1]);
+        expect(inSync).toBeGreaterThanOrEqual(48);
+        expect(inSync).toBeLessThan(64);
+
+        // The remote server comes back on the same port: the leg reconnects and is resynced.
+        remote = await startRemote(kind, port, remoteFile);
+        await writeBlocks(dev, model, 32);
+        await dev.flush();
+        await waitForStatus(control, / 64\/64 1 AA /, "the remote leg to be resynced");
+        expect((await dev.read(0, SIZE)).equals(model)).toBe(true);
+      } finally {
+        await dev.close();
+      }
+      expect(await serve.stop()).toBe(0);
+      serves.delete(serve);
+      await killRemote(remote);
+      expect(readFileSync(local).equals(model)).toBe(true);
+      expect(readFileSync(remoteFile).equals(model)).toBe(true);
+    },
+    60_000,
+  );
+});

@@ -232,3 +232,79 @@ describe.each(Object.keys(KINDS))("a mirror with a remote leg served by %s", (ki
     60_000,
   );
 });
+
+describe("a remote leg that is still down when udm stops", () => {
+  const available = requireTool("nbdkit");
+
+  test.runIf(available)(
+    "udm stops cleanly; after a restart with the remote back, the regions it missed are resynced",
+    async () => {
+      const kind = KINDS["nbdkit file"]!;
+      dir ??= mkdtempSync(join(tmpdir(), "udm-mirror-remote-"));
+      const sub = mkdtempSync(join(dir, "restart-"));
+      const local = join(sub, "local.img");
+      const remoteFile = join(sub, "remote.img");
+      writeFileSync(local, Buffer.alloc(SIZE));
+      writeFileSync(remoteFile, Buffer.alloc(SIZE));
+      writeFileSync(join(sub, "mirror.log"), Buffer.alloc(2 ** 20));
+      const port = await freePort();
+      let remote = await startRemote(kind, port, remoteFile);
+      writeFileSync(
+        join(sub, "udm.table"),
+        `m0: 0 ${SIZE / 512} mirror disk 2 mirror.log ${REGION_SECTORS} 2 local.img 0 ${kind.uri(port)} 0 1 handle_errors\n`,
+      );
+      const control = join(sub, "control.sock");
+      const args = [
+        "--table",
+        "udm.table",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        control,
+        "--data-dir",
+        sub,
+      ];
+      let serve = await startServe(args, { cwd: sub });
+      serves.add(serve);
+      await waitForStatus(control, / 64\/64 1 AA /, "the initial resync");
+      const model = Buffer.alloc(SIZE);
+      let dev = await NbdDevice.connect(`nbd://127.0.0.1:${serve.port}/m0`);
+      await writeBlocks(dev, model, 32);
+      await dev.flush();
+      await killRemote(remote);
+      await writeBlocks(dev, model, 32, DOWN_LIMIT);
+      await dev.flush();
+      await waitForStatus(control, / 1 AD /, "the remote leg to show D");
+      await dev.close();
+      // SIGTERM while the remote leg is down: drains, flushes what it can, exits 0.
+      expect(await serve.stop()).toBe(0);
+      serves.delete(serve);
+      expect(readFileSync(local).equals(model)).toBe(true);
+      expect(readFileSync(remoteFile).equals(model)).toBe(false);
+      // The log marks out of sync only regions written while the leg was away (0-15).
+      const inspect = await udmAsync(["mirror", "inspect-log", join(sub, "mirror.log"), "--json"]);
+      const { outOfSync, regionCount } = JSON.parse(inspect.stdout) as {
+        outOfSync: Array<{ first: number; last: number }>;
+        regionCount: number;
+      };
+      expect(regionCount).toBe(64);
+      expect(outOfSync.length).toBeGreaterThan(0);
+      for (const r of outOfSync) expect(r.last).toBeLessThan(DOWN_LIMIT / (REGION_SECTORS * 512));
+
+      // Both back: the disk log remembers which regions the remote leg lacks; only they are copied.
+      remote = await startRemote(kind, port, remoteFile);
+      serve = await startServe(args, { cwd: sub });
+      serves.add(serve);
+      await waitForStatus(control, / 64\/64 1 AA /, "the remote leg to be resynced after the restart");
+      dev = await NbdDevice.connect(`nbd://127.0.0.1:${serve.port}/m0`);
+      expect((await dev.read(0, SIZE)).equals(model)).toBe(true);
+      await dev.close();
+      expect(await serve.stop()).toBe(0);
+      serves.delete(serve);
+      await killRemote(remote);
+      expect(readFileSync(local).equals(model)).toBe(true);
+      expect(readFileSync(remoteFile).equals(model)).toBe(true);
+    },
+    60_000,
+  );
+});

@@ -1,4 +1,5 @@
 import { mkdtempSync, rmSync } from "node:fs";
+import { createServer, connect as netConnect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type BlockDevice, IoError, MemoryDevice, openDevice, type StatusContext } from "@udm/kcopyd";
@@ -234,6 +235,57 @@ describe("NbdDevice against NbdServer", () => {
     expect(health).toEqual([false, true]);
     expect((await dev.read(0, 4096)).every((b) => b === 5)).toBe(true);
     await dev.close();
+  });
+
+  it("close() during a reconnect attempt does not revive the device", async () => {
+    const port = Number(
+      uri
+        .replace(/^nbd:\/\//, "")
+        .replace(/\/disk$/, "")
+        .split(":")[1],
+    );
+    const dev = await connect({
+      reconnect: { retries: Number.POSITIVE_INFINITY, delayMs: 20, holdRequests: false },
+    });
+    await server.close({ force: true });
+    // The server comes back behind a proxy on the old port that holds each connection until
+    // released: a reconnect attempt is under way when close() runs, and completes after it.
+    server = new NbdServer();
+    server.addExport("disk", disk);
+    const upstreamPort = Number((await server.listen({ host: "127.0.0.1", port: 0 })).split(":")[1]);
+    let release!: () => void;
+    const released = new Promise<void>((r) => {
+      release = r;
+    });
+    let accepted!: () => void;
+    const attempt = new Promise<void>((r) => {
+      accepted = r;
+    });
+    const sockets: Socket[] = [];
+    const proxy = createServer((client) => {
+      sockets.push(client);
+      client.on("error", () => {});
+      accepted();
+      void released.then(() => {
+        const upstream = netConnect(upstreamPort, "127.0.0.1");
+        sockets.push(upstream);
+        upstream.on("error", () => {});
+        client.pipe(upstream).pipe(client);
+        client.on("close", () => upstream.destroy());
+        upstream.on("close", () => client.destroy());
+      });
+    });
+    await new Promise<void>((resolve) => proxy.listen(port, "127.0.0.1", resolve));
+    try {
+      await attempt;
+      await dev.close();
+      release();
+      await new Promise((r) => setTimeout(r, 300));
+      expect(((await dev.read(0, 512).catch((e: unknown) => e)) as IoError).code).toBe("ESHUTDOWN");
+    } finally {
+      for (const s of sockets) s.destroy();
+      await new Promise((resolve) => proxy.close(resolve));
+    }
   });
 
   it("devices opened by URI (table arguments, mirror legs) reconnect by default", async () => {

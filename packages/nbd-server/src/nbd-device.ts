@@ -415,6 +415,8 @@ export class NbdDevice implements BlockDevice {
   private readonly waiting: Pending[] = [];
   private readonly healthListeners = new Set<(healthy: boolean) => void>();
   private idleWaiters: Array<() => void> = [];
+  /** Ends the pause between reconnect attempts early (close()). */
+  private cancelReconnectWait: (() => void) | null = null;
 
   private constructor(uri: NbdUri, options: NbdDeviceOptions, name: string, conn: ClientConnection) {
     this.uri = uri;
@@ -609,6 +611,7 @@ export class NbdDevice implements BlockDevice {
     }
     const wasConnected = this.state === "connected";
     this.state = "closed";
+    this.cancelReconnectWait?.();
     if (wasConnected && !this.conn.isClosed) {
       const closed = new Promise<void>((resolve) => this.conn.stream.once("close", () => resolve()));
       this.conn.disconnect();
@@ -773,10 +776,24 @@ export class NbdDevice implements BlockDevice {
     void (async () => {
       let lastError = "";
       for (let attempt = 0; attempt <= policy.retries; attempt++) {
-        if (attempt > 0 || policy.delayMs > 0) await new Promise((r) => setTimeout(r, policy.delayMs));
+        if (attempt > 0 || policy.delayMs > 0) {
+          await new Promise<void>((resolve) => {
+            const timer = setTimeout(resolve, policy.delayMs);
+            this.cancelReconnectWait = () => {
+              clearTimeout(timer);
+              resolve();
+            };
+          });
+          this.cancelReconnectWait = null;
+        }
         if (this.state === "closed") return;
         try {
           const conn = await openConnection(this.uri, this.options, (f, r) => this.onConnectionLost(f, r));
+          if ((this.state as State) === "closed") {
+            // close() ran while this attempt connected: don't revive the device (or leak the socket).
+            conn.close("device closed");
+            return;
+          }
           if (conn.agreed.sizeBytes !== this.sizeBytes) {
             conn.close("size changed");
             lastError = `export size changed from ${this.sizeBytes} to ${conn.agreed.sizeBytes}`;

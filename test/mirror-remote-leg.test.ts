@@ -164,7 +164,13 @@ async function writeBlocks(dev: NbdDevice, model: Buffer, count: number, limit =
   );
 }
 
-describe.each(Object.keys(KINDS))("a mirror with a remote leg served by %s", (kindName) => {
+/** Every server kind with handle_errors, and nbdkit without it (dmsetup's default). */
+const CASES: Array<[string, string]> = [
+  ...Object.keys(KINDS).map((k): [string, string] => [k, " 1 handle_errors"]),
+  ["nbdkit file", ""],
+];
+
+describe.each(CASES)("a mirror with a remote leg served by %s, features %j", (kindName, features) => {
   const kind = KINDS[kindName]!;
   const available = requireTool(kind.tool);
 
@@ -183,7 +189,7 @@ describe.each(Object.keys(KINDS))("a mirror with a remote leg served by %s", (ki
       const sectors = SIZE / 512;
       writeFileSync(
         join(sub, "udm.table"),
-        `m0: 0 ${sectors} mirror disk 2 mirror.log ${REGION_SECTORS} 2 local.img 0 ${kind.uri(port)} 0 1 handle_errors\n`,
+        `m0: 0 ${sectors} mirror disk 2 mirror.log ${REGION_SECTORS} 2 local.img 0 ${kind.uri(port)} 0${features}\n`,
       );
       const control = join(sub, "control.sock");
       const serve = await startServe(

@@ -314,3 +314,84 @@ describe("a remote leg that is still down when udm stops", () => {
     60_000,
   );
 });
+
+describe("a remote leg that dies again while it is being resynced", () => {
+  const available = requireTool("nbdkit");
+
+  test.runIf(available)(
+    "the interrupted resync resumes when it is back; the legs end identical",
+    async () => {
+      const kind = KINDS["nbdkit file"]!;
+      // The same server, with each write delayed by nbdkit's delay filter: a slow resync.
+      const slow: RemoteKind = {
+        ...kind,
+        args: (p, file) => [
+          ...kind.args(p, file).slice(0, -2),
+          "--filter=delay",
+          "file",
+          file,
+          "wdelay=100ms",
+        ],
+      };
+      dir ??= mkdtempSync(join(tmpdir(), "udm-mirror-remote-"));
+      const sub = mkdtempSync(join(dir, "twice-"));
+      const local = join(sub, "local.img");
+      const remoteFile = join(sub, "remote.img");
+      writeFileSync(local, Buffer.alloc(SIZE));
+      writeFileSync(remoteFile, Buffer.alloc(SIZE));
+      writeFileSync(join(sub, "mirror.log"), Buffer.alloc(2 ** 20));
+      const port = await freePort();
+      let remote = await startRemote(kind, port, remoteFile);
+      writeFileSync(
+        join(sub, "udm.table"),
+        `m0: 0 ${SIZE / 512} mirror disk 2 mirror.log ${REGION_SECTORS} 2 local.img 0 ${kind.uri(port)} 0 1 handle_errors\n`,
+      );
+      const control = join(sub, "control.sock");
+      const serve = await startServe(
+        ["--table", "udm.table", "--listen", "127.0.0.1:0", "--control", control, "--data-dir", sub],
+        { cwd: sub },
+      );
+      serves.add(serve);
+      await waitForStatus(control, / 64\/64 1 AA /, "the initial resync");
+      const message = async (...argv: string[]) => {
+        const r = await udmAsync(["message", "m0", "0", ...argv, "--control", control]);
+        expect(r.stderr).toBe("");
+        expect(r.status).toBe(0);
+      };
+      await message("regions_in_flight", "1");
+      const inSync = (line: string) => Number(/ (\d+)\/64 1 A[AD] /.exec(line)![1]);
+      const model = Buffer.alloc(SIZE);
+      const dev = await NbdDevice.connect(`nbd://127.0.0.1:${serve.port}/m0`);
+      try {
+        await killRemote(remote);
+        await writeBlocks(dev, model, 256); // most regions
+        await dev.flush();
+        const down = inSync(await waitForStatus(control, / 1 AD /, "the remote leg to show D"));
+        expect(down).toBeLessThan(32);
+        // Back, slowly: wait until the resync has copied some regions, then kill it again.
+        remote = await startRemote(slow, port, remoteFile);
+        let partway = down;
+        for (let i = 0; i < 200 && partway <= down; i++) partway = inSync(await status(control));
+        expect(partway).toBeGreaterThan(down);
+        await killRemote(remote);
+        await writeBlocks(dev, model, 32);
+        await dev.flush();
+        const again = await waitForStatus(control, / 1 AD /, "the remote leg to fail again");
+        expect(inSync(again)).toBeLessThan(64);
+        // Back at full speed: the rest is resynced.
+        remote = await startRemote(kind, port, remoteFile);
+        await message("regions_in_flight", "8");
+        await waitForStatus(control, / 64\/64 1 AA /, "the remote leg to be resynced");
+        expect((await dev.read(0, SIZE)).equals(model)).toBe(true);
+      } finally {
+        await dev.close();
+      }
+      expect(await serve.stop()).toBe(0);
+      serves.delete(serve);
+      await killRemote(remote);
+      expect(readFileSync(local).equals(model)).toBe(true);
+      expect(readFileSync(remoteFile).equals(model)).toBe(true);
+    },
+    60_000,
+  );
+});

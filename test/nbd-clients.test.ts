@@ -226,6 +226,7 @@ describe("fio", () => {
       "--size=8M",
       "--verify=crc32c",
       "--do_verify=1",
+      "--verify_state_save=0", // no state file left in the working directory
       "--output-format=json",
     ]);
     const json = JSON.parse(stdout.slice(stdout.indexOf("{")));

@@ -137,10 +137,4 @@ export function startServe(args: string[], options: { cwd: string }): Promise<Se
   });
 }
 
-/** Fails (rather than skips) under CI when an external tool is missing. */
-export function requireTool(tool: string): boolean {
-  const found = spawnSync("sh", ["-c", `command -v ${tool}`]).status === 0;
-  if (!found && process.env.CI === "true")
-    throw new Error(`${tool} is required under CI=true (scripts/setup.sh installs it)`);
-  return found;
-}
+export { requireTool } from "./tools.js";

@@ -3,7 +3,7 @@
  * socket) seen through libnbd's nbdinfo, NbdDevice and raw sockets, and the TLS-only mode that
  * reveals nothing before STARTTLS. A refused client must get exactly what an unknown name gets.
  */
-import { execFile, execFileSync, spawnSync } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -24,11 +24,7 @@ import {
 } from "@udm/nbd-server";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { infoData, metaContextData, RawPeer } from "../packages/nbd-server/src/raw-peer.js";
-
-const CI = process.env.CI === "true";
-const have = (tool: string) => spawnSync("sh", ["-c", `command -v ${tool}`]).status === 0;
-/** `it` when every tool is installed (or under CI, where a missing tool must fail), else `it.skip`. */
-const withTools = (...tools: string[]) => (CI || tools.every(have) ? it : it.skip);
+import { CI, hasTool, withTools } from "./tools.js";
 
 function run(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -81,7 +77,7 @@ function certDir(name: string, client?: string): string {
 
 beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), "udm-nbd-access-"));
-  if (!have("openssl") && !CI) return;
+  if (!hasTool("openssl") && !CI) return;
   const clientExt = "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n";
   openssl(
     ["req", "-x509", ...EC, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2"].concat(
@@ -355,7 +351,7 @@ describe("TLS-only mode reveals nothing before STARTTLS", () => {
         for (const name of ["public", "no-such-export", ""])
           expect(await exportNameOpens(address, name)).toBe(false);
         // Nothing was listed in the clear, and nbdinfo in the clear fails.
-        if (have("nbdinfo") || CI) {
+        if (hasTool("nbdinfo") || CI) {
           await expect(run("nbdinfo", ["--list", `nbd://${address}`])).rejects.toThrow();
           expect(await listJson(`nbds://${address}?tls-certificates=${certDirs.client}`)).toContain("by-cn");
         }

@@ -10,12 +10,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type BlockDevice, FileDevice, MemoryDevice, type StatusContext } from "@udm/kcopyd";
 import { NbdDevice, NbdServer } from "@udm/nbd-server";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-
-const CI = process.env.CI === "true";
-const have = (tool: string) => spawnSync("sh", ["-c", `command -v ${tool}`]).status === 0;
-/** `it` when every tool is installed (or under CI, where a missing tool must fail), else `it.skip`. */
-const withTools = (...tools: string[]) => (CI || tools.every(have) ? it : it.skip);
+import { afterAll, beforeAll, describe, expect } from "vitest";
+import { withTools } from "./tools.js";
 
 // nbdsh runs `python3 -m nbd`: the Debian python3 that has python3-libnbd must come first.
 const env = { ...process.env, PATH: `/usr/bin:${process.env.PATH ?? ""}` };

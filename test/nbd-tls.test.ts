@@ -2,17 +2,14 @@
  * STARTTLS end-to-end: certificates made by openssl, NbdServer in TLS-mandatory mode, libnbd's
  * nbdinfo and NbdDevice as clients, with and without a required client certificate.
  */
-import { execFile, execFileSync, spawnSync } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { MemoryDevice } from "@udm/kcopyd";
 import { NbdDevice, NbdServer } from "@udm/nbd-server";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-
-const CI = process.env.CI === "true";
-const have = (tool: string) => spawnSync("sh", ["-c", `command -v ${tool}`]).status === 0;
-const withTools = (...tools: string[]) => (CI || tools.every(have) ? it : it.skip);
+import { afterAll, beforeAll, describe, expect } from "vitest";
+import { CI, hasTool, withTools } from "./tools.js";
 
 function run(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -60,7 +57,7 @@ function makeCert(name: string, subject: string, ext: string): void {
 }
 
 beforeAll(() => {
-  if (!have("openssl") && !CI) return;
+  if (!hasTool("openssl") && !CI) return;
   dir = mkdtempSync(join(tmpdir(), "udm-nbd-tls-"));
   openssl(
     ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"].concat(

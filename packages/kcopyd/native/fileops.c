@@ -138,6 +138,30 @@ static napi_value seek_hole(napi_env env, napi_callback_info info) {
 
 enum range_op { OP_PUNCH, OP_ZERO };
 
+/*
+ * Runs `w` on the thread pool and returns the promise its complete callback settles. On failure
+ * frees `w`, throws and returns NULL.
+ */
+static napi_value queue_promise_work(napi_env env, const char *name, napi_async_execute_callback execute,
+                                     napi_async_complete_callback complete, void *w, napi_async_work *work,
+                                     napi_deferred *deferred) {
+  napi_value promise, resource_name;
+  if (napi_create_promise(env, deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name) != napi_ok ||
+      napi_create_async_work(env, NULL, resource_name, execute, complete, w, work) != napi_ok) {
+    free(w);
+    napi_throw_error(env, NULL, "udm_fileops: could not start async work");
+    return NULL;
+  }
+  if (napi_queue_async_work(env, *work) != napi_ok) {
+    napi_delete_async_work(env, *work);
+    free(w);
+    napi_throw_error(env, NULL, "udm_fileops: could not queue async work");
+    return NULL;
+  }
+  return promise;
+}
+
 typedef struct {
   napi_async_work work;
   napi_deferred deferred;
@@ -203,7 +227,7 @@ static void range_complete(napi_env env, napi_status status, void *data) {
 
 static napi_value start_range(napi_env env, napi_callback_info info, enum range_op op, const char *name) {
   size_t argc = 3;
-  napi_value argv[3], promise, resource_name;
+  napi_value argv[3];
   int fd;
   int64_t offset, length;
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
@@ -223,20 +247,7 @@ static napi_value start_range(napi_env env, napi_callback_info info, enum range_
   w->fd = fd;
   w->offset = offset;
   w->length = length;
-  if (napi_create_promise(env, &w->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name) != napi_ok ||
-      napi_create_async_work(env, NULL, resource_name, range_execute, range_complete, w, &w->work) != napi_ok) {
-    free(w);
-    napi_throw_error(env, NULL, "udm_fileops: could not start async work");
-    return NULL;
-  }
-  if (napi_queue_async_work(env, w->work) != napi_ok) {
-    napi_delete_async_work(env, w->work);
-    free(w);
-    napi_throw_error(env, NULL, "udm_fileops: could not queue async work");
-    return NULL;
-  }
-  return promise;
+  return queue_promise_work(env, name, range_execute, range_complete, w, &w->work, &w->deferred);
 }
 
 static napi_value punch_hole(napi_env env, napi_callback_info info) {
@@ -298,7 +309,7 @@ static void copy_complete(napi_env env, napi_status status, void *data) {
 
 static napi_value copy_range(napi_env env, napi_callback_info info) {
   size_t argc = 5;
-  napi_value argv[5], promise, resource_name;
+  napi_value argv[5];
   int64_t fd_in, off_in, fd_out, off_out, length;
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   if (argc < 5) {
@@ -323,20 +334,7 @@ static napi_value copy_range(napi_env env, napi_callback_info info) {
   w->off_in = off_in;
   w->off_out = off_out;
   w->length = length;
-  if (napi_create_promise(env, &w->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "udm_fileops.copyRange", NAPI_AUTO_LENGTH, &resource_name) != napi_ok ||
-      napi_create_async_work(env, NULL, resource_name, copy_execute, copy_complete, w, &w->work) != napi_ok) {
-    free(w);
-    napi_throw_error(env, NULL, "udm_fileops: could not start async work");
-    return NULL;
-  }
-  if (napi_queue_async_work(env, w->work) != napi_ok) {
-    napi_delete_async_work(env, w->work);
-    free(w);
-    napi_throw_error(env, NULL, "udm_fileops: could not queue async work");
-    return NULL;
-  }
-  return promise;
+  return queue_promise_work(env, "udm_fileops.copyRange", copy_execute, copy_complete, w, &w->work, &w->deferred);
 }
 
 /*

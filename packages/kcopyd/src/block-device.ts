@@ -118,6 +118,14 @@ export interface TargetDevice extends BlockDevice {
   suspend?(): Promise<void>;
   /** Called on `dmsetup resume` (restart background work). */
   resume?(): Promise<void>;
+  /**
+   * dm's preresume: called once on a newly built table, after the table it replaces (if any) is
+   * suspended and drained, just before the new table is swapped in. Building a target (its
+   * `create`) must leave `context.previous` untouched and keep serving; state handed over from
+   * the previous table (a mirror's log and per-leg sync state) moves here. A rejection leaves the
+   * previous table in charge exactly as it was; the new table is then closed.
+   */
+  preresume?(): Promise<void>;
   /** Background work in progress, or null when idle. */
   progress?(): TargetProgress | null;
 }

@@ -173,6 +173,10 @@ export class DeviceModel {
   /** Acknowledged writes a completed flush has not made durable yet. */
   private ackedVolatile = new Set<WriteTicket>();
   private readonly inFlight = new Set<WriteTicket>();
+  /** Reads sent and not checked yet: what they may return must stay a candidate until they end. */
+  private readonly readsInFlight = new Set<ReadTicket>();
+  /** Durable tickets whose pruning waits for reads that were sent before they were acknowledged. */
+  private readonly deferredPrunes = new Set<WriteTicket>();
   private readonly scratch: Buffer;
   /**
    * Live reads that raced a write and came back torn inside a sector (legal: page-cache copies
@@ -299,7 +303,14 @@ export class DeviceModel {
 
   beginRead(offsetBytes: number, lengthBytes: number): ReadTicket {
     this.checkAligned(offsetBytes, lengthBytes);
-    return { offsetBytes, lengthBytes, startSeq: this.tick() };
+    const read = { offsetBytes, lengthBytes, startSeq: this.tick() };
+    this.readsInFlight.add(read);
+    return read;
+  }
+
+  /** A read ended without data to check (it failed): it no longer holds back pruning. */
+  endRead(read: ReadTicket): void {
+    if (this.readsInFlight.delete(read)) this.pruneDeferred();
   }
 
   /**
@@ -308,6 +319,7 @@ export class DeviceModel {
    */
   checkRead(read: ReadTicket, data: Buffer): Mismatch[] {
     if (data.length !== read.lengthBytes) {
+      this.endRead(read);
       return [
         {
           offsetBytes: read.offsetBytes,
@@ -317,7 +329,14 @@ export class DeviceModel {
         },
       ];
     }
-    return this.check(read.offsetBytes, data, (t) => t.ackSeq !== null && t.ackSeq < read.startSeq, false);
+    const bad = this.check(
+      read.offsetBytes,
+      data,
+      (t) => t.ackSeq !== null && t.ackSeq < read.startSeq,
+      false,
+    );
+    this.endRead(read);
+    return bad;
   }
 
   /** The device died (kill -9): requests in flight are never answered, unflushed writes may be lost. */
@@ -330,6 +349,9 @@ export class DeviceModel {
     this.inFlight.clear();
     // An acknowledged but unflushed write may be gone; a flush after the restart cannot promise it.
     this.ackedVolatile.clear();
+    // Reads in flight are never answered.
+    this.readsInFlight.clear();
+    this.pruneDeferred();
   }
 
   /**
@@ -378,6 +400,8 @@ export class DeviceModel {
     for (const [b, list] of this.blocks) copy.blocks.set(b, list.map(map));
     for (const t of this.ackedVolatile) copy.ackedVolatile.add(map(t));
     for (const t of this.inFlight) copy.inFlight.add(map(t));
+    // The reads holding these back are the original's: the copy prunes now.
+    for (const t of this.deferredPrunes) copy.prune(map(t));
     return copy;
   }
 
@@ -443,10 +467,40 @@ export class DeviceModel {
     return ticket;
   }
 
-  /** `ticket` is durable: nothing acknowledged before it was sent can be seen on its blocks again. */
+  /**
+   * `ticket` is durable: nothing that ended before it was sent can be seen on its blocks again,
+   * neither after a crash nor by a read sent after its acknowledgement. A read sent before the
+   * acknowledgement may still return what it replaced (the server may serve that read first and
+   * answer it last), so while such a read overlaps the ticket, its pruning waits for the read.
+   */
   private makeDurable(ticket: WriteTicket): void {
     ticket.durable = true;
     if (ticket.keepsPrevious) return;
+    if (this.heldByRead(ticket)) this.deferredPrunes.add(ticket);
+    else this.prune(ticket);
+  }
+
+  /** Whether a read in flight was sent before `ticket` was acknowledged and overlaps it. */
+  private heldByRead(ticket: WriteTicket): boolean {
+    const ack = ticket.ackSeq ?? Number.POSITIVE_INFINITY;
+    const end = ticket.offsetBytes + ticket.lengthBytes;
+    for (const r of this.readsInFlight) {
+      if (r.startSeq < ack && r.offsetBytes < end && ticket.offsetBytes < r.offsetBytes + r.lengthBytes)
+        return true;
+    }
+    return false;
+  }
+
+  private pruneDeferred(): void {
+    for (const t of this.deferredPrunes) {
+      if (this.heldByRead(t)) continue;
+      this.deferredPrunes.delete(t);
+      this.prune(t);
+    }
+  }
+
+  /** Drops from `ticket`'s blocks every entry that ended before it was sent. */
+  private prune(ticket: WriteTicket): void {
     const first = ticket.offsetBytes / this.blockBytes;
     const last = first + ticket.lengthBytes / this.blockBytes;
     for (let b = first; b < last; b++) {

@@ -27,6 +27,8 @@
  * ```
  */
 
+import { containsPoison } from "@udm/kcopyd";
+
 /** Default model block: the unit writes, trims and checks are aligned to. */
 export const MODEL_BLOCK_BYTES = 4096;
 /** Default torn-write granularity: a sector is written whole or not at all. */
@@ -139,6 +141,7 @@ export function blockPayload(seed: number, gen: number, block: number, blockByte
 /** Names a block's content: `gen G block B (seed S)`, `zero` or `unknown`. */
 export function describeBlock(data: Buffer): string {
   if (isZero(data)) return "zero";
+  if (containsPoison(data)) return "UDM_POISON pattern (bytes nobody wrote)";
   if (data.length >= PAYLOAD_HEADER_BYTES && data.readUInt32BE(0) === PAYLOAD_MAGIC) {
     return `gen ${data.readUInt32BE(8)} block ${data.readUInt32BE(12)} (seed ${data.readUInt32BE(4)})`;
   }

@@ -1,4 +1,5 @@
 import {
+  allocData,
   checkRange,
   type Extent,
   IoError,
@@ -77,7 +78,7 @@ export class SegmentedDevice implements TargetDevice {
   }
 
   async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(lengthBytes);
+    const buf = allocData(lengthBytes);
     await this.readInto(offsetBytes, buf);
     return buf;
   }

@@ -9,6 +9,7 @@ import {
 } from "./block-device.js";
 import { errnoOf, IoError } from "./errors.js";
 import { type NativeFileOps, nativeFileOps } from "./native.js";
+import { allocData } from "./poison.js";
 
 /** Zeros are written in pieces of this size when the range cannot be punched or zero-ranged. */
 const ZERO_WRITE_BYTES = 1024 * 1024;
@@ -185,7 +186,7 @@ export class FileDevice implements BlockDevice {
   }
 
   async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(lengthBytes);
+    const buf = allocData(lengthBytes);
     await this.readInto(offsetBytes, buf);
     return buf;
   }

@@ -8,6 +8,7 @@ import {
   type WriteZeroesOptions,
 } from "./block-device.js";
 import { IoError } from "./errors.js";
+import { allocData } from "./poison.js";
 
 /** What a down interval does, as dm-flakey's features (none: every I/O fails). */
 export interface FlakeyFeatures {
@@ -136,7 +137,7 @@ export class FlakeyDevice implements TargetDevice {
   }
 
   async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(lengthBytes);
+    const buf = allocData(lengthBytes);
     await this.readInto(offsetBytes, buf);
     return buf;
   }

@@ -9,6 +9,7 @@ export * from "./linear-device.js";
 export * from "./memory-device.js";
 export * from "./native.js";
 export * from "./page-pool.js";
+export * from "./poison.js";
 export * from "./size.js";
 export * from "./target-registry.js";
 export * from "./throttle.js";

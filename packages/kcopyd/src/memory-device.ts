@@ -7,6 +7,7 @@ import {
   type WriteZeroesOptions,
 } from "./block-device.js";
 import { IoError } from "./errors.js";
+import { allocData } from "./poison.js";
 
 /** Allocation unit of a MemoryDevice: small enough for sparse use, large enough for few map entries. */
 export const MEMORY_CHUNK_BYTES = 64 * 1024;
@@ -47,7 +48,7 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(lengthBytes);
+    const buf = allocData(lengthBytes);
     await this.readInto(offsetBytes, buf);
     return buf;
   }

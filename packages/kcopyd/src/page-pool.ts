@@ -1,3 +1,5 @@
+import { isPoisoned, poisonEnabled, poisonFill, poisonViolation } from "./poison.js";
+
 /** kcopyd's unit of memory accounting, as in the kernel. */
 export const PAGE_SIZE = 4096;
 
@@ -64,7 +66,13 @@ export class PagePool {
     let buffer: Buffer | undefined;
     if (bytes === this.spareSize) buffer = this.spare.pop();
     else this.dropSpares();
+    const poison = poisonEnabled();
+    if (buffer && poison && !isPoisoned(buffer)) {
+      poisonViolation(`a kcopyd page buffer of ${bytes} bytes was written after its release`);
+      buffer = undefined;
+    }
     buffer ??= Buffer.allocUnsafe(bytes);
+    if (poison) poisonFill(buffer);
     let released = false;
     return {
       pages,
@@ -72,6 +80,7 @@ export class PagePool {
       release: () => {
         if (released) return;
         released = true;
+        if (poisonEnabled()) poisonFill(buffer);
         this.keepSpare(buffer);
         this.freePages += pages;
         this.grantWaiters();

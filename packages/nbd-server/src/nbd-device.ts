@@ -4,6 +4,7 @@ import { join } from "node:path";
 import type { Duplex } from "node:stream";
 import * as tls from "node:tls";
 import {
+  allocData,
   type BlockDevice,
   checkRange,
   type Errno,
@@ -456,7 +457,7 @@ export class NbdDevice implements BlockDevice {
   }
 
   async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(lengthBytes);
+    const buf = allocData(lengthBytes);
     await this.readInto(offsetBytes, buf);
     return buf;
   }

@@ -1,5 +1,5 @@
 import type { Duplex } from "node:stream";
-import type { BlockDevice, Extent, TargetLogger } from "@udm/kcopyd";
+import { allocData, type BlockDevice, type Extent, type TargetLogger } from "@udm/kcopyd";
 import { BufferPool } from "./buffer-pool.js";
 import { BASE_ALLOCATION, deviceContexts, type ExportEntry, isReadOnly } from "./export-entry.js";
 import type { Negotiated } from "./handshake.js";
@@ -304,7 +304,7 @@ export class TransmissionSession {
       this.drop(req.length);
       this.payloadFilled = req.length;
     } else {
-      this.payload ??= Buffer.allocUnsafe(req.length);
+      this.payload ??= allocData(req.length);
       const n = Math.min(req.length - this.payloadFilled, this.bufferedBytes);
       this.take(n, this.payload.subarray(this.payloadFilled, this.payloadFilled + n));
       this.payloadFilled += n;

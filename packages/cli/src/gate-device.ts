@@ -6,6 +6,7 @@ import {
   type TargetProgress,
   type WriteOptions,
   type WriteZeroesOptions,
+  type ZeroRun,
 } from "@udm/kcopyd";
 
 /** Where a gate is in `dmsetup suspend`/`resume`. */
@@ -167,6 +168,14 @@ export class GateDevice implements TargetDevice {
   }
   readInto(offsetBytes: number, target: Buffer): Promise<void> {
     return this.gated((d) => d.readInto(offsetBytes, target));
+  }
+  /** The current table's sparse read; a table without one is read plainly and vouches for nothing. */
+  readIntoSparse(offsetBytes: number, target: Buffer): Promise<ZeroRun[]> {
+    return this.gated(async (d) => {
+      if (d.readIntoSparse) return d.readIntoSparse(offsetBytes, target);
+      await d.readInto(offsetBytes, target);
+      return [];
+    });
   }
   write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     return this.gated((d) => d.write(offsetBytes, data, options));

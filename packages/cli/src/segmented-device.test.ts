@@ -1,9 +1,11 @@
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { LinearDevice, MEMORY_CHUNK_BYTES, MemoryDevice, ZeroDevice } from "@udm/kcopyd";
 import { pino } from "pino";
 import { afterEach, beforeEach, describe, expect, test } from "vitest";
 import { DeviceManager } from "./device-manager.js";
+import { GateDevice } from "./gate-device.js";
 import { SegmentedDevice } from "./segmented-device.js";
 import { parseTableFile } from "./table-parser.js";
 import { allTargets } from "./targets.js";
@@ -85,5 +87,31 @@ describe("SegmentedDevice meta contexts", () => {
     });
     expect(manager.device("two").statusContexts()).toEqual([]);
     expect(await contexts[0]!.query(0, 8192)).toEqual([{ lengthBytes: 8192, flags: 0 }]);
+  });
+});
+
+describe("SegmentedDevice and GateDevice sparse reads", () => {
+  test("each segment's own sparse read, offsets mapped; a segment that cannot vouch reads plainly", async () => {
+    const C = MEMORY_CHUNK_BYTES;
+    const a = new MemoryDevice(4 * C);
+    const b = new MemoryDevice(4 * C);
+    await a.write(C, Buffer.alloc(C, 1));
+    await b.write(2 * C, Buffer.alloc(C, 2));
+    // The middle segment (zero, no readIntoSparse) vouches for nothing although it reads as zeros.
+    const seg = new SegmentedDevice("s", [
+      { startBytes: 0, target: new LinearDevice(a, 0, 4 * C) },
+      { startBytes: 4 * C, target: new ZeroDevice(C) },
+      { startBytes: 5 * C, target: new LinearDevice(b, 0, 4 * C) },
+    ]);
+    const gate = new GateDevice("s", seg);
+    const target = Buffer.alloc(9 * C, 0xee);
+    const zeros = await gate.readIntoSparse(0, target);
+    expect(target.equals(await seg.read(0, 9 * C))).toBe(true);
+    expect(zeros).toEqual([
+      { offsetBytes: 0, lengthBytes: C },
+      { offsetBytes: 2 * C, lengthBytes: 2 * C },
+      { offsetBytes: 5 * C, lengthBytes: 2 * C },
+      { offsetBytes: 8 * C, lengthBytes: C },
+    ]);
   });
 });

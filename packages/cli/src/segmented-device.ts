@@ -5,10 +5,12 @@ import {
   IoError,
   mergeExtents,
   type StatusContext,
+  shiftZeroRuns,
   type TargetDevice,
   type TargetProgress,
   type WriteOptions,
   type WriteZeroesOptions,
+  type ZeroRun,
 } from "@udm/kcopyd";
 
 /** One segment: a target mapped at `[startBytes, startBytes + target.sizeBytes)` of the device. */
@@ -89,6 +91,21 @@ export class SegmentedDevice implements TargetDevice {
         p.target.readInto(p.at, target.subarray(p.done, p.done + p.length)),
       ),
     );
+  }
+
+  /** Each segment's own sparse read (a segment without one vouches for nothing), in order. */
+  async readIntoSparse(offsetBytes: number, target: Buffer): Promise<ZeroRun[]> {
+    const parts = await Promise.all(
+      this.pieces(offsetBytes, target.length).map(async (p) => {
+        const into = target.subarray(p.done, p.done + p.length);
+        if (!p.target.readIntoSparse) {
+          await p.target.readInto(p.at, into);
+          return [];
+        }
+        return shiftZeroRuns(await p.target.readIntoSparse(p.at, into), offsetBytes + p.done - p.at);
+      }),
+    );
+    return parts.flat();
   }
 
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {

@@ -26,6 +26,12 @@ export interface Extent {
   kind: ExtentKind;
 }
 
+/** A run `[offsetBytes, offsetBytes + lengthBytes)` of a read the device vouches reads as zeros. */
+export interface ZeroRun {
+  offsetBytes: number;
+  lengthBytes: number;
+}
+
 export interface WriteOptions {
   /** Force unit access: the write is durable when the promise resolves. */
   fua?: boolean;
@@ -83,6 +89,16 @@ export interface BlockDevice {
     destOffsetBytes: number,
     lengthBytes: number,
   ): Promise<boolean>;
+
+  /**
+   * Sparse read (optional): fills `target` exactly as `readInto` does and resolves with the runs
+   * of this same read that the device vouches are zeros (holes it found while reading,
+   * unallocated chunks): sorted, non-overlapping, inside the range, every byte 0 in `target`.
+   * The NBD server sends those runs as holes and everything else as the bytes read. A device
+   * must say only what this read saw, never ask a separate source (`extents()` is a hint and may
+   * disagree with reads); one that cannot vouch omits the method or resolves `[]`.
+   */
+  readIntoSparse?(offsetBytes: number, target: Buffer): Promise<ZeroRun[]>;
 
   /** Extra NBD meta contexts this device publishes (optional). */
   statusContexts?(): StatusContext[];
@@ -158,4 +174,32 @@ export function mergeExtents(extents: Extent[]): Extent[] {
     }
   }
   return out;
+}
+
+/** Granularity at which {@link zeroRunsOf} looks for zeros: the page size. */
+export const ZERO_SCAN_BYTES = 4096;
+const ZERO_SCAN_PAGE = Buffer.alloc(ZERO_SCAN_BYTES);
+
+/**
+ * The zero runs of `data` (read at device offset `offsetBytes`), found by looking at the bytes:
+ * whole `ZERO_SCAN_BYTES` pages aligned to the device, merged. What a device that cannot ask its
+ * storage for holes can vouch for after a read (the bytes are right there).
+ */
+export function zeroRunsOf(data: Buffer, offsetBytes: number): ZeroRun[] {
+  const out: ZeroRun[] = [];
+  const end = offsetBytes + data.length;
+  let pos = Math.ceil(offsetBytes / ZERO_SCAN_BYTES) * ZERO_SCAN_BYTES;
+  for (; pos + ZERO_SCAN_BYTES <= end; pos += ZERO_SCAN_BYTES) {
+    const at = pos - offsetBytes;
+    if (data.compare(ZERO_SCAN_PAGE, 0, ZERO_SCAN_BYTES, at, at + ZERO_SCAN_BYTES) !== 0) continue;
+    const last = out[out.length - 1];
+    if (last && last.offsetBytes + last.lengthBytes === pos) last.lengthBytes += ZERO_SCAN_BYTES;
+    else out.push({ offsetBytes: pos, lengthBytes: ZERO_SCAN_BYTES });
+  }
+  return out;
+}
+
+/** Zero runs moved by `deltaBytes` (an inner device's offsets seen from a target mapping it). */
+export function shiftZeroRuns(runs: ZeroRun[], deltaBytes: number): ZeroRun[] {
+  return runs.map((r) => ({ offsetBytes: r.offsetBytes + deltaBytes, lengthBytes: r.lengthBytes }));
 }

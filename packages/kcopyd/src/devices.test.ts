@@ -1,6 +1,7 @@
 import { randomBytes } from "node:crypto";
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
+import { zeroRunsOf } from "./block-device.js";
 import { ErrorDevice } from "./error-device.js";
 import { IoError } from "./errors.js";
 import { FlakeyDevice } from "./flakey-device.js";
@@ -79,6 +80,43 @@ describe("MemoryDevice", () => {
       }),
       { numRuns: 100 },
     );
+  });
+});
+
+describe("readIntoSparse: the bytes of a read and the zero runs that same read vouches for", () => {
+  it("MemoryDevice: unallocated chunks are zero runs, filled with zeros; LinearDevice shifts them", async () => {
+    const C = MEMORY_CHUNK_BYTES;
+    const dev = new MemoryDevice(8 * C);
+    await dev.write(C, Buffer.alloc(C, 1));
+    await dev.write(3 * C + 100, Buffer.alloc(10, 2));
+    const target = Buffer.alloc(5 * C - 512, 0xee);
+    const zeros = await dev.readIntoSparse(512, target);
+    expect(target.equals(await dev.read(512, 5 * C - 512))).toBe(true);
+    expect(zeros).toEqual([
+      { offsetBytes: 512, lengthBytes: C - 512 },
+      { offsetBytes: 2 * C, lengthBytes: C },
+      { offsetBytes: 4 * C, lengthBytes: C },
+    ]);
+    const win = new LinearDevice(dev, C, 4 * C);
+    const t2 = Buffer.alloc(3 * C, 0xee);
+    expect(await win.readIntoSparse(0, t2)).toEqual([{ offsetBytes: C, lengthBytes: C }]);
+    expect(t2.equals(await dev.read(C, 3 * C))).toBe(true);
+    // Over a device that cannot vouch, linear reads plainly and vouches for nothing.
+    const plain = new LinearDevice(new ZeroDevice(4 * C), 0, 4 * C);
+    const t3 = Buffer.alloc(C, 0xee);
+    expect(await plain.readIntoSparse(0, t3)).toEqual([]);
+    expect(t3.every((b) => b === 0)).toBe(true);
+  });
+
+  it("zeroRunsOf finds the all-zero pages of a buffer, aligned to the device", () => {
+    const data = Buffer.alloc(5 * 4096);
+    data[4096 + 7] = 1; // page 1 (device page 1) has data
+    // Read at 2048: device pages 1..5 are at buffer offsets 2048, 6144, ...
+    expect(zeroRunsOf(data, 2048)).toEqual([{ offsetBytes: 8192, lengthBytes: 3 * 4096 }]);
+    expect(zeroRunsOf(data, 0)).toEqual([
+      { offsetBytes: 0, lengthBytes: 4096 },
+      { offsetBytes: 8192, lengthBytes: 3 * 4096 },
+    ]);
   });
 });
 

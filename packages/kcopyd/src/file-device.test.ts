@@ -116,6 +116,39 @@ describe.each(MODES)("FileDevice on a sparse file, $mode path", ({ native, runs 
     }
   });
 
+  it.skipIf(!runs)(
+    "readIntoSparse returns the bytes of a read and vouches only for zeros it returned",
+    async () => {
+      const dev = await FileDevice.open(file("sparse-read.img"), { createSizeBytes: 4 * MiB });
+      try {
+        const a = randomBytes(64 * KiB);
+        const b = randomBytes(4 * KiB);
+        await dev.write(256 * KiB, a);
+        await dev.write(3 * MiB, Buffer.alloc(64 * KiB)); // written zeros: data to SEEK_DATA
+        await dev.write(3 * MiB + 64 * KiB, b);
+        const target = Buffer.alloc(4 * MiB - 512, 0xee); // stale bytes must not survive
+        const zeros = await dev.readIntoSparse(512, target);
+        expect(target.equals(await dev.read(512, 4 * MiB - 512))).toBe(true);
+        for (const z of zeros) {
+          const run = target.subarray(z.offsetBytes - 512, z.offsetBytes - 512 + z.lengthBytes);
+          expect(run.every((x) => x === 0)).toBe(true);
+        }
+        const vouched = zeros.reduce((n, z) => n + z.lengthBytes, 0);
+        if (native) {
+          // The holes around the two data runs (file-system blocks of 4 KiB or less).
+          expect(zeros[0]).toEqual({ offsetBytes: 512, lengthBytes: 256 * KiB - 512 });
+          expect(vouched).toBe(4 * MiB - 512 - 64 * KiB - 68 * KiB);
+        } else {
+          // Every all-zero page read, the written zeros included.
+          expect(zeros[0]).toEqual({ offsetBytes: 4 * KiB, lengthBytes: 252 * KiB });
+          expect(vouched).toBe(4 * MiB - 4 * KiB - 64 * KiB - 4 * KiB);
+        }
+      } finally {
+        await dev.close();
+      }
+    },
+  );
+
   it.skipIf(!runs)("discard punches a hole with the addon and is a harmless no-op without", async () => {
     const path = file("discard.img");
     const dev = await FileDevice.open(path, { createSizeBytes: 4 * MiB });

@@ -6,6 +6,8 @@ import {
   mergeExtents,
   type WriteOptions,
   type WriteZeroesOptions,
+  type ZeroRun,
+  zeroRunsOf,
 } from "./block-device.js";
 import { errnoOf, IoError } from "./errors.js";
 import { type NativeFileOps, nativeFileOps } from "./native.js";
@@ -226,6 +228,41 @@ export class FileDevice implements BlockDevice {
       }
       done += bytesRead;
     }
+  }
+
+  /**
+   * With the addon, on a file: the holes SEEK_DATA/SEEK_HOLE find in the range are the zero runs
+   * (zero-filled, not read) and the data between them is read; a write racing the read may land
+   * in a hole after the seek, which the read then shows as before the write (as any read that
+   * raced it may). Otherwise (block devices, `UDM_NO_NATIVE=1`) the whole range is read and its
+   * all-zero pages are the zero runs.
+   */
+  async readIntoSparse(offsetBytes: number, target: Buffer): Promise<ZeroRun[]> {
+    this.checkOpen();
+    checkRange(this, offsetBytes, target.length);
+    const native = nativeFileOps();
+    if (!native || this.isBlockDevice) {
+      await this.readInto(offsetBytes, target);
+      return zeroRunsOf(target, offsetBytes);
+    }
+    const end = offsetBytes + target.length;
+    const holes: ZeroRun[] = [];
+    const reads: Array<Promise<void>> = [];
+    let pos = offsetBytes;
+    while (pos < end) {
+      const found = native.seekData(this.fd, pos);
+      const data = found < 0 || found >= end ? end : found;
+      if (data > pos) {
+        target.fill(0, pos - offsetBytes, data - offsetBytes);
+        holes.push({ offsetBytes: pos, lengthBytes: data - pos });
+      }
+      if (data >= end) break;
+      const hole = Math.min(native.seekHole(this.fd, data), end);
+      reads.push(this.readInto(data, target.subarray(data - offsetBytes, hole - offsetBytes)));
+      pos = hole;
+    }
+    await Promise.all(reads);
+    return holes;
   }
 
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {

@@ -3,9 +3,11 @@ import {
   checkRange,
   type Extent,
   SECTOR_SIZE,
+  shiftZeroRuns,
   type TargetDevice,
   type WriteOptions,
   type WriteZeroesOptions,
+  type ZeroRun,
 } from "./block-device.js";
 
 /**
@@ -56,6 +58,17 @@ export class LinearDevice implements TargetDevice {
   async readInto(offsetBytes: number, target: Buffer): Promise<void> {
     checkRange(this, offsetBytes, target.length);
     return this.inner.readInto(this.startBytes + offsetBytes, target);
+  }
+
+  /** The inner device's sparse read, when it has one; otherwise a plain read vouching for nothing. */
+  async readIntoSparse(offsetBytes: number, target: Buffer): Promise<ZeroRun[]> {
+    checkRange(this, offsetBytes, target.length);
+    const at = this.startBytes + offsetBytes;
+    if (!this.inner.readIntoSparse) {
+      await this.inner.readInto(at, target);
+      return [];
+    }
+    return shiftZeroRuns(await this.inner.readIntoSparse(at, target), -this.startBytes);
   }
 
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {

@@ -5,6 +5,7 @@ import {
   mergeExtents,
   type WriteOptions,
   type WriteZeroesOptions,
+  type ZeroRun,
 } from "./block-device.js";
 import { IoError } from "./errors.js";
 import { allocData } from "./poison.js";
@@ -61,6 +62,25 @@ export class MemoryDevice implements BlockDevice {
       if (chunk) chunk.copy(target, done, within, within + length);
       else target.fill(0, done, done + length);
     });
+  }
+
+  /** Unallocated chunks are the zero runs: they are filled with zeros in the same pass. */
+  async readIntoSparse(offsetBytes: number, target: Buffer): Promise<ZeroRun[]> {
+    this.checkOpen();
+    checkRange(this, offsetBytes, target.length);
+    const zeros: ZeroRun[] = [];
+    this.forEachPiece(offsetBytes, target.length, (index, within, length, done) => {
+      const chunk = this.chunks.get(index);
+      if (chunk) {
+        chunk.copy(target, done, within, within + length);
+        return;
+      }
+      target.fill(0, done, done + length);
+      const last = zeros[zeros.length - 1];
+      if (last && last.offsetBytes + last.lengthBytes === offsetBytes + done) last.lengthBytes += length;
+      else zeros.push({ offsetBytes: offsetBytes + done, lengthBytes: length });
+    });
+    return zeros;
   }
 
   async write(offsetBytes: number, data: Buffer, _options?: WriteOptions): Promise<void> {

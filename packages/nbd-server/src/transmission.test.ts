@@ -283,6 +283,31 @@ describe("the Linux kernel client's path", () => {
   });
 });
 
+/** Reads `[offset, offset+length)` with structured replies: the bytes and the chunk kinds, in order. */
+async function readStructured(
+  p: RawPeer,
+  cookie: bigint,
+  offset: number,
+  length: number,
+): Promise<{ got: Buffer; kinds: string[] }> {
+  p.request(NBD_CMD_READ, 0, cookie, BigInt(offset), length);
+  const got = Buffer.alloc(length, 0xff);
+  const kinds: string[] = [];
+  for (;;) {
+    const c = await p.reply();
+    expect(c.cookie).toBe(cookie);
+    if (c.type === NBD_REPLY_TYPE_OFFSET_DATA) {
+      c.payload.copy(got, Number(c.payload.readBigUInt64BE(0)) - offset, 8);
+      kinds.push("data");
+    } else if (c.type === NBD_REPLY_TYPE_OFFSET_HOLE) {
+      const at = Number(c.payload.readBigUInt64BE(0)) - offset;
+      got.fill(0, at, at + c.payload.readUInt32BE(8));
+      kinds.push("hole");
+    } else expect(c.type).toBe(NBD_REPLY_TYPE_NONE);
+    if (c.flags & NBD_REPLY_FLAG_DONE) return { got, kinds };
+  }
+}
+
 describe("structured replies", () => {
   it("sends holes as OFFSET_HOLE and honours DF", async () => {
     await disk.write((1 << 20) - 4096, Buffer.alloc(4096, 0x22));
@@ -313,6 +338,42 @@ describe("structured replies", () => {
     expect(df.type).toBe(NBD_REPLY_TYPE_OFFSET_DATA);
     expect(df.flags & NBD_REPLY_FLAG_DONE).toBeTruthy();
     expect(df.payload.subarray(8).equals(await disk.read(0, 1 << 20))).toBe(true);
+  });
+
+  it("a device whose extents() lies never changes what a READ returns (data from the read, holes only where the read vouched)", async () => {
+    // The shape of a mirror asking a stale leg: extents() says the whole device is a hole.
+    const data = Buffer.alloc(2 << 20, 0x5a);
+    await disk.write(0, data);
+    disk.extents = async (o: number, l: number) => [
+      { offsetBytes: o, lengthBytes: l, kind: "hole" as const },
+    ];
+    const { p } = await open("disk", { structured: true });
+    for (const [cookie, length] of [
+      [1n, 4096],
+      [2n, 64 * 1024],
+      [3n, 1 << 20],
+    ] as const) {
+      const r = await readStructured(p, cookie, 0, length);
+      expect(r.kinds, `a ${length}-byte read`).toEqual(["data"]);
+      expect(r.got.equals(data.subarray(0, length))).toBe(true);
+    }
+    // Zero runs come from the read itself: MemoryDevice vouches for unallocated chunks.
+    await disk.writeZeroes(1 << 20, 64 * 1024, { mayTrim: true });
+    const mixed = await readStructured(p, 4n, (1 << 20) - 64 * 1024, 192 * 1024);
+    expect(mixed.kinds).toEqual(["data", "hole", "data"]);
+    expect(mixed.got.equals(await disk.read((1 << 20) - 64 * 1024, 192 * 1024))).toBe(true);
+    // A device that cannot vouch (no readIntoSparse) gets plain data, whatever extents() says.
+    (disk as BlockDevice).readIntoSparse = undefined;
+    const plain = await readStructured(p, 5n, (1 << 20) - 64 * 1024, 192 * 1024);
+    expect(plain.kinds).toEqual(["data"]);
+    expect(plain.got.equals(await disk.read((1 << 20) - 64 * 1024, 192 * 1024))).toBe(true);
+    // BLOCK_STATUS stays what extents() says: advisory.
+    const { p: q, contextIds } = await open("disk", { structured: true, contexts: ["base:allocation"] });
+    q.request(NBD_CMD_BLOCK_STATUS, 0, 6n, 0n, 65536);
+    const status = await q.reply();
+    expect(status.type).toBe(NBD_REPLY_TYPE_BLOCK_STATUS);
+    expect(status.payload.readUInt32BE(0)).toBe(contextIds.get("base:allocation"));
+    expect(status.payload.readUInt32BE(8)).toBe(3); // HOLE|ZERO, as the (lying) hint says
   });
 
   it("answers errors as ERROR chunks with a message", async () => {

@@ -1,5 +1,12 @@
 import type { Duplex } from "node:stream";
-import { allocData, type BlockDevice, type Extent, type TargetLogger } from "@udm/kcopyd";
+import {
+  allocData,
+  type BlockDevice,
+  poisonEnabled,
+  poisonViolation,
+  type TargetLogger,
+  type ZeroRun,
+} from "@udm/kcopyd";
 import { BufferPool } from "./buffer-pool.js";
 import { BASE_ALLOCATION, deviceContexts, type ExportEntry, isReadOnly } from "./export-entry.js";
 import type { Negotiated } from "./handshake.js";
@@ -49,12 +56,15 @@ export const MAX_EXTENTS_PER_CHUNK = 8192;
 export const MAX_LOGGED_REFUSALS = 20;
 /** After DISC or a drain we half-close; a client that never closes its side is cut after this. */
 export const CLOSE_GRACE_MS = 5000;
-/** Reads shorter than this are sent as data without asking the device for holes (one await less per 4 KiB read). */
+/** Reads shorter than this are sent as one data chunk without the device's sparse read. */
 export const HOLE_DETECT_MIN_BYTES = 64 * 1024;
+/** Vouched zero runs shorter than this are sent as data (fewer, larger chunks). */
+export const MIN_HOLE_BYTES = 4096;
 /** Idle READ reply buffers kept for reuse, shared by every connection of the process. */
 const replyBuffers = new BufferPool(64 * 1024 * 1024);
 /** OFFSET_DATA chunk overhead: chunk header plus the u64 offset. */
 const DATA_CHUNK_HEADER_BYTES = STRUCTURED_REPLY_BYTES + 8;
+const ZERO_PAGE = Buffer.alloc(64 * 1024);
 
 /** What a transmission session needs besides the negotiated state. */
 export interface SessionOptions {
@@ -111,6 +121,7 @@ export class TransmissionSession {
   private draining: string | null = null;
   private isClosed = false;
   private resolveClosed!: () => void;
+  private readonly poison = poisonEnabled();
 
   constructor(options: SessionOptions) {
     const n = options.negotiated;
@@ -487,7 +498,7 @@ export class TransmissionSession {
     const length = req.length;
     if (!this.structured) return this.readData(device, req, offset, SIMPLE_REPLY_BYTES);
     if (length === 0) return this.send(encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookie));
-    if ((req.flags & NBD_CMD_FLAG_DF) !== 0 || length < HOLE_DETECT_MIN_BYTES) {
+    if ((req.flags & NBD_CMD_FLAG_DF) !== 0 || length < HOLE_DETECT_MIN_BYTES || !device.readIntoSparse) {
       return this.readData(device, req, offset, DATA_CHUNK_HEADER_BYTES);
     }
     return this.readSparse(device, req, offset);
@@ -502,11 +513,8 @@ export class TransmissionSession {
     const buf = replyBuffers.take(headerBytes + length);
     const done = () => {
       if (headerBytes === SIMPLE_REPLY_BYTES) writeSimpleReplyHeader(buf, 0, 0, req.cookie);
-      else {
-        writeChunkHeader(buf, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + length);
-        buf.writeBigUInt64BE(req.offset, STRUCTURED_REPLY_BYTES);
-      }
-      this.send(buf, true);
+      else this.writeDataHeader(buf, req, NBD_REPLY_FLAG_DONE, req.offset, length);
+      this.send(buf, buf);
     };
     if (length === 0) {
       done();
@@ -521,49 +529,93 @@ export class TransmissionSession {
     }
   }
 
-  /** A large read: holes (per `extents()`) go out as OFFSET_HOLE chunks instead of zeros. */
-  private async readSparse(device: BlockDevice, req: NbdRequest, offset: number): Promise<void> {
-    const length = req.length;
-    let extents: Extent[] | null = null;
+  /**
+   * A large read through the device's sparse read: the bytes come from that read, and only the
+   * runs that same read vouched are zeros go out as OFFSET_HOLE chunks (never what `extents()`
+   * says: it is a hint, and a target's hint may disagree with its reads).
+   */
+  private readSparse(device: BlockDevice, req: NbdRequest, offset: number): Promise<void> {
+    const buf = replyBuffers.take(DATA_CHUNK_HEADER_BYTES + req.length);
+    const data = buf.subarray(DATA_CHUNK_HEADER_BYTES);
+    const sparseRead = device.readIntoSparse as NonNullable<BlockDevice["readIntoSparse"]>;
     try {
-      extents = await device.extents(offset, length);
-    } catch {
-      extents = null; // allocation info is an optimisation: read everything as data
+      // As in readData, a failed read's buffer goes to the GC.
+      return sparseRead.call(device, offset, data).then((zeros) => this.sendSparse(req, buf, zeros));
+    } catch (err) {
+      return Promise.reject(err);
     }
-    if (!extents || extents.length <= 1 || !extents.some((e) => e.kind !== "data")) {
-      if (extents?.length === 1 && extents[0]?.kind !== "data") {
-        return this.send(encodeHoleChunk(NBD_REPLY_FLAG_DONE, req.cookie, req.offset, length));
-      }
-      return this.readData(device, req, offset, DATA_CHUNK_HEADER_BYTES);
+  }
+
+  /** Sends a sparse read's reply: data chunks (views of `buf`) between the holes `zeros` vouches for. */
+  private sendSparse(req: NbdRequest, buf: Buffer, zeros: ZeroRun[]): void {
+    const offset = Number(req.offset);
+    const length = req.length;
+    const holes = holeRuns(zeros, offset, length);
+    if (this.poison) this.checkVouched(req, buf, holes);
+    if (holes.length === 0) {
+      this.writeDataHeader(buf, req, NBD_REPLY_FLAG_DONE, req.offset, length);
+      this.send(buf, buf);
+      return;
+    }
+    if (holes.length === 1 && holes[0]?.lengthBytes === length) {
+      replyBuffers.give(buf);
+      this.send(encodeHoleChunk(NBD_REPLY_FLAG_DONE, req.cookie, req.offset, length));
+      return;
     }
     this.holdReplies(); // the chunks below go out together
-    // Mixed data and holes: read the data runs concurrently, then send chunks in order.
-    const runs = clampExtents(extents, offset, length);
-    const results = await Promise.allSettled(
-      runs.map(async (r) => {
-        if (r.kind !== "data") return null;
-        const buf = Buffer.allocUnsafe(DATA_CHUNK_HEADER_BYTES + r.lengthBytes);
-        await device.readInto(r.offsetBytes, buf.subarray(DATA_CHUNK_HEADER_BYTES));
-        writeChunkHeader(buf, 0, 0, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + r.lengthBytes);
-        buf.writeBigUInt64BE(BigInt(r.offsetBytes), STRUCTURED_REPLY_BYTES);
-        return buf;
-      }),
-    );
-    let failure: { err: unknown; offset: number } | null = null;
-    runs.forEach((r, i) => {
-      const res = results[i] as PromiseSettledResult<Buffer | null>;
-      if (res.status === "rejected") failure ??= { err: res.reason, offset: r.offsetBytes };
-      else if (res.value) this.send(res.value);
-      else this.send(encodeHoleChunk(0, req.cookie, BigInt(r.offsetBytes), r.lengthBytes));
-    });
-    if (failure) {
-      const f = failure as { err: unknown; offset: number };
-      this.logError(req, f.err);
-      return this.send(
-        encodeErrorChunk(req.cookie, nbdErrorOf(f.err), errorMessage(f.err), BigInt(f.offset)),
-      );
+    // Data runs between the holes, in order; the pooled buffer goes back once the last one is written.
+    const end = offset + length;
+    const runs: Array<{ from: number; to: number; hole: boolean }> = [];
+    let pos = offset;
+    for (const h of holes) {
+      if (h.offsetBytes > pos) runs.push({ from: pos, to: h.offsetBytes, hole: false });
+      runs.push({ from: h.offsetBytes, to: h.offsetBytes + h.lengthBytes, hole: true });
+      pos = h.offsetBytes + h.lengthBytes;
     }
+    if (pos < end) runs.push({ from: pos, to: end, hole: false });
+    let lastData = -1;
+    runs.forEach((r, i) => {
+      if (!r.hole) lastData = i;
+    });
+    runs.forEach((r, i) => {
+      if (r.hole) {
+        this.send(encodeHoleChunk(0, req.cookie, BigInt(r.from), r.to - r.from));
+        return;
+      }
+      const at = DATA_CHUNK_HEADER_BYTES + r.from - offset;
+      let view: Buffer;
+      if (r.from === offset) {
+        // The first run uses the header room in front of the data.
+        this.writeDataHeader(buf, req, 0, req.offset, r.to - r.from);
+        view = buf.subarray(0, at + r.to - r.from);
+      } else {
+        const header = Buffer.allocUnsafe(DATA_CHUNK_HEADER_BYTES);
+        this.writeDataHeader(header, req, 0, BigInt(r.from), r.to - r.from);
+        this.send(header);
+        view = buf.subarray(at, at + r.to - r.from);
+      }
+      this.send(view, i === lastData ? buf : null);
+    });
     this.send(encodeChunk(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, req.cookie));
+  }
+
+  /** OFFSET_DATA chunk header (and its u64 offset) in the first 28 bytes of `into`. */
+  private writeDataHeader(into: Buffer, req: NbdRequest, flags: number, at: bigint, length: number): void {
+    writeChunkHeader(into, 0, flags, NBD_REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + length);
+    into.writeBigUInt64BE(at, STRUCTURED_REPLY_BYTES);
+  }
+
+  /** Poison mode: every run a device vouched for must read as zeros in what it returned. */
+  private checkVouched(req: NbdRequest, buf: Buffer, holes: ZeroRun[]): void {
+    const offset = Number(req.offset);
+    for (const h of holes) {
+      const at = DATA_CHUNK_HEADER_BYTES + h.offsetBytes - offset;
+      if (!isAllZero(buf.subarray(at, at + h.lengthBytes))) {
+        poisonViolation(
+          `${this.entry.device.name} vouched for zeros at ${h.offsetBytes}+${h.lengthBytes} that its read did not return`,
+        );
+      }
+    }
   }
 
   private async blockStatus(device: BlockDevice, req: NbdRequest, offset: number): Promise<void> {
@@ -656,19 +708,22 @@ export class TransmissionSession {
   }
 
   /**
-   * Queues a reply; a `pooled` buffer goes back to the pool once the socket is done with it.
-   * Replies are held for the turn only when another could join them (other requests in flight,
-   * or more requests already received): at queue depth 1 a reply leaves at once.
+   * Queues a reply; `release` (a pooled buffer `buf` is, or is a view of) goes back to the pool
+   * once the socket has written `buf` (writes complete in order: a reply made of several views
+   * releases with its last one). Replies are held for the turn only when another could join them
+   * (other requests in flight, or more requests already received): at queue depth 1 a reply
+   * leaves at once.
    */
-  private send(buf: Buffer, pooled = false): undefined {
+  private send(buf: Buffer, release: Buffer | null = null): undefined {
     if (this.isClosed || this.stream.destroyed || this.stream.writableEnded) {
-      if (pooled) replyBuffers.give(buf);
+      // Nothing of this reply was queued (a reply is queued in one go).
+      if (release) replyBuffers.give(release);
       return undefined;
     }
     if (!this.corked && (this.inFlightRequests > 1 || this.bufferedBytes >= REQUEST_BYTES)) {
       this.holdReplies();
     }
-    if (pooled) this.stream.write(buf, () => replyBuffers.give(buf));
+    if (release) this.stream.write(buf, () => replyBuffers.give(release));
     else this.stream.write(buf);
     return undefined;
   }
@@ -678,21 +733,38 @@ function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
 
-/** Extents clipped to the request, in order, without empty runs. */
-function clampExtents(extents: Extent[], offset: number, length: number): Extent[] {
+/**
+ * The holes of a sparse read's reply: the vouched zero runs clipped to the request, sorted,
+ * merged, and only those of at least MIN_HOLE_BYTES (a hole chunk and the data chunk it splits
+ * cost more than sending a few zeros).
+ */
+export function holeRuns(zeros: ReadonlyArray<ZeroRun>, offset: number, length: number): ZeroRun[] {
   const end = offset + length;
-  const out: Extent[] = [];
-  let pos = offset;
-  for (const e of extents) {
-    const s = Math.max(pos, e.offsetBytes);
-    const t = Math.min(end, e.offsetBytes + e.lengthBytes);
-    if (t <= s) continue;
-    if (s > pos) out.push({ offsetBytes: pos, lengthBytes: s - pos, kind: "data" });
-    out.push({ offsetBytes: s, lengthBytes: t - s, kind: e.kind });
-    pos = t;
+  const clipped: ZeroRun[] = [];
+  for (const z of zeros) {
+    const s = Math.max(offset, z.offsetBytes);
+    const t = Math.min(end, z.offsetBytes + z.lengthBytes);
+    if (Number.isSafeInteger(s) && Number.isSafeInteger(t) && t > s)
+      clipped.push({ offsetBytes: s, lengthBytes: t - s });
   }
-  if (pos < end) out.push({ offsetBytes: pos, lengthBytes: end - pos, kind: "data" });
-  return out;
+  clipped.sort((a, b) => a.offsetBytes - b.offsetBytes);
+  const merged: ZeroRun[] = [];
+  for (const z of clipped) {
+    const last = merged[merged.length - 1];
+    const lastEnd = last ? last.offsetBytes + last.lengthBytes : -1;
+    if (last && z.offsetBytes <= lastEnd)
+      last.lengthBytes = Math.max(lastEnd, z.offsetBytes + z.lengthBytes) - last.offsetBytes;
+    else merged.push({ ...z });
+  }
+  return merged.filter((z) => z.lengthBytes >= MIN_HOLE_BYTES || z.lengthBytes === length);
+}
+
+function isAllZero(b: Buffer): boolean {
+  for (let at = 0; at < b.length; at += ZERO_PAGE.length) {
+    const n = Math.min(ZERO_PAGE.length, b.length - at);
+    if (b.compare(ZERO_PAGE, 0, n, at, at + n) !== 0) return false;
+  }
+  return true;
 }
 
 /**

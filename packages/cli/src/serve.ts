@@ -23,6 +23,13 @@ export { CONTROL_SOCKET_NAME, DEFAULT_DATA_DIR } from "./defaults.js";
 
 import { CONTROL_SOCKET_NAME } from "./defaults.js";
 
+/**
+ * On SIGTERM/SIGINT, resuming held I/O and closing the devices each wait at most this long (the
+ * NBD server bounds its own drain and flush the same way): a device that never answers a request
+ * must not keep `udm serve` from stopping. A step that times out is logged and the exit code is 1.
+ */
+export const STOP_STEP_TIMEOUT_MS = 3000;
+
 /** What serve needs from the NBD server (`NbdServer` of @udm/nbd-server). */
 export interface NbdServerLike extends ExportTable {
   exports(): Array<{ name: string; connections: number | { size: number } | unknown[] }>;
@@ -344,12 +351,29 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
       }
       stopping = true;
       log.info({ signal }, "stopping: draining connections, flushing and closing devices");
+      const step = async (what: string, work: Promise<unknown>) => {
+        let timer: NodeJS.Timeout | undefined;
+        const late = new Promise<false>((done) => {
+          timer = setTimeout(() => done(false), STOP_STEP_TIMEOUT_MS);
+        });
+        try {
+          if (!(await Promise.race([work.then(() => true), late]))) {
+            log.error(
+              { timeoutMs: STOP_STEP_TIMEOUT_MS },
+              `stopping: ${what} did not finish in time; going on`,
+            );
+            process.exitCode = 1;
+          }
+        } finally {
+          clearTimeout(timer);
+        }
+      };
       (async () => {
         await control.close();
         // Held requests would never drain: let them through first.
-        await manager.resumeAll();
+        await step("resuming held I/O", manager.resumeAll());
         await server.close();
-        await manager.closeAll();
+        await step("closing the devices", manager.closeAll());
       })()
         .finally(unlockDataDir)
         .then(

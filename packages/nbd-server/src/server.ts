@@ -22,6 +22,12 @@ export const DEFAULT_MAX_CONNECTIONS = 256;
 export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 /** Request payloads and read data held per connection before reading from it pauses (2 x max payload). */
 export const DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+/**
+ * close(): how long requests in flight may take to finish, and then how long each export's flush
+ * may take, before the server stops waiting (a device that never answers must not hold a
+ * SIGTERM up). Connections still busy after it are closed with their requests unanswered.
+ */
+export const DEFAULT_SHUTDOWN_GRACE_MS = 3000;
 
 export interface NbdExportOptions {
   /** Sent in NBD_OPT_LIST and NBD_INFO_DESCRIPTION. */
@@ -46,6 +52,8 @@ export interface NbdServerOptions {
   maxConnections?: number;
   handshakeTimeoutMs?: number;
   maxInFlightBytesPerConnection?: number;
+  /** See {@link DEFAULT_SHUTDOWN_GRACE_MS}. */
+  shutdownGraceMs?: number;
   tls?: {
     cert: string | Buffer;
     key: string | Buffer;
@@ -85,6 +93,7 @@ export class NbdServer extends EventEmitter {
   private readonly maxConnections: number;
   private readonly handshakeTimeoutMs: number;
   private readonly maxInFlightBytes: number;
+  private readonly shutdownGraceMs: number;
   private readonly tlsConfig: HandshakeConfig["tls"];
   private readonly table = new Map<string, ExportEntry>();
   private readonly netServers: net.Server[] = [];
@@ -109,6 +118,7 @@ export class NbdServer extends EventEmitter {
       DEFAULT_MAX_IN_FLIGHT_BYTES,
       "maxInFlightBytesPerConnection",
     );
+    this.shutdownGraceMs = positive(options.shutdownGraceMs, DEFAULT_SHUTDOWN_GRACE_MS, "shutdownGraceMs");
     if (options.tls) {
       const t = options.tls;
       const serverOptions: tls.TlsOptions = {
@@ -228,6 +238,9 @@ export class NbdServer extends EventEmitter {
    * Stops accepting, answers new requests ESHUTDOWN, lets in-flight requests finish, closes
    * every connection and flushes every export's device (devices stay open: the caller owns
    * them). `force` drops connections at once; a forced call also cuts short a pending close.
+   * Nothing waits for a device longer than `shutdownGraceMs`: connections whose requests are
+   * still in flight then are closed unanswered (none of those requests was acknowledged), and a
+   * flush that does not finish in that time is logged and left behind.
    */
   close(options: { force?: boolean } = {}): Promise<void> {
     this.shuttingDown = true;
@@ -245,11 +258,28 @@ export class NbdServer extends EventEmitter {
       if (c.session) pending.push(c.session.drain("server shutting down"));
       else c.socket.destroy();
     }
-    await Promise.all(pending);
+    if (!(await within(Promise.all(pending), this.shutdownGraceMs))) {
+      const busy = [...this.connections].filter((c) => (c.session?.inFlight ?? 0) > 0);
+      this.log.warn(
+        {
+          graceMs: this.shutdownGraceMs,
+          connections: busy.map((c) => c.id),
+          requests: busy.reduce((n, c) => n + (c.session?.inFlight ?? 0), 0),
+        },
+        "nbd shutdown: requests still in flight after the grace period; closing their connections unanswered",
+      );
+      for (const c of this.connections) c.socket.destroy();
+    }
     await Promise.all(
       [...this.table.values()].map(async (e) => {
+        if (e.device.readOnly) return;
         try {
-          if (!e.device.readOnly) await e.device.flush();
+          if (!(await within(e.device.flush(), this.shutdownGraceMs))) {
+            this.log.error(
+              { export: e.name, graceMs: this.shutdownGraceMs },
+              "nbd flush on shutdown did not finish in time; not waiting for it",
+            );
+          }
         } catch (err) {
           this.log.error({ export: e.name, err: (err as Error).message }, "nbd flush on shutdown failed");
         }
@@ -355,6 +385,19 @@ export class NbdServer extends EventEmitter {
         socket.destroy();
       },
     );
+  }
+}
+
+/** Waits for `work` at most `ms`: true if it settled in time (its rejection is rethrown), false if not. */
+async function within(work: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms);
+  });
+  try {
+    return await Promise.race([work.then(() => true as const), late]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 

@@ -506,6 +506,32 @@ describe("server shutdown", () => {
     expect((await disk.read(8192, 4096)).every((b) => b === 0x66)).toBe(true);
     await expect(RawPeer.connect(address)).rejects.toThrow();
   });
+
+  it("close() stops waiting for a device that never answers: after the grace period the connection is cut", async () => {
+    const stuckServer = new NbdServer({ shutdownGraceMs: 300 });
+    let reads = 0;
+    let flushes = 0;
+    const stuck: BlockDevice = Object.create(disk);
+    stuck.readInto = () => {
+      reads++;
+      return new Promise<void>(() => {}); // never completes
+    };
+    stuck.flush = () => {
+      flushes++;
+      return new Promise<void>(() => {});
+    };
+    stuckServer.addExport("stuck", stuck);
+    const at = await stuckServer.listen({ host: "127.0.0.1", port: 0 });
+    const p = await RawPeer.connect(at);
+    peers.push(p);
+    await p.greet();
+    await p.go("stuck");
+    p.request(NBD_CMD_READ, 0, 1n, 0n, 4096);
+    while (reads === 0) await new Promise((r) => setTimeout(r, 5));
+    await stuckServer.close(); // resolves although the read and the flush never complete
+    await p.closed; // the connection with the unanswered read was closed
+    expect(flushes).toBe(1);
+  });
 });
 
 describe("hostile input", () => {

@@ -17,9 +17,12 @@
  */
 export const POISON_PATTERN = Buffer.from("UDM-POISON!", "latin1");
 
-/** Whether poison mode is on for this process (`UDM_POISON=1`). */
+/** Read once: the data path asks on every buffer. */
+const POISON_MODE = process.env.UDM_POISON === "1";
+
+/** Whether poison mode is on for this process (`UDM_POISON=1` when it started). */
 export function poisonEnabled(): boolean {
-  return process.env.UDM_POISON === "1";
+  return POISON_MODE;
 }
 
 /** Fills `buf` with the poison pattern. */
@@ -45,7 +48,7 @@ export function containsPoison(data: Buffer): boolean {
 /** `Buffer.allocUnsafe(size)`, poison-filled in poison mode (a data-path buffer whose bytes a read or a socket fills). */
 export function allocData(size: number): Buffer {
   const buf = Buffer.allocUnsafe(size);
-  if (poisonEnabled()) poisonFill(buf);
+  if (POISON_MODE) poisonFill(buf);
   return buf;
 }
 

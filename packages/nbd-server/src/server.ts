@@ -2,7 +2,7 @@ import { EventEmitter } from "node:events";
 import { promises as fsp } from "node:fs";
 import * as net from "node:net";
 import * as tls from "node:tls";
-import type { BlockDevice, TargetLogger } from "@udm/kcopyd";
+import { type BlockDevice, poisonEnabled, type TargetLogger } from "@udm/kcopyd";
 import {
   compileAllowList,
   type NbdAllowList,
@@ -118,6 +118,12 @@ export class NbdServer extends EventEmitter {
       DEFAULT_MAX_IN_FLIGHT_BYTES,
       "maxInFlightBytesPerConnection",
     );
+    if (poisonEnabled()) {
+      this.log.warn(
+        {},
+        "UDM_POISON=1: data buffers are poison-filled and pooled ones checked (debug mode, slower)",
+      );
+    }
     this.shutdownGraceMs = positive(options.shutdownGraceMs, DEFAULT_SHUTDOWN_GRACE_MS, "shutdownGraceMs");
     if (options.tls) {
       const t = options.tls;

@@ -193,6 +193,18 @@ describe("DeviceModel: what must survive", () => {
     expect(m.verifyAfterCrash(BLOCK, Buffer.alloc(BLOCK))).toHaveLength(1);
   });
 
+  it("a read sent before a FUA write may come back torn between the old content and the write (torture seed 4242)", () => {
+    const m = newModel();
+    const old = m.beginWrite(0, BLOCK, { fua: true });
+    m.complete(old);
+    const r = m.beginRead(0, BLOCK);
+    const w = m.beginWrite(0, BLOCK, { fua: true });
+    m.complete(w);
+    const torn = Buffer.concat([m.payload(w).subarray(0, TEAR), m.payload(old).subarray(TEAR)]);
+    expect(m.checkRead(r, torn)).toEqual([]);
+    expect(m.subSectorTears).toBe(0); // torn at a sector boundary
+  });
+
   it("a read sent before a flush completes may return what flushed writes replaced", () => {
     const m = newModel();
     const r = m.beginRead(0, BLOCK);

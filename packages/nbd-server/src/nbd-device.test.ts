@@ -108,6 +108,22 @@ describe("NbdDevice against NbdServer", () => {
     ]);
   });
 
+  it("readIntoSparse: the zero runs are the holes the server sent for this read, whatever extents() says", async () => {
+    await disk.write(128 * 1024, Buffer.alloc(65536, 1));
+    // A lying hint on the server side must change neither the bytes nor the vouched runs.
+    disk.extents = async (o: number, l: number) => [
+      { offsetBytes: o, lengthBytes: l, kind: "hole" as const },
+    ];
+    const dev = await connect();
+    const target = Buffer.alloc(512 * 1024, 0xee);
+    const zeros = await dev.readIntoSparse(0, target);
+    expect(target.equals(await disk.read(0, 512 * 1024))).toBe(true);
+    expect(zeros).toEqual([
+      { offsetBytes: 0, lengthBytes: 128 * 1024 },
+      { offsetBytes: 192 * 1024, lengthBytes: 320 * 1024 },
+    ]);
+  });
+
   it("publishes the server's own status contexts, so they stack through NBD", async () => {
     (disk as BlockDevice).statusContexts = (): StatusContext[] => [
       {

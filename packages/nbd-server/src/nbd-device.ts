@@ -14,6 +14,7 @@ import {
   type StatusContext,
   type WriteOptions,
   type WriteZeroesOptions,
+  type ZeroRun,
 } from "@udm/kcopyd";
 import { type ClientHandshakeResult, clientHandshake } from "./client-handshake.js";
 import { BASE_ALLOCATION } from "./export-entry.js";
@@ -102,6 +103,8 @@ interface Pending {
   error: { code: number; message: string } | null;
   /** READ with structured replies: bytes the data and hole chunks covered. */
   covered: number;
+  /** readIntoSparse: where the OFFSET_HOLE chunks of the reply are collected (device offsets). */
+  holes: ZeroRun[] | null;
   resolve: () => void;
   reject: (err: Error) => void;
 }
@@ -359,6 +362,7 @@ class ClientConnection {
       if (at < 0 || at + len > p.length) throw new NbdProtocolError("OFFSET_HOLE chunk outside the request");
       (p.target as Buffer).fill(0, at, at + len);
       p.covered += len;
+      if (len) p.holes?.push({ offsetBytes: p.offset + at, lengthBytes: len });
       return;
     }
     if (type === NBD_REPLY_TYPE_BLOCK_STATUS) {
@@ -471,6 +475,27 @@ export class NbdDevice implements BlockDevice {
       parts.push(this.request(NBD_CMD_READ, 0, offsetBytes + done, n, null, target.subarray(done, done + n)));
     }
     await Promise.all(parts);
+  }
+
+  /**
+   * Like readInto; the zero runs are the OFFSET_HOLE chunks of the server's replies to this very
+   * read (what the server vouched for), none with simple replies.
+   */
+  async readIntoSparse(offsetBytes: number, target: Buffer): Promise<ZeroRun[]> {
+    checkRange(this, offsetBytes, target.length);
+    const max = this.conn.agreed.blockSize.maximum;
+    const parts: Array<Promise<void>> = [];
+    const holes: ZeroRun[][] = [];
+    for (let done = 0; done < target.length; done += max) {
+      const n = Math.min(max, target.length - done);
+      const found: ZeroRun[] = [];
+      holes.push(found);
+      parts.push(
+        this.request(NBD_CMD_READ, 0, offsetBytes + done, n, null, target.subarray(done, done + n), found),
+      );
+    }
+    await Promise.all(parts);
+    return holes.flatMap((h) => h.sort((a, b) => a.offsetBytes - b.offsetBytes));
   }
 
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
@@ -674,6 +699,7 @@ export class NbdDevice implements BlockDevice {
       status: null,
       error: null,
       covered: 0,
+      holes: null,
       resolve,
       reject,
     };
@@ -711,8 +737,10 @@ export class NbdDevice implements BlockDevice {
     length: number,
     payload: Buffer | null,
     target: Buffer | null,
+    holes: ZeroRun[] | null = null,
   ): Promise<void> {
     const p = this.makePending(type, flags, offset, length, payload, target);
+    p.pending.holes = holes;
     return this.enqueue(p).catch((err: Error) => {
       if (err instanceof IoError && err.device === "nbd")
         throw new IoError(err.code, this.name, `${err.message}`);
@@ -760,6 +788,7 @@ export class NbdDevice implements BlockDevice {
       p.error = null;
       p.status = null;
       p.covered = 0;
+      if (p.holes) p.holes.length = 0;
     }
     this.waiting.unshift(...inFlight);
     this.reconnect();

@@ -27,6 +27,8 @@ import { CONTROL_SOCKET_NAME } from "./defaults.js";
 export interface NbdServerLike extends ExportTable {
   exports(): Array<{ name: string; connections: number | { size: number } | unknown[] }>;
   listen(address: { host?: string; port?: number } | { path: string }): Promise<string>;
+  /** Accepted connections wait until the returned function is called (see NbdServer). */
+  holdConnections(): () => void;
   close(options?: { force?: boolean }): Promise<void>;
 }
 
@@ -199,6 +201,114 @@ function checkAllowedExportsExist(
 }
 
 /**
+ * Binds every NBD address of `udm serve`; a failure names the option and the address, with the
+ * system's reason (EADDRINUSE: another process listens there).
+ */
+async function listenAll(
+  server: NbdServerLike,
+  listen: { host: string; port: number } | undefined,
+  unix: string | undefined,
+): Promise<Array<{ host: string; port: number } | { path: string }>> {
+  const addresses: Array<{ host: string; port: number } | { path: string }> = [];
+  if (listen) {
+    const where = `${listen.host.includes(":") ? `[${listen.host}]` : listen.host}:${listen.port}`;
+    try {
+      const bound = await server.listen(listen);
+      const port = Number(/:(\d+)\/?$/.exec(bound)?.[1] ?? listen.port);
+      addresses.push({ host: listen.host, port });
+    } catch (err) {
+      throw new Error(
+        `--listen ${where}: ${listenFailure(err, "another process listens on that port (another udm serve?); choose another with --listen HOST:PORT")}`,
+      );
+    }
+  }
+  if (unix) {
+    const path = resolve(unix);
+    try {
+      await server.listen({ path });
+      addresses.push({ path });
+    } catch (err) {
+      throw new Error(
+        `--unix ${path}: ${listenFailure(err, "a server accepts on that socket, or a file that is not a socket is in the way")}`,
+      );
+    }
+  }
+  return addresses;
+}
+
+function listenFailure(err: unknown, inUse: string): string {
+  const e = err as NodeJS.ErrnoException;
+  const reasons: Record<string, string> = {
+    EADDRINUSE: `the address is in use (EADDRINUSE): ${inUse}`,
+    EACCES: "permission denied (EACCES)",
+    EADDRNOTAVAIL: "no such local address (EADDRNOTAVAIL)",
+    ENOENT: "its folder does not exist (ENOENT)",
+    ENOTDIR: "a part of the path is not a folder (ENOTDIR)",
+  };
+  return (e.code && reasons[e.code]) ?? `cannot listen (${e.code ?? "error"}: ${e.message})`;
+}
+
+/**
+ * Logs what a start recovers (mirror regions left out of sync, snapshot exceptions reloaded from
+ * their COW, merges resumed) and, once every resync and merge has finished, that recovery is
+ * done: after a `kill -9` these lines say what the restart repairs and when it is safe again.
+ */
+function watchRecovery(manager: DeviceManager, log: Logger): { stop(): void } {
+  const startedMs = Date.now();
+  const pending = new Set<string>();
+  for (const name of manager.names()) {
+    for (const line of manager.status(name)) {
+      const args = line.args.trim().split(/\s+/);
+      if (line.targetType === "mirror") {
+        const legs = Number(args[0]);
+        const [inSync, regions] = (args[legs + 1] ?? "").split("/").map(Number);
+        if (inSync !== undefined && regions !== undefined && inSync < regions) {
+          log.info(
+            { device: name, regionsToResync: regions - inSync, regions },
+            "recovery: mirror regions out of sync, resyncing",
+          );
+          pending.add(name);
+        }
+      } else if (line.targetType === "snapshot" || line.targetType === "snapshot-merge") {
+        const tableArgs = manager.table(name).find((t) => t.targetType === line.targetType)?.args ?? "";
+        const chunkSectors = Number(tableArgs.trim().split(/\s+/)[3]);
+        const m = /^(\d+)\/(\d+) (\d+)/.exec(line.args.trim());
+        const exceptions = m && chunkSectors > 0 ? (Number(m[1]) - Number(m[3])) / chunkSectors : undefined;
+        if (line.targetType === "snapshot-merge") {
+          log.info({ device: name, chunksToMerge: exceptions, status: line.args }, "recovery: merge resumed");
+          pending.add(name);
+        } else {
+          log.info(
+            { device: name, exceptions, status: line.args },
+            "recovery: snapshot reloaded from its COW",
+          );
+        }
+      }
+    }
+  }
+  if (pending.size === 0) {
+    log.info({ ms: Date.now() - startedMs }, "recovery finished: nothing to resync or merge");
+    return { stop: () => {} };
+  }
+  const timer = setInterval(() => {
+    for (const name of [...pending]) {
+      const progress = manager.has(name) ? manager.info(name).progress : null;
+      if (progress && progress.doneBytes < progress.totalBytes) continue;
+      pending.delete(name);
+      log.info({ device: name }, manager.has(name) ? "recovery: device in sync" : "recovery: device gone");
+    }
+    if (pending.size > 0) return;
+    clearInterval(timer);
+    log.info({ ms: Date.now() - startedMs }, "recovery finished: every mirror in sync, every merge done");
+  }, RECOVERY_POLL_MS);
+  timer.unref();
+  return { stop: () => clearInterval(timer) };
+}
+
+/** How often the start-up recovery's progress is looked at. */
+const RECOVERY_POLL_MS = 250;
+
+/**
  * `udm serve`: builds every device of the table (or `--export`s, or the embedded default in the
  * data directory), serves each as an NBD export of the same name, answers the control socket,
  * and on SIGTERM/SIGINT drains, flushes and closes everything (a second signal forces exit).
@@ -229,15 +339,29 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   const server: NbdServerLike = await createNbdServer({ log, ...(tls && { tls }) });
   const manager = new DeviceManager({ targets: allTargets(), log, exports: server, exportAllow });
 
-  mkdirSync(dirname(controlPath), { recursive: true, mode: 0o700 });
-  // First: a second server on the same control socket (and data) stops here, before opening devices.
-  const control = await startControlServer(
-    controlPath,
-    controlHandlers(manager, () =>
-      server.exports().map((x) => ({ name: x.name, connections: connectionCount(x.connections) })),
-    ),
-    log,
-  );
+  // First the NBD addresses: a port in use or an unusable socket path fails here, before the
+  // data directory, an image or the control socket exists. Clients that connect meanwhile wait.
+  const releaseConnections = server.holdConnections();
+  const addresses = await listenAll(server, listen, options.unix).catch(async (err) => {
+    await server.close({ force: true });
+    throw err;
+  });
+
+  let control: Awaited<ReturnType<typeof startControlServer>>;
+  try {
+    mkdirSync(dirname(controlPath), { recursive: true, mode: 0o700 });
+    // Then the control socket: a second server on the same one (and data) stops here, before opening devices.
+    control = await startControlServer(
+      controlPath,
+      controlHandlers(manager, () =>
+        server.exports().map((x) => ({ name: x.name, connections: connectionCount(x.connections) })),
+      ),
+      log,
+    );
+  } catch (err) {
+    await server.close({ force: true });
+    throw err;
+  }
 
   let tableFile = options.tableFile;
   let createdDefault = false;
@@ -296,28 +420,13 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     }
   } catch (err) {
     await control.close();
+    await server.close({ force: true });
     await manager.closeAll().catch(() => undefined);
     unlockDataDir();
     throw err;
   }
-
-  const addresses: Array<{ host: string; port: number } | { path: string }> = [];
-  try {
-    if (listen) {
-      const bound = await server.listen(listen);
-      const port = Number(/:(\d+)\/?$/.exec(bound)?.[1] ?? listen.port);
-      addresses.push({ host: listen.host, port });
-    }
-    if (options.unix) {
-      await server.listen({ path: resolve(options.unix) });
-      addresses.push({ path: resolve(options.unix) });
-    }
-  } catch (err) {
-    await control.close();
-    await manager.closeAll().catch(() => undefined);
-    unlockDataDir();
-    throw err;
-  }
+  releaseConnections();
+  const recovery = watchRecovery(manager, log);
 
   const out: string[] = [];
   for (const a of addresses) {
@@ -345,6 +454,7 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
       stopping = true;
       log.info({ signal }, "stopping: draining connections, flushing and closing devices");
       (async () => {
+        recovery.stop();
         await control.close();
         // Held requests would never drain: let them through first.
         await manager.resumeAll();

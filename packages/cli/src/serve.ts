@@ -1,6 +1,6 @@
-import { mkdirSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { type BlockDevice, formatSize, SECTOR_SIZE } from "@udm/kcopyd";
+import { type BlockDevice, formatSize, SECTOR_SIZE, type TargetProgress } from "@udm/kcopyd";
 import { compileAllowList } from "@udm/nbd-server";
 import { controlHandlers, startControlServer } from "./control-server.js";
 import {
@@ -228,6 +228,8 @@ async function listenAll(
       await server.listen({ path });
       addresses.push({ path });
     } catch (err) {
+      // Node reports a missing folder as EACCES: say what is wrong.
+      if (!existsSync(dirname(path))) throw new Error(`--unix ${path}: its folder does not exist (ENOENT)`);
       throw new Error(
         `--unix ${path}: ${listenFailure(err, "a server accepts on that socket, or a file that is not a socket is in the way")}`,
       );
@@ -249,53 +251,42 @@ function listenFailure(err: unknown, inUse: string): string {
 }
 
 /**
- * Logs what a start recovers (mirror regions left out of sync, snapshot exceptions reloaded from
- * their COW, merges resumed) and, once every resync and merge has finished, that recovery is
- * done: after a `kill -9` these lines say what the restart repairs and when it is safe again.
+ * Logs what a start recovers and when it is done: the targets log what they found as they are
+ * activated (a mirror's regions out of sync, a merge started with its chunks, a persistent COW
+ * loaded with its exceptions); this adds each snapshot's exceptions, waits for every resync and
+ * merge still running, and logs "recovery finished" with the time since the devices were
+ * built. After a `kill -9` these lines say what the restart repairs and when it is done.
  */
 function watchRecovery(manager: DeviceManager, log: Logger): { stop(): void } {
   const startedMs = Date.now();
-  const pending = new Set<string>();
+  const pending = new Map<string, TargetProgress["operation"]>();
   for (const name of manager.names()) {
     for (const line of manager.status(name)) {
-      const args = line.args.trim().split(/\s+/);
-      if (line.targetType === "mirror") {
-        const legs = Number(args[0]);
-        const [inSync, regions] = (args[legs + 1] ?? "").split("/").map(Number);
-        if (inSync !== undefined && regions !== undefined && inSync < regions) {
-          log.info(
-            { device: name, regionsToResync: regions - inSync, regions },
-            "recovery: mirror regions out of sync, resyncing",
-          );
-          pending.add(name);
-        }
-      } else if (line.targetType === "snapshot" || line.targetType === "snapshot-merge") {
-        const tableArgs = manager.table(name).find((t) => t.targetType === line.targetType)?.args ?? "";
-        const chunkSectors = Number(tableArgs.trim().split(/\s+/)[3]);
-        const m = /^(\d+)\/(\d+) (\d+)/.exec(line.args.trim());
-        const exceptions = m && chunkSectors > 0 ? (Number(m[1]) - Number(m[3])) / chunkSectors : undefined;
-        if (line.targetType === "snapshot-merge") {
-          log.info({ device: name, chunksToMerge: exceptions, status: line.args }, "recovery: merge resumed");
-          pending.add(name);
-        } else {
-          log.info(
-            { device: name, exceptions, status: line.args },
-            "recovery: snapshot reloaded from its COW",
-          );
-        }
-      }
+      if (line.targetType !== "snapshot") continue;
+      const chunkSectors = Number(manager.table(name)[0]?.args.trim().split(/\s+/)[3]);
+      const m = /^(\d+)\/(\d+) (\d+)/.exec(line.args.trim());
+      const exceptions = m && chunkSectors > 0 ? (Number(m[1]) - Number(m[3])) / chunkSectors : undefined;
+      log.info({ device: name, exceptions, status: line.args }, "recovery: snapshot reloaded from its COW");
+    }
+    const progress = manager.info(name).progress;
+    if (progress && progress.doneBytes < progress.totalBytes) {
+      pending.set(name, progress.operation);
+      log.info({ device: name, ...progress }, `recovery: ${progress.operation} running`);
     }
   }
   if (pending.size === 0) {
-    log.info({ ms: Date.now() - startedMs }, "recovery finished: nothing to resync or merge");
+    log.info({ ms: Date.now() - startedMs }, "recovery finished: nothing left to resync or merge");
     return { stop: () => {} };
   }
   const timer = setInterval(() => {
-    for (const name of [...pending]) {
+    for (const [name, operation] of [...pending]) {
       const progress = manager.has(name) ? manager.info(name).progress : null;
       if (progress && progress.doneBytes < progress.totalBytes) continue;
       pending.delete(name);
-      log.info({ device: name }, manager.has(name) ? "recovery: device in sync" : "recovery: device gone");
+      log.info(
+        { device: name, ms: Date.now() - startedMs },
+        manager.has(name) ? `recovery: ${operation} finished` : "recovery: device removed",
+      );
     }
     if (pending.size > 0) return;
     clearInterval(timer);
@@ -428,21 +419,8 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   releaseConnections();
   const recovery = watchRecovery(manager, log);
 
-  const out: string[] = [];
-  for (const a of addresses) {
-    out.push(
-      `udm: listening on ${"path" in a ? `nbd+unix:///?socket=${a.path}` : `nbd://${a.host.includes(":") ? `[${a.host}]` : a.host}:${a.port}`} (control: ${controlPath})`,
-    );
-  }
-  if (createdDefault) out.push(`udm: created the embedded default in ${dataDir} (table: ${tableFile})`);
-  for (const name of manager.names()) {
-    const info = manager.info(name);
-    out.push(`  ${name}: ${info.targets.join("+")}, ${formatSize(info.sizeBytes)}`);
-    for (const a of addresses) for (const hint of attachHints(name, a)) out.push(`      ${hint}`);
-  }
-  process.stdout.write(`${out.join("\n")}\n`);
-
-  await new Promise<void>((resolveStopped) => {
+  // The signal handlers first: whoever reads the "listening" line may send SIGTERM at once.
+  const stopped = new Promise<void>((resolveStopped) => {
     let stopping = false;
     const stop = (signal: NodeJS.Signals) => {
       if (stopping) {
@@ -479,4 +457,20 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     process.on("SIGINT", stop);
     process.on("SIGTERM", stop);
   });
+
+  const out: string[] = [];
+  for (const a of addresses) {
+    out.push(
+      `udm: listening on ${"path" in a ? `nbd+unix:///?socket=${a.path}` : `nbd://${a.host.includes(":") ? `[${a.host}]` : a.host}:${a.port}`} (control: ${controlPath})`,
+    );
+  }
+  if (createdDefault) out.push(`udm: created the embedded default in ${dataDir} (table: ${tableFile})`);
+  for (const name of manager.names()) {
+    const info = manager.info(name);
+    out.push(`  ${name}: ${info.targets.join("+")}, ${formatSize(info.sizeBytes)}`);
+    for (const a of addresses) for (const hint of attachHints(name, a)) out.push(`      ${hint}`);
+  }
+  process.stdout.write(`${out.join("\n")}\n`);
+
+  await stopped;
 }

@@ -109,20 +109,17 @@ describe("udm serve locks the images it writes", () => {
     expect(r.status).toBe(1);
   });
 
-  withTools("qemu-io")(
-    "a created device locks its file; removing the device releases it",
-    () => {
-      writeFileSync(join(dir, "extra.img"), Buffer.alloc(MiB));
-      expect(
-        udm(["create", "lin0", "--table", "0 2048 linear extra.img 0", ...ctl()], { cwd: dir }).status,
-      ).toBe(0);
-      expect(qemuWrite(join(dir, "extra.img")).stderr).toContain('Failed to get "write" lock');
-      expect(udm(["remove", "lin0", ...ctl()], { cwd: dir }).status).toBe(0);
-      const r = qemuWrite(join(dir, "extra.img"));
-      expect(r.stderr).toBe("");
-      expect(r.status).toBe(0);
-    },
-  );
+  withTools("qemu-io")("a created device locks its file; removing the device releases it", () => {
+    writeFileSync(join(dir, "extra.img"), Buffer.alloc(MiB));
+    expect(
+      udm(["create", "lin0", "--table", "0 2048 linear extra.img 0", ...ctl()], { cwd: dir }).status,
+    ).toBe(0);
+    expect(qemuWrite(join(dir, "extra.img")).stderr).toContain('Failed to get "write" lock');
+    expect(udm(["remove", "lin0", ...ctl()], { cwd: dir }).status).toBe(0);
+    const r = qemuWrite(join(dir, "extra.img"));
+    expect(r.stderr).toBe("");
+    expect(r.status).toBe(0);
+  });
 });
 
 describe("udm refuses an image qemu-nbd serves", () => {

@@ -30,6 +30,20 @@ const MODES = [
   { mode: "pure-JS (lock file)", native: false, runs: true },
 ];
 
+/** Runs a describe block's tests with the addon on (`native`) or off, whatever UDM_NO_NATIVE says. */
+function useNative(native: boolean): void {
+  let saved: string | undefined;
+  beforeEach(() => {
+    saved = process.env[NO_NATIVE_ENV];
+    if (native) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = "1";
+  });
+  afterEach(() => {
+    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
+    else process.env[NO_NATIVE_ENV] = saved;
+  });
+}
+
 /** The /proc/locks lines of a file's inode: "OFDLCK ADVISORY READ -1 fe:00:123 100 101". */
 function procLocks(path: string): string[] {
   const { dev, ino } = statSync(path, { bigint: true });
@@ -65,7 +79,7 @@ afterAll(async () => {
 });
 
 describe.each(MODES)("image locks, $mode path", ({ native, runs }) => {
-  let saved: string | undefined;
+  useNative(native);
   const open: FileDevice[] = [];
   const file = (name: string) => join(dir, `${native ? "n" : "js"}-${name}`);
   const openFile = async (path: string, options: Parameters<typeof FileDevice.open>[1] = {}) => {
@@ -74,15 +88,8 @@ describe.each(MODES)("image locks, $mode path", ({ native, runs }) => {
     return dev;
   };
 
-  beforeEach(() => {
-    saved = process.env[NO_NATIVE_ENV];
-    if (native) delete process.env[NO_NATIVE_ENV];
-    else process.env[NO_NATIVE_ENV] = "1";
-  });
   afterEach(async () => {
     for (const dev of open.splice(0)) await dev.close();
-    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
-    else process.env[NO_NATIVE_ENV] = saved;
   });
 
   it.skipIf(!runs)(
@@ -146,6 +153,7 @@ describe.each(MODES)("image locks, $mode path", ({ native, runs }) => {
 });
 
 describe("image locks, native path", () => {
+  useNative(true);
   const active = ofdBuilt || CI;
 
   it.skipIf(!active)("takes qemu's bytes: 100-101 and 201, 203 for a writer, 100 for a reader", async () => {
@@ -201,15 +209,7 @@ time.sleep(60)`,
 });
 
 describe("image locks, pure-JS path", () => {
-  let saved: string | undefined;
-  beforeEach(() => {
-    saved = process.env[NO_NATIVE_ENV];
-    process.env[NO_NATIVE_ENV] = "1";
-  });
-  afterEach(() => {
-    if (saved === undefined) delete process.env[NO_NATIVE_ENV];
-    else process.env[NO_NATIVE_ENV] = saved;
-  });
+  useNative(false);
 
   it("takes over a lock file whose process is gone", async () => {
     const path = join(dir, "stale.img");
@@ -230,9 +230,13 @@ describe("image locks, pure-JS path", () => {
     const path = join(dir, "mixed.img");
     const fallback = await FileDevice.open(path, { createSizeBytes: MiB });
     try {
-      const err = withNative(true, () => FileDevice.open(path)).catch((e: unknown) => e);
-      expect(await err).toBeInstanceOf(ImageLockedError);
-      expect(((await err) as Error).message).toContain("lock file");
+      delete process.env[NO_NATIVE_ENV];
+      const err = await FileDevice.open(path).catch((e: unknown) => e);
+      process.env[NO_NATIVE_ENV] = "1";
+      expect(err).toBeInstanceOf(ImageLockedError);
+      expect((err as Error).message).toContain(
+        `cannot get the "write" lock: this process (pid ${process.pid}, another open of the same file) is writing it (udm without its native addon; lock file`,
+      );
     } finally {
       await fallback.close();
     }
@@ -284,6 +288,7 @@ function loopMissing(): string | null {
 }
 
 describe("image locks on a loop device", () => {
+  useNative(true);
   const missing = loopMissing();
   const active = (ofdBuilt && missing === null) || CI;
 

@@ -2,13 +2,14 @@
  * `udm serve` start-up: a start that fails (port in use, unusable socket path) changes nothing on
  * disk, and a restart after `kill -9` logs what it recovers and when it has finished.
  */
+import { spawn } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NbdDevice } from "@udm/nbd-server";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
-import { buildCli, type ServeProcess, startServe, udm } from "./cli-helpers.js";
+import { buildCli, type ServeProcess, startServe, UDM, udm } from "./cli-helpers.js";
 
 const MiB = 1 << 20;
 let dir: string;
@@ -107,6 +108,50 @@ async function waitForLog(serve: ServeProcess, prefix: string): Promise<Record<s
   }
   throw new Error(`no "${prefix}" log line:\n${serve.stderr()}`);
 }
+
+describe("udm serve: a restart right after kill -9", () => {
+  test("starts while the killed server is still a zombie (its parent has not reaped it)", async () => {
+    const cwd = emptyDir("zombie");
+    const args = ["--data-dir", "data", "--listen", "127.0.0.1:0", "--control", join(cwd, "ctl.sock")];
+    // The parent execs sleep, which never reaps: the killed server stays a zombie.
+    const parent = spawn(
+      "bash",
+      [
+        "-c",
+        `"$0" "$1" serve "\${@:2}" >out 2>err & echo $!; exec sleep 120`,
+        process.execPath,
+        UDM,
+        ...args,
+      ],
+      { cwd, stdio: ["ignore", "pipe", "inherit"] },
+    );
+    try {
+      const pid = Number(
+        await new Promise<string>((resolve) => parent.stdout!.once("data", (d) => resolve(String(d)))),
+      );
+      for (
+        let i = 0;
+        i < 300 &&
+        !(existsSync(join(cwd, "out")) && readFileSync(join(cwd, "out"), "utf8").includes("listening on"));
+        i++
+      ) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      process.kill(pid, "SIGKILL");
+      const state = () => {
+        const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+        return stat[stat.lastIndexOf(")") + 2];
+      };
+      for (let i = 0; i < 100 && state() !== "Z"; i++)
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(state()).toBe("Z");
+      const again = await startServe(args, { cwd });
+      expect(await again.stop()).toBe(0);
+    } finally {
+      parent.kill("SIGKILL");
+    }
+  });
+});
 
 describe("udm serve: a restart after kill -9 logs its recovery", () => {
   test("mirror regions to resync, snapshot exceptions reloaded, a merge resumed, then finished", async () => {

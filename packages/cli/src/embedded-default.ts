@@ -133,11 +133,18 @@ export function lockDataDir(dataDir: string): () => void {
   throw new Error(`cannot lock ${dataDir}`);
 }
 
+/** Whether `pid` runs; a zombie (killed with -9, its parent has not reaped it yet) does not. */
 function isAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
+    if ((err as NodeJS.ErrnoException).code !== "EPERM") return false;
+  }
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat[stat.lastIndexOf(")") + 2] !== "Z";
+  } catch (err) {
+    // Gone meanwhile; without /proc at all, trust kill(0).
+    return (err as NodeJS.ErrnoException).code !== "ENOENT" || !existsSync("/proc/self");
   }
 }

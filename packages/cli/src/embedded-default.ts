@@ -1,6 +1,8 @@
 import { existsSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { mkdir, open, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { FileDevice } from "@udm/kcopyd";
+import { DirtyRegionLog } from "@udm/mirror";
 
 /** Name of the table file `udm serve` reads from (and writes into) the data directory. */
 export const DEFAULT_TABLE_FILE = "udm.table";
@@ -31,8 +33,9 @@ origin: 0 ${originSectors} snapshot-origin origin.img
 # A persistent snapshot of origin (kernel-compatible COW, ${DEFAULT_CHUNK_SECTORS}-sector chunks).
 snap0: 0 ${originSectors} snapshot origin.img snap0.cow P ${DEFAULT_CHUNK_SECTORS}
 
-# A two-leg mirror with a disk log (${DEFAULT_REGION_SECTORS}-sector regions); both legs start empty, so nosync.
-mirror0: 0 ${mirrorSectors} mirror disk 3 mirror0.log ${DEFAULT_REGION_SECTORS} nosync 2 mirror0-a.img 0 mirror0-b.img 0
+# A two-leg mirror with a disk log (${DEFAULT_REGION_SECTORS}-sector regions). Both legs started empty, so
+# the log was written all in sync; after a crash only the regions it marks dirty resync.
+mirror0: 0 ${mirrorSectors} mirror disk 2 mirror0.log ${DEFAULT_REGION_SECTORS} 2 mirror0-a.img 0 mirror0-b.img 0
 `;
 }
 
@@ -43,6 +46,27 @@ async function sparseFile(path: string, sizeBytes: number): Promise<void> {
     await handle.truncate(sizeBytes);
   } finally {
     await handle.close();
+  }
+}
+
+/**
+ * Writes a dm-log header whose regions are all clean, as `nosync` would on the first activation:
+ * the table then has no `nosync`, which (as in the kernel) would discard the log's dirty regions
+ * on every later start, crash or not.
+ */
+async function writeCleanMirrorLog(path: string): Promise<void> {
+  const device = await FileDevice.open(path);
+  try {
+    const log = new DirtyRegionLog({
+      regionSectors: DEFAULT_REGION_SECTORS,
+      targetSectors: DEFAULT_MIRROR_BYTES / 512,
+      sync: "nosync",
+      device,
+    });
+    await log.resume();
+    await device.flush();
+  } finally {
+    await device.close();
   }
 }
 
@@ -67,6 +91,7 @@ export async function ensureEmbeddedDefault(
   await sparseFile(join(dataDir, "mirror0-a.img"), DEFAULT_MIRROR_BYTES);
   await sparseFile(join(dataDir, "mirror0-b.img"), DEFAULT_MIRROR_BYTES);
   await sparseFile(join(dataDir, "mirror0.log"), DEFAULT_MIRROR_LOG_BYTES);
+  await writeCleanMirrorLog(join(dataDir, "mirror0.log"));
   // Written last: its presence means the data files are complete.
   await writeFile(`${tableFile}.tmp`, defaultTableText(), { mode: 0o644 });
   await rename(`${tableFile}.tmp`, tableFile);
@@ -108,11 +133,18 @@ export function lockDataDir(dataDir: string): () => void {
   throw new Error(`cannot lock ${dataDir}`);
 }
 
+/** Whether `pid` runs; a zombie (killed with -9, its parent has not reaped it yet) does not. */
 function isAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
+    if ((err as NodeJS.ErrnoException).code !== "EPERM") return false;
+  }
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return stat[stat.lastIndexOf(")") + 2] !== "Z";
+  } catch (err) {
+    // Gone meanwhile; without /proc at all, trust kill(0).
+    return (err as NodeJS.ErrnoException).code !== "ENOENT" || !existsSync("/proc/self");
   }
 }

@@ -1,6 +1,6 @@
-import { mkdirSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { type BlockDevice, formatSize, SECTOR_SIZE } from "@udm/kcopyd";
+import { type BlockDevice, formatSize, SECTOR_SIZE, type TargetProgress } from "@udm/kcopyd";
 import { compileAllowList } from "@udm/nbd-server";
 import { controlHandlers, startControlServer } from "./control-server.js";
 import {
@@ -34,6 +34,8 @@ export const STOP_STEP_TIMEOUT_MS = 3000;
 export interface NbdServerLike extends ExportTable {
   exports(): Array<{ name: string; connections: number | { size: number } | unknown[] }>;
   listen(address: { host?: string; port?: number } | { path: string }): Promise<string>;
+  /** Accepted connections wait until the returned function is called (see NbdServer). */
+  holdConnections(): () => void;
   close(options?: { force?: boolean }): Promise<void>;
 }
 
@@ -206,6 +208,105 @@ function checkAllowedExportsExist(
 }
 
 /**
+ * Binds every NBD address of `udm serve`; a failure names the option and the address, with the
+ * system's reason (EADDRINUSE: another process listens there).
+ */
+async function listenAll(
+  server: NbdServerLike,
+  listen: { host: string; port: number } | undefined,
+  unix: string | undefined,
+): Promise<Array<{ host: string; port: number } | { path: string }>> {
+  const addresses: Array<{ host: string; port: number } | { path: string }> = [];
+  if (listen) {
+    const where = `${listen.host.includes(":") ? `[${listen.host}]` : listen.host}:${listen.port}`;
+    try {
+      const bound = await server.listen(listen);
+      const port = Number(/:(\d+)\/?$/.exec(bound)?.[1] ?? listen.port);
+      addresses.push({ host: listen.host, port });
+    } catch (err) {
+      throw new Error(
+        `--listen ${where}: ${listenFailure(err, "another process listens on that port (another udm serve?); choose another with --listen HOST:PORT")}`,
+      );
+    }
+  }
+  if (unix) {
+    const path = resolve(unix);
+    try {
+      await server.listen({ path });
+      addresses.push({ path });
+    } catch (err) {
+      // Node reports a missing folder as EACCES: say what is wrong.
+      if (!existsSync(dirname(path))) throw new Error(`--unix ${path}: its folder does not exist (ENOENT)`);
+      throw new Error(
+        `--unix ${path}: ${listenFailure(err, "a server accepts on that socket, or a file that is not a socket is in the way")}`,
+      );
+    }
+  }
+  return addresses;
+}
+
+function listenFailure(err: unknown, inUse: string): string {
+  const e = err as NodeJS.ErrnoException;
+  const reasons: Record<string, string> = {
+    EADDRINUSE: `the address is in use (EADDRINUSE): ${inUse}`,
+    EACCES: "permission denied (EACCES)",
+    EADDRNOTAVAIL: "no such local address (EADDRNOTAVAIL)",
+    ENOENT: "its folder does not exist (ENOENT)",
+    ENOTDIR: "a part of the path is not a folder (ENOTDIR)",
+  };
+  return (e.code && reasons[e.code]) ?? `cannot listen (${e.code ?? "error"}: ${e.message})`;
+}
+
+/**
+ * Logs what a start recovers and when it is done: the targets log what they found as they are
+ * activated (a mirror's regions out of sync, a merge started with its chunks, a persistent COW
+ * loaded with its exceptions); this adds each snapshot's exceptions, waits for every resync and
+ * merge still running, and logs "recovery finished" with the time since the devices were
+ * built. After a `kill -9` these lines say what the restart repairs and when it is done.
+ */
+function watchRecovery(manager: DeviceManager, log: Logger): { stop(): void } {
+  const startedMs = Date.now();
+  const pending = new Map<string, TargetProgress["operation"]>();
+  for (const name of manager.names()) {
+    for (const line of manager.status(name)) {
+      if (line.targetType !== "snapshot") continue;
+      const chunkSectors = Number(manager.table(name)[0]?.args.trim().split(/\s+/)[3]);
+      const m = /^(\d+)\/(\d+) (\d+)/.exec(line.args.trim());
+      const exceptions = m && chunkSectors > 0 ? (Number(m[1]) - Number(m[3])) / chunkSectors : undefined;
+      log.info({ device: name, exceptions, status: line.args }, "recovery: snapshot reloaded from its COW");
+    }
+    const progress = manager.info(name).progress;
+    if (progress && progress.doneBytes < progress.totalBytes) {
+      pending.set(name, progress.operation);
+      log.info({ device: name, ...progress }, `recovery: ${progress.operation} running`);
+    }
+  }
+  if (pending.size === 0) {
+    log.info({ ms: Date.now() - startedMs }, "recovery finished: nothing left to resync or merge");
+    return { stop: () => {} };
+  }
+  const timer = setInterval(() => {
+    for (const [name, operation] of [...pending]) {
+      const progress = manager.has(name) ? manager.info(name).progress : null;
+      if (progress && progress.doneBytes < progress.totalBytes) continue;
+      pending.delete(name);
+      log.info(
+        { device: name, ms: Date.now() - startedMs },
+        manager.has(name) ? `recovery: ${operation} finished` : "recovery: device removed",
+      );
+    }
+    if (pending.size > 0) return;
+    clearInterval(timer);
+    log.info({ ms: Date.now() - startedMs }, "recovery finished: every mirror in sync, every merge done");
+  }, RECOVERY_POLL_MS);
+  timer.unref();
+  return { stop: () => clearInterval(timer) };
+}
+
+/** How often the start-up recovery's progress is looked at. */
+const RECOVERY_POLL_MS = 250;
+
+/**
  * `udm serve`: builds every device of the table (or `--export`s, or the embedded default in the
  * data directory), serves each as an NBD export of the same name, answers the control socket,
  * and on SIGTERM/SIGINT drains, flushes and closes everything (a second signal forces exit).
@@ -236,15 +337,29 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   const server: NbdServerLike = await createNbdServer({ log, ...(tls && { tls }) });
   const manager = new DeviceManager({ targets: allTargets(), log, exports: server, exportAllow });
 
-  mkdirSync(dirname(controlPath), { recursive: true, mode: 0o700 });
-  // First: a second server on the same control socket (and data) stops here, before opening devices.
-  const control = await startControlServer(
-    controlPath,
-    controlHandlers(manager, () =>
-      server.exports().map((x) => ({ name: x.name, connections: connectionCount(x.connections) })),
-    ),
-    log,
-  );
+  // First the NBD addresses: a port in use or an unusable socket path fails here, before the
+  // data directory, an image or the control socket exists. Clients that connect meanwhile wait.
+  const releaseConnections = server.holdConnections();
+  const addresses = await listenAll(server, listen, options.unix).catch(async (err) => {
+    await server.close({ force: true });
+    throw err;
+  });
+
+  let control: Awaited<ReturnType<typeof startControlServer>>;
+  try {
+    mkdirSync(dirname(controlPath), { recursive: true, mode: 0o700 });
+    // Then the control socket: a second server on the same one (and data) stops here, before opening devices.
+    control = await startControlServer(
+      controlPath,
+      controlHandlers(manager, () =>
+        server.exports().map((x) => ({ name: x.name, connections: connectionCount(x.connections) })),
+      ),
+      log,
+    );
+  } catch (err) {
+    await server.close({ force: true });
+    throw err;
+  }
 
   let tableFile = options.tableFile;
   let createdDefault = false;
@@ -303,44 +418,16 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     }
   } catch (err) {
     await control.close();
+    await server.close({ force: true });
     await manager.closeAll().catch(() => undefined);
     unlockDataDir();
     throw err;
   }
+  releaseConnections();
+  const recovery = watchRecovery(manager, log);
 
-  const addresses: Array<{ host: string; port: number } | { path: string }> = [];
-  try {
-    if (listen) {
-      const bound = await server.listen(listen);
-      const port = Number(/:(\d+)\/?$/.exec(bound)?.[1] ?? listen.port);
-      addresses.push({ host: listen.host, port });
-    }
-    if (options.unix) {
-      await server.listen({ path: resolve(options.unix) });
-      addresses.push({ path: resolve(options.unix) });
-    }
-  } catch (err) {
-    await control.close();
-    await manager.closeAll().catch(() => undefined);
-    unlockDataDir();
-    throw err;
-  }
-
-  const out: string[] = [];
-  for (const a of addresses) {
-    out.push(
-      `udm: listening on ${"path" in a ? `nbd+unix:///?socket=${a.path}` : `nbd://${a.host.includes(":") ? `[${a.host}]` : a.host}:${a.port}`} (control: ${controlPath})`,
-    );
-  }
-  if (createdDefault) out.push(`udm: created the embedded default in ${dataDir} (table: ${tableFile})`);
-  for (const name of manager.names()) {
-    const info = manager.info(name);
-    out.push(`  ${name}: ${info.targets.join("+")}, ${formatSize(info.sizeBytes)}`);
-    for (const a of addresses) for (const hint of attachHints(name, a)) out.push(`      ${hint}`);
-  }
-  process.stdout.write(`${out.join("\n")}\n`);
-
-  await new Promise<void>((resolveStopped) => {
+  // The signal handlers first: whoever reads the "listening" line may send SIGTERM at once.
+  const stopped = new Promise<void>((resolveStopped) => {
     let stopping = false;
     const stop = (signal: NodeJS.Signals) => {
       if (stopping) {
@@ -369,6 +456,7 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
         }
       };
       (async () => {
+        recovery.stop();
         await control.close();
         // Held requests would never drain: let them through first.
         await step("resuming held I/O", manager.resumeAll());
@@ -393,4 +481,20 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     process.on("SIGINT", stop);
     process.on("SIGTERM", stop);
   });
+
+  const out: string[] = [];
+  for (const a of addresses) {
+    out.push(
+      `udm: listening on ${"path" in a ? `nbd+unix:///?socket=${a.path}` : `nbd://${a.host.includes(":") ? `[${a.host}]` : a.host}:${a.port}`} (control: ${controlPath})`,
+    );
+  }
+  if (createdDefault) out.push(`udm: created the embedded default in ${dataDir} (table: ${tableFile})`);
+  for (const name of manager.names()) {
+    const info = manager.info(name);
+    out.push(`  ${name}: ${info.targets.join("+")}, ${formatSize(info.sizeBytes)}`);
+    for (const a of addresses) for (const hint of attachHints(name, a)) out.push(`      ${hint}`);
+  }
+  process.stdout.write(`${out.join("\n")}\n`);
+
+  await stopped;
 }

@@ -11,6 +11,12 @@
  *   preadNowait(fd, target, position) -> bytes read from the page cache only (preadv2 RWF_NOWAIT),
  *                                    -1 when none of it is cached (EAGAIN), 0 at end of file
  *   dropCache(fd, offset, length) -> posix_fadvise(DONTNEED): clean cached pages of the range dropped
+ *   ofdLock(fd, start, length, type) -> fcntl(F_OFD_SETLK): type "read", "write" or "unlock" on the
+ *                                    byte range; throws EAGAIN when another open file holds a
+ *                                    conflicting lock (qemu's image locks are OFD read locks)
+ *   ofdTest(fd, start, length, type) -> fcntl(F_OFD_GETLK): null when a lock of `type` could be
+ *                                    taken, else the first conflicting lock {type, start, length, pid}
+ *                                    (pid is -1 for an OFD lock, the owner's pid for a POSIX lock)
  *
  * The two seeks, preadNowait (it never waits for the disk: it
  * copies what the page cache holds, or fails with EAGAIN) and dropCache run synchronously; punching and zeroing can take
@@ -61,6 +67,8 @@ static const char *errno_code(int err) {
     case ENOTTY: return "ENOTTY";
     case EAGAIN: return "EAGAIN";
     case EFAULT: return "EFAULT";
+    case ENOLCK: return "ENOLCK";
+    case EDEADLK: return "EDEADLK";
     default: return "EIO";
   }
 }
@@ -406,6 +414,89 @@ static napi_value drop_cache(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* Reads argument i as a lock type: "read", "write" or "unlock". */
+static int get_lock_type(napi_env env, napi_value *argv, size_t i, short *out) {
+  char text[8];
+  size_t length = 0;
+  if (napi_get_value_string_utf8(env, argv[i], text, sizeof text, &length) == napi_ok) {
+    if (strcmp(text, "read") == 0) *out = F_RDLCK;
+    else if (strcmp(text, "write") == 0) *out = F_WRLCK;
+    else if (strcmp(text, "unlock") == 0) *out = F_UNLCK;
+    else length = 0;
+    if (length) return 1;
+  }
+  napi_throw_type_error(env, "EINVAL", "udm_fileops: lock type must be \"read\", \"write\" or \"unlock\"");
+  return 0;
+}
+
+/* Reads (fd, start, length, type) into an flock; returns 0 after throwing. */
+static int get_lock_args(napi_env env, napi_callback_info info, int *fd, struct flock *fl) {
+  size_t argc = 4;
+  napi_value argv[4];
+  int64_t start, length;
+  short type;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 4) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: expected (fd, start, length, type)");
+    return 0;
+  }
+  if (!get_fd(env, argv, fd) || !get_offset(env, argv, 1, "start", &start) ||
+      !get_offset(env, argv, 2, "length", &length) || !get_lock_type(env, argv, 3, &type))
+    return 0;
+  memset(fl, 0, sizeof *fl);
+  fl->l_type = type;
+  fl->l_whence = SEEK_SET;
+  fl->l_start = (off_t)start;
+  fl->l_len = (off_t)length;
+  return 1;
+}
+
+/* ofdLock(fd, start, length, type): takes, changes or drops an OFD lock without waiting. */
+static napi_value ofd_lock(napi_env env, napi_callback_info info) {
+  int fd;
+  struct flock fl;
+  if (!get_lock_args(env, info, &fd, &fl)) return NULL;
+  int rc;
+  do rc = fcntl(fd, F_OFD_SETLK, &fl);
+  while (rc < 0 && errno == EINTR);
+  if (rc < 0) {
+    /* POSIX allows EACCES for a conflict; Linux says EAGAIN: report one name. */
+    napi_throw(env, make_errno_error(env, "fcntl(F_OFD_SETLK)", errno == EACCES ? EAGAIN : errno));
+    return NULL;
+  }
+  return NULL;
+}
+
+/* ofdTest(fd, start, length, type): the first lock that would conflict with taking `type`, or null. */
+static napi_value ofd_test(napi_env env, napi_callback_info info) {
+  int fd;
+  struct flock fl;
+  napi_value result, value;
+  if (!get_lock_args(env, info, &fd, &fl)) return NULL;
+  if (fl.l_type == F_UNLCK) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: ofdTest needs type \"read\" or \"write\"");
+    return NULL;
+  }
+  fl.l_pid = 0; /* F_OFD_GETLK requires l_pid == 0 */
+  if (fcntl(fd, F_OFD_GETLK, &fl) < 0) {
+    napi_throw(env, make_errno_error(env, "fcntl(F_OFD_GETLK)", errno));
+    return NULL;
+  }
+  if (fl.l_type == F_UNLCK) {
+    CHECK(napi_get_null(env, &result));
+    return result;
+  }
+  CHECK(napi_create_object(env, &result));
+  CHECK(napi_create_string_utf8(env, fl.l_type == F_WRLCK ? "write" : "read", NAPI_AUTO_LENGTH, &value));
+  CHECK(napi_set_named_property(env, result, "type", value));
+  CHECK(napi_create_double(env, (double)fl.l_start, &value));
+  CHECK(napi_set_named_property(env, result, "start", value));
+  CHECK(napi_create_double(env, (double)fl.l_len, &value));
+  CHECK(napi_set_named_property(env, result, "length", value));
+  CHECK(napi_create_int32(env, fl.l_pid, &value));
+  CHECK(napi_set_named_property(env, result, "pid", value));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -415,6 +506,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"preadNowait", NULL, pread_nowait, NULL, NULL, NULL, napi_enumerable, NULL},
       {"dropCache", NULL, drop_cache, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ofdTest", NULL, ofd_test, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   return exports;

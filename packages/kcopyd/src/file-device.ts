@@ -10,6 +10,7 @@ import {
   zeroRunsOf,
 } from "./block-device.js";
 import { errnoOf, IoError } from "./errors.js";
+import { type ImageLock, type ImageLockMethod, lockImage } from "./image-lock.js";
 import { type NativeFileOps, nativeFileOps } from "./native.js";
 import { allocData } from "./poison.js";
 
@@ -59,6 +60,13 @@ export interface FileDeviceOptions {
    * default); 0 sends every read through the thread pool, as without the native addon.
    */
   syncReadMaxBytes?: number;
+  /**
+   * Lock the image as qemu does (see {@link lockImage}): a writable open is refused while another
+   * process (qemu-nbd, qemu-io, another udm) writes the file or refuses to share it, and refuses
+   * them while it is open; a read-only open shares. Default true; false opens without a lock
+   * (qemu's `force-share`), for tools that inspect an image someone else serves.
+   */
+  lock?: boolean;
 }
 
 /**
@@ -90,7 +98,8 @@ export interface FileReadStats {
  * reads of cached data up to `syncReadMaxBytes` are served synchronously (see
  * {@link SYNC_READ_MAX_BYTES}); what is not cached goes through the thread pool as before.
  * Writes always use the thread pool: buffered pwritev2(RWF_NOWAIT) is refused (EOPNOTSUPP) by
- * ext4 and tmpfs on Linux 6.18, so there is nothing to gain there.
+ * ext4 and tmpfs on Linux 6.18, so there is nothing to gain there. The image is locked while open
+ * (qemu's OFD byte locks, see {@link FileDeviceOptions.lock}); closing releases the lock.
  *
  * @example
  * ```ts
@@ -107,6 +116,7 @@ export class FileDevice implements BlockDevice {
   readonly readOnly: boolean;
   readonly isBlockDevice: boolean;
   private readonly handle: fsp.FileHandle;
+  private readonly imageLock: ImageLock | undefined;
   private closed = false;
   /** The addon while synchronous cached reads are worth trying on this fd; null once refused. */
   private nowait: NativeFileOps | null;
@@ -123,10 +133,12 @@ export class FileDevice implements BlockDevice {
       isBlockDevice: boolean;
       name: string;
       syncReadMaxBytes: number;
+      imageLock: ImageLock | undefined;
     },
   ) {
     this.path = path;
     this.handle = handle;
+    this.imageLock = info.imageLock;
     this.name = info.name;
     this.sizeBytes = info.sizeBytes;
     this.logicalBlockSize = info.logicalBlockSize;
@@ -148,25 +160,29 @@ export class FileDevice implements BlockDevice {
     let flags = readOnly ? fsConstants.O_RDONLY : fsConstants.O_RDWR;
     if (options.createSizeBytes !== undefined && !readOnly) flags |= fsConstants.O_CREAT;
     const handle = await fsp.open(path, flags, 0o644);
+    let imageLock: ImageLock | undefined;
     try {
-      const st = await handle.stat();
+      const st = await handle.stat({ bigint: true });
+      if (!st.isBlockDevice() && !st.isFile()) {
+        throw new IoError("EINVAL", path, "not a regular file or block device");
+      }
+      // Before anything changes the file (the truncate below), so a refused open changes nothing.
+      if (options.lock ?? true) imageLock = lockImage(handle.fd, path, readOnly ? "read" : "write", st);
       let sizeBytes: number;
       let logicalBlockSize = 512;
       if (st.isBlockDevice()) {
-        const sys = `/sys/dev/block/${major(st.rdev)}:${minor(st.rdev)}`;
+        const sys = `/sys/dev/block/${major(Number(st.rdev))}:${minor(Number(st.rdev))}`;
         sizeBytes = Number((await fsp.readFile(`${sys}/size`, "utf8")).trim()) * 512;
         // A partition has no queue/ of its own: its disk's (the parent directory) applies.
         logicalBlockSize =
           (await readSysNumber(`${sys}/queue/logical_block_size`, 0)) ||
           (await readSysNumber(`${sys}/../queue/logical_block_size`, 512));
-      } else if (st.isFile()) {
-        sizeBytes = st.size;
+      } else {
+        sizeBytes = Number(st.size);
         if (options.createSizeBytes !== undefined && options.createSizeBytes > sizeBytes) {
           await handle.truncate(options.createSizeBytes);
           sizeBytes = options.createSizeBytes;
         }
-      } else {
-        throw new IoError("EINVAL", path, "not a regular file or block device");
       }
       return new FileDevice(path, handle, {
         sizeBytes,
@@ -175,11 +191,18 @@ export class FileDevice implements BlockDevice {
         isBlockDevice: st.isBlockDevice(),
         name: options.name ?? path,
         syncReadMaxBytes,
+        imageLock,
       });
     } catch (err) {
+      imageLock?.release();
       await handle.close();
       throw err;
     }
+  }
+
+  /** How the image is locked (`ofd`: qemu's locks, `lock-file`: without the addon), or null when it is not. */
+  get lockMethod(): ImageLockMethod | null {
+    return this.imageLock?.method ?? null;
   }
 
   /** The file descriptor, for native helpers. */
@@ -408,6 +431,7 @@ export class FileDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.imageLock?.release();
     await this.handle.close();
   }
 

@@ -4,6 +4,7 @@ export * from "./error-device.js";
 export * from "./errors.js";
 export * from "./file-device.js";
 export * from "./flakey-device.js";
+export * from "./image-lock.js";
 export * from "./kcopyd.js";
 export * from "./linear-device.js";
 export * from "./memory-device.js";

@@ -39,6 +39,25 @@ export interface NativeFileOps {
    * the end of the file), e.g. to measure or test cold reads. Synchronous. Optional like above.
    */
   dropCache?(fd: number, offset: number, length: number): void;
+  /**
+   * fcntl(F_OFD_SETLK): takes (`read`, `write`), or drops (`unlock`) an open-file-description
+   * lock on bytes `start..start+length-1` (length 0: to the end) without waiting; throws `EAGAIN`
+   * when another open file holds a conflicting lock. Optional like above.
+   */
+  ofdLock?(fd: number, start: number, length: number, type: "read" | "write" | "unlock"): void;
+  /**
+   * fcntl(F_OFD_GETLK): null when a lock of `type` on the range could be taken now, else the
+   * first conflicting lock (`pid` is -1 for an OFD lock, the owner for a POSIX lock).
+   */
+  ofdTest?(fd: number, start: number, length: number, type: "read" | "write"): OfdLockInfo | null;
+}
+
+/** A lock another open file holds, as `ofdTest` reports it. */
+export interface OfdLockInfo {
+  type: "read" | "write";
+  start: number;
+  length: number;
+  pid: number;
 }
 
 /** Where `pnpm install` (the package's `install` script, node-gyp) puts the addon. */

@@ -248,6 +248,14 @@ export class MirrorDevice implements TargetDevice {
     }
     mirror.watchLegs();
     mirror.updateInSync();
+    const outOfSync = mirror.regionCount - mirror.log.syncCount;
+    if (!handover && outOfSync > 0) {
+      // After a crash: the regions the log still had dirty (a new mirror without nosync: all).
+      mirror.logger?.info(
+        { device: mirror.name, regionsToResync: outOfSync, regions: mirror.regionCount },
+        "mirror regions out of sync at activation: resyncing them",
+      );
+    }
     mirror.startRecovery();
     return mirror;
   }

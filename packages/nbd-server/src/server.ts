@@ -98,6 +98,8 @@ export class NbdServer extends EventEmitter {
   private readonly table = new Map<string, ExportEntry>();
   private readonly netServers: net.Server[] = [];
   private readonly connections = new Set<Connection>();
+  /** Accepted sockets waiting for {@link holdConnections}'s release; null while not holding. */
+  private heldSockets: net.Socket[] | null = null;
   private nextConnectionId = 1;
   private shuttingDown = false;
   private closing: Promise<void> | null = null;
@@ -218,7 +220,7 @@ export class NbdServer extends EventEmitter {
    */
   async listen(address: { host?: string; port?: number } | { path: string }): Promise<string> {
     if (this.shuttingDown) throw new Error("NbdServer is closed");
-    const server = net.createServer({ noDelay: true }, (socket) => this.onConnection(socket));
+    const server = net.createServer({ noDelay: true }, (socket) => this.admit(socket));
     // After listening, errors (EMFILE on accept...) are logged: they must not end the process.
     const onError = (err: Error) => this.log.error({ err: err.message }, "nbd listener error");
     if ("path" in address) {
@@ -241,6 +243,39 @@ export class NbdServer extends EventEmitter {
   }
 
   /**
+   * Holds new connections (accepted, their handshake not begun, its timeout not started) until
+   * the returned function is called: a server binds its addresses first, so a port in use fails
+   * before anything is created, and adds its exports after; a client that connects meanwhile
+   * waits for them instead of finding none. `close()` drops held connections.
+   *
+   * @example
+   * ```ts
+   * const release = server.holdConnections();
+   * await server.listen({ port: 10809 }); // EADDRINUSE here, before the devices exist
+   * server.addExport("disk", await FileDevice.open("disk.img"));
+   * release();
+   * ```
+   */
+  holdConnections(): () => void {
+    this.heldSockets ??= [];
+    return () => {
+      const held = this.heldSockets ?? [];
+      this.heldSockets = null;
+      for (const socket of held) if (!socket.destroyed) this.onConnection(socket);
+    };
+  }
+
+  private admit(socket: net.Socket): void {
+    if (!this.heldSockets) {
+      this.onConnection(socket);
+      return;
+    }
+    // A held socket's errors must not reach the process before onConnection adds its handler.
+    socket.on("error", () => socket.destroy());
+    this.heldSockets.push(socket);
+  }
+
+  /**
    * Stops accepting, answers new requests ESHUTDOWN, lets in-flight requests finish, closes
    * every connection and flushes every export's device (devices stay open: the caller owns
    * them). `force` drops connections at once; a forced call also cuts short a pending close.
@@ -256,6 +291,7 @@ export class NbdServer extends EventEmitter {
   }
 
   private async shutdown(): Promise<void> {
+    for (const socket of this.heldSockets?.splice(0) ?? []) socket.destroy();
     const stopped = Promise.all(
       this.netServers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))),
     );

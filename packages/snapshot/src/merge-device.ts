@@ -135,6 +135,14 @@ export class MergeDevice implements TargetDevice, MergingTarget {
   /** Starts (or restarts after resume) the merge loop (`start_merge`). */
   start(): void {
     if (this.running || this.finished || this.closed) return;
+    this.log?.info(
+      {
+        snapshot: this.name,
+        chunksToMerge: this.totalChunks - this.mergedChunks,
+        chunksMerged: this.mergedChunks,
+      },
+      this.mergedChunks === 0 ? "merge started" : "merge restarted",
+    );
     this.shutdown = false;
     this.running = this.mergeLoop().finally(() => {
       this.running = null;

@@ -14,7 +14,7 @@ import {
 import type { MergeRun } from "./exception-store.js";
 import type { MergingTarget, OriginState } from "./origin-state.js";
 import { type SnapshotFeatures, snapshotStatus, snapshotTable } from "./snapshot-device.js";
-import { copiedRuns, type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
+import { copiedRuns, forEachPiece, type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
 
 /**
  * Most bytes of exceptions merged per cycle: the runs of one cycle share one origin flush and one
@@ -314,22 +314,18 @@ export class MergeDevice implements TargetDevice, MergingTarget {
 
   async mapWrite(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     const s = this.state;
-    await Promise.all(
-      splitAtBoundaries(offsetBytes, data.length, this.boundary(), (at, length, bufAt) =>
-        this.writePiece(at, length, (dev, offset) =>
-          (dev === "cow" ? s.cow : s.origin).write(offset, data.subarray(bufAt, bufAt + length), options),
-        ),
+    await forEachPiece(offsetBytes, data.length, this.boundary(), (at, length, bufAt) =>
+      this.writePiece(at, length, (dev, offset) =>
+        (dev === "cow" ? s.cow : s.origin).write(offset, data.subarray(bufAt, bufAt + length), options),
       ),
     );
   }
 
   async mapWriteZeroes(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
     const s = this.state;
-    await Promise.all(
-      splitAtBoundaries(offsetBytes, lengthBytes, this.boundary(), (at, length) =>
-        this.writePiece(at, length, (dev, offset) =>
-          (dev === "cow" ? s.cow : s.origin).writeZeroes(offset, length, options),
-        ),
+    await forEachPiece(offsetBytes, lengthBytes, this.boundary(), (at, length) =>
+      this.writePiece(at, length, (dev, offset) =>
+        (dev === "cow" ? s.cow : s.origin).writeZeroes(offset, length, options),
       ),
     );
   }

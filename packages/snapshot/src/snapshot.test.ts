@@ -14,7 +14,7 @@ import {
 } from "@udm/kcopyd";
 import { describe, expect, it } from "vitest";
 import { inspectCow } from "./cow-format.js";
-import type { OriginDevice } from "./origin-device.js";
+import { ORIGIN_PIECE_BYTES, type OriginDevice } from "./origin-device.js";
 import { SNAPSHOT_EXCEPTIONS_CONTEXT, type SnapshotDevice } from "./snapshot-device.js";
 import { setSnapshotCowThreshold } from "./snapshot-state.js";
 import { snapshotOriginTarget, snapshotTarget } from "./targets.js";
@@ -495,5 +495,104 @@ describe("throttle", () => {
     expect(await run(null)).toBe(64);
     // Writes wait while in_progress > threshold, so at most threshold + 1 copies run.
     expect(await run(2)).toBeLessThanOrEqual(3);
+  });
+});
+
+describe("large requests", () => {
+  const MiB = 1024 * KiB;
+
+  /** A memory device that counts its writes and the distinct buffers they came from. */
+  class CountingDevice extends MemoryDevice {
+    writes = 0;
+    readonly sources = new Set<ArrayBufferLike>();
+    /** Each write takes a turn of the event loop, as a disk's would. */
+    slow = false;
+    override async write(offsetBytes: number, data: Buffer): Promise<void> {
+      if (this.slow) await new Promise((r) => setImmediate(r));
+      this.writes++;
+      this.sources.add(data.buffer);
+      await super.write(offsetBytes, data);
+    }
+  }
+
+  /** kcopyd that counts copy jobs. */
+  class JobCountingKcopyd extends KcopydClient {
+    jobs = 0;
+    override copy<C>(...args: Parameters<KcopydClient["copy"]>): void {
+      this.jobs++;
+      super.copy(...(args as [never, never, never, never, never]));
+    }
+  }
+
+  it("a 32 MiB origin write costs wake-ups and device requests linear in its chunks, throttle or not", async () => {
+    const old = setSnapshotCowThreshold(64); // a single request runs into the throttle
+    try {
+      const size = 32 * MiB;
+      const chunks = size / (4 * KiB);
+      const origin = new CountingDevice(size, { name: "origin" });
+      const initial = randomBytes(size);
+      await origin.write(0, initial);
+      origin.writes = 0;
+      const kcopyd = new JobCountingKcopyd();
+      const ctx = contextFor({ origin, cow: new MemoryDevice(size + MiB, { name: "cow" }) }, kcopyd);
+      const o = (await snapshotOriginTarget.create(["origin"], size, ctx)) as OriginDevice;
+      const s = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx)) as SnapshotDevice;
+      const data = Buffer.alloc(size, 0x5a);
+      await o.write(0, data);
+      expect(kcopyd.jobs).toBe(chunks); // one copy-out per chunk
+      expect(s.state.counters.throttleWakeups).toBeLessThanOrEqual(chunks);
+      expect(origin.writes).toBeLessThanOrEqual(size / ORIGIN_PIECE_BYTES);
+      expect((await o.read(0, size)).equals(data)).toBe(true);
+      expect((await s.read(0, size)).equals(initial)).toBe(true);
+      await s.close();
+    } finally {
+      setSnapshotCowThreshold(old);
+    }
+  });
+
+  it("a 48 MiB WRITE_ZEROES to a snapshot: linear wake-ups, one COW write per chunk, all from one zero buffer", async () => {
+    const old = setSnapshotCowThreshold(64);
+    try {
+      const size = 48 * MiB;
+      const chunks = size / (4 * KiB);
+      const origin = new MemoryDevice(size, { name: "origin" });
+      const initial = randomBytes(size);
+      await origin.write(0, initial);
+      const cow = new CountingDevice(size + 2 * MiB, { name: "cow" });
+      const ctx = contextFor({ origin, cow });
+      const o = (await snapshotOriginTarget.create(["origin"], size, ctx)) as OriginDevice;
+      const s = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx)) as SnapshotDevice;
+      const before = cow.writes;
+      cow.sources.clear();
+      await s.writeZeroes(0, size);
+      // Each chunk's zeros once, plus the metadata areas (group commits, at most one per chunk).
+      expect(cow.writes - before).toBeLessThanOrEqual(2 * chunks);
+      expect(s.state.counters.throttleWakeups).toBeLessThanOrEqual(chunks);
+      // The zeros of every chunk came from one shared buffer (plus one buffer per metadata write).
+      const zeroSources = [...cow.sources].filter((b) => b.byteLength === s.state.chunkBytes);
+      expect(zeroSources.length).toBeLessThanOrEqual(1 + (cow.writes - before - chunks));
+      expect((await s.read(0, size)).equals(Buffer.alloc(size))).toBe(true);
+      expect((await o.read(0, size)).equals(initial)).toBe(true);
+      await s.close();
+    } finally {
+      setSnapshotCowThreshold(old);
+    }
+  });
+
+  it("a closing snapshot stops a request in flight: the rest fails with EIO, nothing more is written", async () => {
+    const size = 16 * MiB;
+    const origin = new MemoryDevice(size, { name: "origin" });
+    const cow = new CountingDevice(size + 2 * MiB, { name: "cow" });
+    const ctx = contextFor({ origin, cow });
+    const s = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx)) as SnapshotDevice;
+    cow.slow = true;
+    const zeroing = s.writeZeroes(0, size);
+    await new Promise((r) => setImmediate(r));
+    await s.close();
+    await expect(zeroing).rejects.toMatchObject({ code: "EIO", message: expect.stringMatching(/closing/) });
+    const writes = cow.writes;
+    await new Promise((r) => setTimeout(r, 20));
+    expect(cow.writes).toBe(writes);
+    expect(writes).toBeLessThan(size / (4 * KiB));
   });
 });

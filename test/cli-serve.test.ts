@@ -1,5 +1,5 @@
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NbdDevice } from "@udm/nbd-server";
@@ -548,6 +548,24 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     expect(await snapRead("r3")).toBe(0xb2); // r2's exceptions, reloaded
     expect(run("remove", "r3").status).toBe(0);
     await disconnectAll();
+  });
+
+  test("an invalidated snapshot fails every read with EIO, also a large read of a hole", async () => {
+    const img = join(dir, "inv.img");
+    writeFileSync(img, "");
+    truncateSync(img, 4 << 20); // sparse: the server could answer reads of it from extents alone
+    writeFileSync(join(dir, "inv.cow"), Buffer.alloc(64 << 10)); // header, one area, 14 chunks
+    expect(run("create", "invo", "--table", "0 8192 snapshot-origin inv.img").status).toBe(0);
+    expect(run("create", "invs", "--table", "0 8192 snapshot inv.img inv.cow P 8").status).toBe(0);
+    const origin = await connect("invo");
+    for (let chunk = 0; chunk < 16; chunk++) await origin.write(chunk * 4096, Buffer.alloc(4096, 0xaa));
+    expect((await runAsync("status", "invs")).stdout).toBe("0 8192 snapshot Invalid\n");
+    const snap = await connect("invs");
+    await expect(snap.read(0, 4096)).rejects.toThrow(/EIO|Input\/output/);
+    await expect(snap.read(2 << 20, 64 << 10)).rejects.toThrow(/EIO|Input\/output/);
+    await disconnectAll();
+    expect((await runAsync("remove", "invs")).status).toBe(0);
+    expect((await runAsync("remove", "invo")).status).toBe(0);
   });
 
   test("snapshot create refuses a device that is not a snapshot-origin", () => {

@@ -199,6 +199,17 @@ export class MergeDevice implements TargetDevice, MergingTarget {
         const firstNew = run.lastNewChunk + 1 - run.count;
         return { run, firstOld, firstNew, count: Math.min(run.count * cs, originSectors - firstOld * cs) };
       });
+      // The table on disk and the one in memory must agree before anything is copied: a
+      // mismatch would copy some other COW chunk over the origin (`remove_single_exception_chunk`).
+      const stray = copies
+        .flatMap((c) => Array.from({ length: c.run.count }, (_, i) => [c.firstOld + i, c.firstNew + i]))
+        .find(([oldChunk, newChunk]) => s.complete.get(oldChunk!) !== newChunk);
+      if (stray) {
+        this.fail(
+          `Corruption detected: exception for block ${stray[0]} (COW chunk ${stray[1]}) is on disk but not in memory: shutting down merge`,
+        );
+        return;
+      }
       // Other snapshots copy out what the merge is about to overwrite (`origin_write_extent`).
       for (;;) {
         const waits = copies.flatMap((c) =>

@@ -518,9 +518,15 @@ describe("large requests", () => {
   /** kcopyd that counts copy jobs. */
   class JobCountingKcopyd extends KcopydClient {
     jobs = 0;
-    override copy<C>(...args: Parameters<KcopydClient["copy"]>): void {
+    override copy<C>(
+      from: Parameters<KcopydClient["copy"]>[0],
+      dests: Parameters<KcopydClient["copy"]>[1],
+      flags: number,
+      notify: (readErr: boolean, writeErr: number, context: C) => void,
+      context: C,
+    ): void {
       this.jobs++;
-      super.copy(...(args as [never, never, never, never, never]));
+      super.copy(from, dests, flags, notify, context);
     }
   }
 

@@ -52,6 +52,12 @@ export interface StatusContext {
 export interface BlockDevice {
   /** What tables and status lines print for this device: a path, URI or `@name`. */
   readonly name: string;
+  /**
+   * What the device is underneath, when several names can reach it (see `storageIdentity`): a
+   * block device's `block:MAJOR:MINOR`, a file's `file:DEV:INO`. Whoever must treat every alias
+   * as one device (a snapshot origin, a device pool) compares this, not names or objects.
+   */
+  readonly identity?: string;
   readonly sizeBytes: number;
   /** Smallest addressable unit, 512 or 4096; I/O need not be aligned to it (devices cope). */
   readonly logicalBlockSize: number;

@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
@@ -600,5 +600,44 @@ describe("large requests", () => {
     await new Promise((r) => setTimeout(r, 20));
     expect(cow.writes).toBe(writes);
     expect(writes).toBeLessThan(size / (4 * KiB));
+  });
+});
+
+describe("path aliases", () => {
+  it("two device objects for one file (a path and a symlink) share one origin: the snapshot stays protected", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "udm-snap-alias-"));
+    try {
+      const size = 256 * KiB;
+      const initial = randomBytes(size);
+      await writeFile(join(dir, "origin.img"), initial);
+      await writeFile(join(dir, "snap.cow"), Buffer.alloc(2 * size));
+      await symlink(join(dir, "origin.img"), join(dir, "originlink.img"));
+      const opened: BlockDevice[] = [];
+      const ctx: TargetContext = {
+        openDevice: async (spec) => {
+          const dev = await FileDevice.open(join(dir, spec));
+          opened.push(dev);
+          return dev;
+        },
+        kcopyd: new KcopydClient(),
+      };
+      const o = (await snapshotOriginTarget.create(["origin.img"], size, ctx)) as OriginDevice;
+      const s = (await snapshotTarget.create(
+        ["originlink.img", "snap.cow", "P", "8"],
+        size,
+        ctx,
+      )) as SnapshotDevice;
+      expect(opened[0]).not.toBe(opened[1]);
+      await o.write(0, Buffer.alloc(4096, 0xaa));
+      expect((await s.read(0, size)).equals(initial)).toBe(true);
+      // A COW that is the origin under another name is refused like the same name.
+      await expect(
+        snapshotTarget.create(["origin.img", "originlink.img", "P", "8"], size, ctx),
+      ).rejects.toThrow(/COW device cannot be the same as origin device/);
+      await s.close();
+      for (const dev of opened) await dev.close();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -676,3 +676,35 @@ describe("shutdown and restart", () => {
     expect(await serve.stop()).toBe(0);
   });
 });
+
+describe("shutdown behind a huge request", () => {
+  test("SIGTERM with a 256 MiB WRITE_ZEROES in flight to a snapshot export: the server exits within seconds, the request fails with EIO", async () => {
+    const own = mkdtempSync(join(tmpdir(), "udm-cli-serve-term-"));
+    const server = await startServe(
+      ["--data-dir", "data", "--listen", "127.0.0.1:0", "--control", join(own, "ctl.sock")],
+      { cwd: own },
+    );
+    try {
+      const snap = await NbdDevice.connect(`nbd://127.0.0.1:${server.port}/snap0`);
+      const zeroing = snap.writeZeroes(0, 256 << 20).then(
+        () => null,
+        (err: Error) => err,
+      );
+      // The request is running once the snapshot has started allocating exceptions for it.
+      const status = () => udm(["--control", join(own, "ctl.sock"), "status", "snap0"], { cwd: own }).stdout;
+      const before = status();
+      for (let i = 0; i < 100 && status() === before; i++) await new Promise((r) => setTimeout(r, 50));
+      const started = Date.now();
+      const code = await server.stop();
+      const tookMs = Date.now() - started;
+      expect(tookMs).toBeLessThan(15_000);
+      expect(code).toBe(0);
+      expect(server.stderr()).toMatch(/requests still running: failing what they have not started/);
+      expect((await zeroing)?.message).toMatch(/EIO|shutting down|closed/);
+      await snap.close().catch(() => undefined);
+    } finally {
+      if (server.child.exitCode === null) server.child.kill("SIGKILL");
+      rmSync(own, { recursive: true, force: true });
+    }
+  }, 60_000);
+});

@@ -134,6 +134,12 @@ export interface TargetDevice extends BlockDevice {
   preresume?(): Promise<void>;
   /** Background work in progress, or null when idle. */
   progress?(): TargetProgress | null;
+  /**
+   * The process is stopping: requests in flight start no more pieces and fail the rest with EIO,
+   * and so do later ones, so that draining takes seconds even behind a request that would run
+   * for minutes (a 4 GiB WRITE_ZEROES to a snapshot). Called only after a grace period.
+   */
+  abortRequests?(): void;
 }
 
 /** Throws a RangeError naming the device when `[offset, offset+length)` is not inside it. */

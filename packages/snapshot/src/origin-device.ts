@@ -79,10 +79,16 @@ export class OriginDevice implements TargetDevice {
     return largest ? Math.max(largest, ORIGIN_PIECE_BYTES) : Number.MAX_SAFE_INTEGER;
   }
 
-  /** Once closing, a request in flight starts no more pieces (they fail with EIO). */
+  private aborted = false;
+
+  /** Once closing (or aborted at shutdown), a request in flight starts no more pieces (they fail with EIO). */
   private readonly stopped = (): Error | null =>
-    this.closed
-      ? new IoError("EIO", this.name, "device is closing: the rest of the request was not written")
+    this.closed || this.aborted
+      ? new IoError(
+          "EIO",
+          this.name,
+          `device is ${this.closed ? "closing" : "stopping"}: the rest of the request was not written`,
+        )
       : null;
 
   /** Cuts a write-like request into pieces, each held until every snapshot has copied its chunks out. */
@@ -137,6 +143,11 @@ export class OriginDevice implements TargetDevice {
   async flush(): Promise<void> {
     const merging = this.originState.merging;
     await Promise.all([this.origin.flush(), merging ? merging.state.cow.flush() : undefined]);
+  }
+
+  /** Process shutdown: requests in flight fail their unstarted pieces (see `TargetDevice.abortRequests`). */
+  abortRequests(): void {
+    this.aborted = true;
   }
 
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {

@@ -129,10 +129,16 @@ export class SnapshotDevice implements TargetDevice {
     await Promise.all(reads);
   }
 
-  /** Once closing, a request in flight starts no more pieces (they fail with EIO). */
+  private aborted = false;
+
+  /** Once closing (or aborted at shutdown), a request in flight starts no more pieces (they fail with EIO). */
   private readonly stopped = (): Error | null =>
-    this.closed
-      ? new IoError("EIO", this.name, "device is closing: the rest of the request was not written")
+    this.closed || this.aborted
+      ? new IoError(
+          "EIO",
+          this.name,
+          `device is ${this.closed ? "closing" : "stopping"}: the rest of the request was not written`,
+        )
       : null;
 
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
@@ -227,6 +233,11 @@ export class SnapshotDevice implements TargetDevice {
   }
 
   /** An invalid snapshot has no extents either: a hint must never stand in for the EIO of a read. */
+  /** Process shutdown: requests in flight fail their unstarted pieces (see `TargetDevice.abortRequests`). */
+  abortRequests(): void {
+    this.aborted = true;
+  }
+
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     checkRange(this, offsetBytes, lengthBytes);
     if (!this.state.valid) throw this.eio("extents");

@@ -19,7 +19,7 @@ export const ORIGIN_PIECE_BYTES = 128 * 1024;
 
 /**
  * dm `snapshot-origin <origin>`: the origin as users write to it. Reads pass through; every
- * write (also write-zeroes and discard) is split at the smallest snapshot chunk size and held
+ * write (also write-zeroes and discard) is cut into pieces of whole chunks and each piece held
  * until each active snapshot lacking the chunk has durably copied it out. While a
  * snapshot-merge runs on the same origin, I/O goes through the merge's view instead.
  *

@@ -69,9 +69,9 @@ export class OriginDevice implements TargetDevice {
   }
 
   /**
-   * Where origin writes are cut: at most ORIGIN_PIECE_BYTES, and never across a chunk of any
-   * snapshot (chunk sizes are powers of two, so a multiple of the largest chunk is a boundary of
-   * every snapshot). Without snapshots a write is one piece.
+   * Where origin writes are cut: every ORIGIN_PIECE_BYTES (or largest chunk, if larger), never
+   * across a chunk of any snapshot (chunk sizes are powers of two, so a multiple of the largest
+   * chunk is a boundary of every snapshot). Without snapshots a write is one piece.
    */
   private boundary(): number {
     let largest = 0;

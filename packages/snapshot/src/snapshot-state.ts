@@ -151,7 +151,8 @@ export class SnapshotState {
       await new Promise<void>((resolve) => this.inProgressWaiters.push(resolve));
       this.counters.throttleWakeups++;
     } while (this.inProgress > this.cowThreshold);
-    if (this.inProgressWaiters.length) queueMicrotask(() => this.wakeNextWaiter());
+    // After this tick, once our caller has started its copies, the next waiter gets its turn.
+    if (this.inProgressWaiters.length) setImmediate(() => this.wakeNextWaiter());
   }
 
   private wakeNextWaiter(): void {

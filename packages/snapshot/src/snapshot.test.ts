@@ -515,9 +515,11 @@ describe("large requests", () => {
     }
   }
 
-  /** kcopyd that counts copy jobs. */
+  /** kcopyd that counts copy jobs, and the most in flight at once. */
   class JobCountingKcopyd extends KcopydClient {
     jobs = 0;
+    inFlight = 0;
+    maxInFlight = 0;
     override copy<C>(
       from: Parameters<KcopydClient["copy"]>[0],
       dests: Parameters<KcopydClient["copy"]>[1],
@@ -526,7 +528,18 @@ describe("large requests", () => {
       context: C,
     ): void {
       this.jobs++;
-      super.copy(from, dests, flags, notify, context);
+      this.inFlight++;
+      this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
+      super.copy(
+        from,
+        dests,
+        flags,
+        (readErr, writeErr, ctx: C) => {
+          this.inFlight--;
+          notify(readErr, writeErr, ctx);
+        },
+        context,
+      );
     }
   }
 
@@ -546,6 +559,9 @@ describe("large requests", () => {
       const data = Buffer.alloc(size, 0x5a);
       await o.write(0, data);
       expect(kcopyd.jobs).toBe(chunks); // one copy-out per chunk
+      // The throttle holds: at most the threshold plus the chunks of one piece (checked and
+      // started in one tick) are copying at once.
+      expect(kcopyd.maxInFlight).toBeLessThanOrEqual(64 + ORIGIN_PIECE_BYTES / (4 * KiB));
       expect(s.state.counters.throttleWakeups).toBeLessThanOrEqual(chunks);
       expect(origin.writes).toBeLessThanOrEqual(size / ORIGIN_PIECE_BYTES);
       expect((await o.read(0, size)).equals(data)).toBe(true);

@@ -217,18 +217,22 @@ export class SnapshotDevice implements TargetDevice {
     const s = this.state;
     if (!this.features.discardZeroesCow) return;
     if (!s.valid || s.overflowed) throw this.eio("discard");
-    await forEachPiece(
-      offsetBytes,
-      lengthBytes,
-      s.chunkBytes,
-      async (at, length) => {
-        const mapped = s.complete.get(Math.floor(at / s.chunkBytes));
-        if (mapped === undefined) return;
-        if (length === s.chunkBytes) await s.cow.writeZeroes(s.cowOffset(mapped, at), length, options);
-        else await s.cow.discard(s.cowOffset(mapped, at), length, options);
-      },
-      this.stopped,
-    );
+    // Only copied chunks have anything to discard: the cost follows the exceptions, not the range.
+    for (const run of copiedRuns(s, offsetBytes, lengthBytes)) {
+      if (!run.copied) continue;
+      await forEachPiece(
+        run.offsetBytes,
+        run.lengthBytes,
+        s.chunkBytes,
+        async (at, length) => {
+          const mapped = s.complete.get(Math.floor(at / s.chunkBytes));
+          if (mapped === undefined) return;
+          if (length === s.chunkBytes) await s.cow.writeZeroes(s.cowOffset(mapped, at), length, options);
+          else await s.cow.discard(s.cowOffset(mapped, at), length, options);
+        },
+        this.stopped,
+      );
+    }
     if (this.features.discardPassdownOrigin) await s.origin.discard(offsetBytes, lengthBytes, options);
   }
 

@@ -1,5 +1,5 @@
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NbdDevice } from "@udm/nbd-server";
@@ -550,6 +550,24 @@ describe("suspend, snapshots and merge under live NBD clients", () => {
     await disconnectAll();
   });
 
+  test("an invalidated snapshot fails every read with EIO, also a large read of a hole", async () => {
+    const img = join(dir, "inv.img");
+    writeFileSync(img, "");
+    truncateSync(img, 4 << 20); // sparse: the server could answer reads of it from extents alone
+    writeFileSync(join(dir, "inv.cow"), Buffer.alloc(64 << 10)); // header, one area, 14 chunks
+    expect(run("create", "invo", "--table", "0 8192 snapshot-origin inv.img").status).toBe(0);
+    expect(run("create", "invs", "--table", "0 8192 snapshot inv.img inv.cow P 8").status).toBe(0);
+    const origin = await connect("invo");
+    for (let chunk = 0; chunk < 16; chunk++) await origin.write(chunk * 4096, Buffer.alloc(4096, 0xaa));
+    expect((await runAsync("status", "invs")).stdout).toBe("0 8192 snapshot Invalid\n");
+    const snap = await connect("invs");
+    await expect(snap.read(0, 4096)).rejects.toThrow(/EIO|Input\/output/);
+    await expect(snap.read(2 << 20, 64 << 10)).rejects.toThrow(/EIO|Input\/output/);
+    await disconnectAll();
+    expect((await runAsync("remove", "invs")).status).toBe(0);
+    expect((await runAsync("remove", "invo")).status).toBe(0);
+  });
+
   test("snapshot create refuses a device that is not a snapshot-origin", () => {
     const r = run("snapshot", "create", "mirror0", "s2", "--cow", "mem:64M");
     expect(r.status).toBe(1);
@@ -657,4 +675,36 @@ describe("shutdown and restart", () => {
     await disconnectAll();
     expect(await serve.stop()).toBe(0);
   });
+});
+
+describe("shutdown behind a huge request", () => {
+  test("SIGTERM with a 256 MiB WRITE_ZEROES in flight to a snapshot export: the server exits within seconds, the request fails with EIO", async () => {
+    const own = mkdtempSync(join(tmpdir(), "udm-cli-serve-term-"));
+    const server = await startServe(
+      ["--data-dir", "data", "--listen", "127.0.0.1:0", "--control", join(own, "ctl.sock")],
+      { cwd: own },
+    );
+    try {
+      const snap = await NbdDevice.connect(`nbd://127.0.0.1:${server.port}/snap0`);
+      const zeroing = snap.writeZeroes(0, 256 << 20).then(
+        () => null,
+        (err: Error) => err,
+      );
+      // The request is running once the snapshot has started allocating exceptions for it.
+      const status = () => udm(["--control", join(own, "ctl.sock"), "status", "snap0"], { cwd: own }).stdout;
+      const before = status();
+      for (let i = 0; i < 100 && status() === before; i++) await new Promise((r) => setTimeout(r, 50));
+      const started = Date.now();
+      const code = await server.stop();
+      const tookMs = Date.now() - started;
+      expect(tookMs).toBeLessThan(15_000);
+      expect(code).toBe(0);
+      expect(server.stderr()).toMatch(/requests still running: failing what they have not started/);
+      expect((await zeroing)?.message).toMatch(/EIO|shutting down|closed/);
+      await snap.close().catch(() => undefined);
+    } finally {
+      if (server.child.exitCode === null) server.child.kill("SIGKILL");
+      rmSync(own, { recursive: true, force: true });
+    }
+  }, 60_000);
 });

@@ -226,6 +226,10 @@ export class SegmentedDevice implements TargetDevice {
     return null;
   }
 
+  abortRequests(): void {
+    for (const s of this.segments) s.target.abortRequests?.();
+  }
+
   /** Closes every segment target (not the devices they were built on: the pool owns those). */
   async close(): Promise<void> {
     const results = await Promise.allSettled(this.segments.map((s) => s.target.close()));

@@ -19,6 +19,11 @@ import { UsageError } from "./usage-error.js";
 /** The NBD port the protocol registers (IANA), used when `--listen` is not given. */
 export const DEFAULT_NBD_PORT = 10809;
 export const DEFAULT_LISTEN_HOST = "127.0.0.1";
+/**
+ * How long a stopping server lets requests in flight finish before their targets cut them short
+ * (`abortRequests`): a huge WRITE_ZEROES to a snapshot must not hold up the exit for minutes.
+ */
+export const SHUTDOWN_GRACE_MS = 2000;
 export { CONTROL_SOCKET_NAME, DEFAULT_DATA_DIR } from "./defaults.js";
 
 import { CONTROL_SOCKET_NAME } from "./defaults.js";
@@ -460,7 +465,16 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
         await control.close();
         // Held requests would never drain: let them through first.
         await step("resuming held I/O", manager.resumeAll());
+        // A request still running after the grace (a huge snapshot WRITE_ZEROES) stops issuing pieces.
+        const cutShort = setTimeout(() => {
+          log.warn(
+            { graceMs: SHUTDOWN_GRACE_MS },
+            "requests still running: failing what they have not started",
+          );
+          for (const name of manager.names()) manager.device(name).current.abortRequests?.();
+        }, SHUTDOWN_GRACE_MS);
         await server.close();
+        clearTimeout(cutShort);
         await step("closing the devices", manager.closeAll());
       })()
         .finally(unlockDataDir)

@@ -58,6 +58,12 @@ export interface StatusContext {
 export interface BlockDevice {
   /** What tables and status lines print for this device: a path, URI or `@name`. */
   readonly name: string;
+  /**
+   * What the device is underneath, when several names can reach it (see `storageIdentity`): a
+   * block device's `block:MAJOR:MINOR`, a file's `file:DEV:INO`. Whoever must treat every alias
+   * as one device (a snapshot origin, a device pool) compares this, not names or objects.
+   */
+  readonly identity?: string;
   readonly sizeBytes: number;
   /** Smallest addressable unit, 512 or 4096; I/O need not be aligned to it (devices cope). */
   readonly logicalBlockSize: number;
@@ -144,6 +150,12 @@ export interface TargetDevice extends BlockDevice {
   preresume?(): Promise<void>;
   /** Background work in progress, or null when idle. */
   progress?(): TargetProgress | null;
+  /**
+   * The process is stopping: requests in flight start no more pieces and fail the rest with EIO,
+   * and so do later ones, so that draining takes seconds even behind a request that would run
+   * for minutes (a 4 GiB WRITE_ZEROES to a snapshot). Called only after a grace period.
+   */
+  abortRequests?(): void;
 }
 
 /** Throws a RangeError naming the device when `[offset, offset+length)` is not inside it. */

@@ -92,6 +92,25 @@ export interface FileReadStats {
 }
 
 /**
+ * The identity of what a path names, from its stat (symlinks followed): a block device by its
+ * device number (so `/dev/disk/by-id/...` and `/dev/sdX` are one), anything else by
+ * (st_dev, st_ino) (so symlinks, hard links and bind mounts of one file are one).
+ *
+ * @example
+ * ```ts
+ * storageIdentity(await fsp.stat("/dev/disk/by-id/ata-X")); // "block:8:0", as for /dev/sda
+ * ```
+ */
+export function storageIdentity(st: {
+  dev: number;
+  ino: number;
+  rdev: number;
+  isBlockDevice(): boolean;
+}): string {
+  return st.isBlockDevice() ? `block:${major(st.rdev)}:${minor(st.rdev)}` : `file:${st.dev}:${st.ino}`;
+}
+
+/**
  * A regular file or a real block device (`/dev/sdX`, `/dev/loopN`) as a BlockDevice.
  * Sparse-aware when the native addon is built: extents from SEEK_DATA/SEEK_HOLE, discard
  * and write-zeroes by punching holes (BLKDISCARD / BLKZEROOUT on block devices). With the addon,
@@ -110,6 +129,7 @@ export interface FileReadStats {
  */
 export class FileDevice implements BlockDevice {
   readonly name: string;
+  readonly identity: string;
   readonly path: string;
   readonly sizeBytes: number;
   readonly logicalBlockSize: number;
@@ -132,10 +152,12 @@ export class FileDevice implements BlockDevice {
       readOnly: boolean;
       isBlockDevice: boolean;
       name: string;
+      identity: string;
       syncReadMaxBytes: number;
       imageLock: ImageLock | undefined;
     },
   ) {
+    this.identity = info.identity;
     this.path = path;
     this.handle = handle;
     this.imageLock = info.imageLock;
@@ -190,6 +212,7 @@ export class FileDevice implements BlockDevice {
         readOnly,
         isBlockDevice: st.isBlockDevice(),
         name: options.name ?? path,
+        identity: storageIdentity(st),
         syncReadMaxBytes,
         imageLock,
       });

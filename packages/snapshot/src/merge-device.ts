@@ -14,7 +14,7 @@ import {
 import type { MergeRun } from "./exception-store.js";
 import type { MergingTarget, OriginState } from "./origin-state.js";
 import { type SnapshotFeatures, snapshotStatus, snapshotTable } from "./snapshot-device.js";
-import { copiedRuns, type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
+import { copiedRuns, forEachPiece, type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
 
 /**
  * Most bytes of exceptions merged per cycle: the runs of one cycle share one origin flush and one
@@ -207,6 +207,17 @@ export class MergeDevice implements TargetDevice, MergingTarget {
         const firstNew = run.lastNewChunk + 1 - run.count;
         return { run, firstOld, firstNew, count: Math.min(run.count * cs, originSectors - firstOld * cs) };
       });
+      // The table on disk and the one in memory must agree before anything is copied: a
+      // mismatch would copy some other COW chunk over the origin (`remove_single_exception_chunk`).
+      const stray = copies
+        .flatMap((c) => Array.from({ length: c.run.count }, (_, i) => [c.firstOld + i, c.firstNew + i]))
+        .find(([oldChunk, newChunk]) => s.complete.get(oldChunk!) !== newChunk);
+      if (stray) {
+        this.fail(
+          `Corruption detected: exception for block ${stray[0]} (COW chunk ${stray[1]}) is on disk but not in memory: shutting down merge`,
+        );
+        return;
+      }
       // Other snapshots copy out what the merge is about to overwrite (`origin_write_extent`).
       for (;;) {
         const waits = copies.flatMap((c) =>
@@ -322,22 +333,18 @@ export class MergeDevice implements TargetDevice, MergingTarget {
 
   async mapWrite(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     const s = this.state;
-    await Promise.all(
-      splitAtBoundaries(offsetBytes, data.length, this.boundary(), (at, length, bufAt) =>
-        this.writePiece(at, length, (dev, offset) =>
-          (dev === "cow" ? s.cow : s.origin).write(offset, data.subarray(bufAt, bufAt + length), options),
-        ),
+    await forEachPiece(offsetBytes, data.length, this.boundary(), (at, length, bufAt) =>
+      this.writePiece(at, length, (dev, offset) =>
+        (dev === "cow" ? s.cow : s.origin).write(offset, data.subarray(bufAt, bufAt + length), options),
       ),
     );
   }
 
   async mapWriteZeroes(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
     const s = this.state;
-    await Promise.all(
-      splitAtBoundaries(offsetBytes, lengthBytes, this.boundary(), (at, length) =>
-        this.writePiece(at, length, (dev, offset) =>
-          (dev === "cow" ? s.cow : s.origin).writeZeroes(offset, length, options),
-        ),
+    await forEachPiece(offsetBytes, lengthBytes, this.boundary(), (at, length) =>
+      this.writePiece(at, length, (dev, offset) =>
+        (dev === "cow" ? s.cow : s.origin).writeZeroes(offset, length, options),
       ),
     );
   }

@@ -247,6 +247,42 @@ describe("snapshot-merge", () => {
     await m.close();
   });
 
+  it("a failed metadata write stops the merge; suspend + resume retries it safely: the origin ends equal to the snapshot, its chunk 0 never gets the header", async () => {
+    const size = 32 * CHUNK;
+    const origin = new MemoryDevice(size, { name: "origin" });
+    /** Fails one write at `failAt`, after letting `skip` through. */
+    class FailOnceDevice extends MemoryDevice {
+      failAt: number | null = null;
+      skip = 0;
+      override async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+        if (offsetBytes === this.failAt && this.skip-- === 0) {
+          this.failAt = null;
+          throw new Error("injected COW write error");
+        }
+        await super.write(offsetBytes, data, options);
+      }
+    }
+    const cow = new FailOnceDevice(size, { name: "cow" });
+    const { ctx, s, snapView } = await snapshotWithChanges(origin, cow, size, [1, 3, 5, 7]);
+    const originChunk0 = await origin.read(0, CHUNK);
+    await s.close();
+    setMergeBatchBytes(CHUNK); // one run per cycle: the failure comes after some runs merged
+    cow.failAt = CHUNK; // metadata area 0, rewritten by every merge cycle: the second cycle fails
+    cow.skip = 1;
+    const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
+    await expect(m.whenMerged()).rejects.toThrow(/write error in exception store/);
+    expect(m.status()).toBe("Merge failed");
+    expect((await inspectCow(cow)).exceptions.length).toBe(3);
+    await m.suspend();
+    await m.resume();
+    for (let t = 0; t < 1000 && m.state.complete.size > 0; t++) await tick();
+    expect(m.state.complete.size).toBe(0);
+    expect((await inspectCow(cow)).exceptions.length).toBe(0);
+    expect((await origin.read(0, CHUNK)).equals(originChunk0)).toBe(true);
+    expect((await origin.read(0, size)).equals(snapView)).toBe(true);
+    await m.close();
+  });
+
   it("refuses a transient store and a second merge on one origin", async () => {
     const size = 16 * KiB;
     const devices = {

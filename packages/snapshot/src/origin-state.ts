@@ -50,7 +50,7 @@ export class OriginState {
 
   /** The live (not handed over) snapshot that uses `cow`, if any (`__find_snapshots_sharing_cow`). */
   findSharingCow(cow: BlockDevice): SnapshotState | undefined {
-    return this.snapshots.find((s) => s.cow === cow && !s.handedOver);
+    return this.snapshots.find((s) => sameStorage(s.cow, cow) && !s.handedOver);
   }
 
   /**
@@ -115,14 +115,35 @@ export class OriginState {
   }
 }
 
-const origins = new WeakMap<BlockDevice, OriginState>();
+/** True when two device objects are the same storage: one object, or one `identity` (two paths to one file). */
+export function sameStorage(a: BlockDevice, b: BlockDevice): boolean {
+  return a === b || (a.identity !== undefined && a.identity === b.identity);
+}
 
-/** The OriginState of a device, created on first use; kept as long as the device object lives. */
+const origins = new WeakMap<BlockDevice, OriginState>();
+/** Origins by `identity`, so two objects (two paths) for one file or disk share one state. */
+const originsByIdentity = new Map<string, WeakRef<OriginState>>();
+const forgetIdentity = new FinalizationRegistry<string>((identity) => {
+  if (!originsByIdentity.get(identity)?.deref()) originsByIdentity.delete(identity);
+});
+
+/**
+ * The OriginState of a device, created on first use (the kernel's `__lookup_origin` by
+ * block device). Devices with an `identity` (files, block devices) share one state per
+ * underlying storage, whichever object or path reaches it, so no alias of an origin can be
+ * written without its snapshots' copy-outs. Kept as long as a device object or target holds it.
+ */
 export function originStateOf(dev: BlockDevice): OriginState {
   let state = origins.get(dev);
+  if (state) return state;
+  if (dev.identity !== undefined) state = originsByIdentity.get(dev.identity)?.deref();
   if (!state) {
     state = new OriginState(dev);
-    origins.set(dev, state);
+    if (dev.identity !== undefined) {
+      originsByIdentity.set(dev.identity, new WeakRef(state));
+      forgetIdentity.register(state, dev.identity);
+    }
   }
+  origins.set(dev, state);
   return state;
 }

@@ -300,8 +300,14 @@ export class PersistentStore implements ExceptionStore {
     await this.idle();
     if (this.currentCommitted === 0) {
       if (this.currentArea === 0) return null;
+      // Read first: a failed read leaves the store as it was.
+      const previous = Buffer.alloc(this.chunkBytes);
+      await this.cow.readInto(
+        areaLocation(this.currentArea - 1, this.chunkSectors) * this.chunkBytes,
+        previous,
+      );
+      previous.copy(this.area);
       this.currentArea--;
-      await this.cow.readInto(areaLocation(this.currentArea, this.chunkSectors) * this.chunkBytes, this.area);
       this.currentCommitted = this.epa;
     }
     const entry = (index: number) => ({
@@ -347,21 +353,25 @@ export class PersistentStore implements ExceptionStore {
     return runs;
   }
 
+  /**
+   * Clears the `count` newest entries on disk (`persistent_commit_merge`). Memory changes only
+   * once the area write succeeded: after a failure the entries are still there, so a retry merges
+   * the same runs again (the copies are idempotent) instead of reading cleared slots as
+   * "chunk 0 -> chunk 0" and copying the header over the origin.
+   */
   async commitMerge(count: number): Promise<void> {
     if (count > this.currentCommitted)
       throw new RangeError(`cannot clear ${count} of ${this.currentCommitted} entries`);
-    const from = (this.currentCommitted - count) * DISK_EXCEPTION_BYTES;
-    this.area.fill(0, from, this.currentCommitted * DISK_EXCEPTION_BYTES);
+    const remaining = this.currentCommitted - count;
+    const area = Buffer.from(this.area);
+    area.fill(0, remaining * DISK_EXCEPTION_BYTES, this.currentCommitted * DISK_EXCEPTION_BYTES);
     await this.idle();
     await this.cow.flush();
-    await this.cow.write(
-      areaLocation(this.currentArea, this.chunkSectors) * this.chunkBytes,
-      Buffer.from(this.area),
-      {
-        fua: true,
-      },
-    );
-    this.currentCommitted -= count;
+    await this.cow.write(areaLocation(this.currentArea, this.chunkSectors) * this.chunkBytes, area, {
+      fua: true,
+    });
+    area.copy(this.area);
+    this.currentCommitted = remaining;
     this.nextFree = areaLocation(this.currentArea, this.chunkSectors) + this.currentCommitted + 1;
   }
 }

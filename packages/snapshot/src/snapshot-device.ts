@@ -9,7 +9,7 @@ import {
   type WriteZeroesOptions,
 } from "@udm/kcopyd";
 import type { OriginState } from "./origin-state.js";
-import { copiedRuns, type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
+import { copiedRuns, forEachPiece, type SnapshotState, splitAtBoundaries } from "./snapshot-state.js";
 
 /** Name of the NBD meta context listing a snapshot's copied chunks. */
 export const SNAPSHOT_EXCEPTIONS_CONTEXT = "snapshot:exceptions";
@@ -129,13 +129,27 @@ export class SnapshotDevice implements TargetDevice {
     await Promise.all(reads);
   }
 
+  private aborted = false;
+
+  /** Once closing (or aborted at shutdown), a request in flight starts no more pieces (they fail with EIO). */
+  private readonly stopped = (): Error | null =>
+    this.closed || this.aborted
+      ? new IoError(
+          "EIO",
+          this.name,
+          `device is ${this.closed ? "closing" : "stopping"}: the rest of the request was not written`,
+        )
+      : null;
+
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     checkRange(this, offsetBytes, data.length);
     if (this.readOnly) throw new IoError("EPERM", this.name, "COW device is read-only");
-    await Promise.all(
-      splitAtBoundaries(offsetBytes, data.length, this.state.chunkBytes, (at, length, bufAt) =>
-        this.writePiece(at, data.subarray(bufAt, bufAt + length), options),
-      ),
+    await forEachPiece(
+      offsetBytes,
+      data.length,
+      this.state.chunkBytes,
+      (at, length, bufAt) => this.writePiece(at, data.subarray(bufAt, bufAt + length), options),
+      this.stopped,
     );
   }
 
@@ -176,10 +190,15 @@ export class SnapshotDevice implements TargetDevice {
 
   async writeZeroes(offsetBytes: number, lengthBytes: number, options?: WriteZeroesOptions): Promise<void> {
     checkRange(this, offsetBytes, lengthBytes);
-    await Promise.all(
-      splitAtBoundaries(offsetBytes, lengthBytes, this.state.chunkBytes, (at, length) =>
-        this.writePiece(at, Buffer.alloc(length), options),
-      ),
+    if (this.readOnly) throw new IoError("EPERM", this.name, "COW device is read-only");
+    // Every piece writes from the one shared chunk of zeros.
+    const zeros = this.state.zeroChunk;
+    await forEachPiece(
+      offsetBytes,
+      lengthBytes,
+      this.state.chunkBytes,
+      (at, length) => this.writePiece(at, zeros.subarray(0, length), options),
+      this.stopped,
     );
   }
 
@@ -198,19 +217,34 @@ export class SnapshotDevice implements TargetDevice {
     const s = this.state;
     if (!this.features.discardZeroesCow) return;
     if (!s.valid || s.overflowed) throw this.eio("discard");
-    await Promise.all(
-      splitAtBoundaries(offsetBytes, lengthBytes, s.chunkBytes, async (at, length) => {
-        const mapped = s.complete.get(Math.floor(at / s.chunkBytes));
-        if (mapped === undefined) return;
-        if (length === s.chunkBytes) await s.cow.writeZeroes(s.cowOffset(mapped, at), length, options);
-        else await s.cow.discard(s.cowOffset(mapped, at), length, options);
-      }),
-    );
+    // Only copied chunks have anything to discard: the cost follows the exceptions, not the range.
+    for (const run of copiedRuns(s, offsetBytes, lengthBytes)) {
+      if (!run.copied) continue;
+      await forEachPiece(
+        run.offsetBytes,
+        run.lengthBytes,
+        s.chunkBytes,
+        async (at, length) => {
+          const mapped = s.complete.get(Math.floor(at / s.chunkBytes));
+          if (mapped === undefined) return;
+          if (length === s.chunkBytes) await s.cow.writeZeroes(s.cowOffset(mapped, at), length, options);
+          else await s.cow.discard(s.cowOffset(mapped, at), length, options);
+        },
+        this.stopped,
+      );
+    }
     if (this.features.discardPassdownOrigin) await s.origin.discard(offsetBytes, lengthBytes, options);
+  }
+
+  /** An invalid snapshot has no extents either: a hint must never stand in for the EIO of a read. */
+  /** Process shutdown: requests in flight fail their unstarted pieces (see `TargetDevice.abortRequests`). */
+  abortRequests(): void {
+    this.aborted = true;
   }
 
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     checkRange(this, offsetBytes, lengthBytes);
+    if (!this.state.valid) throw this.eio("extents");
     const parts = await Promise.all(
       copiedRuns(this.state, offsetBytes, lengthBytes).map(
         async (run): Promise<Extent[]> =>

@@ -98,7 +98,10 @@ export class SnapshotState {
   private readonly outOfOrder = new Map<number, PendingException>();
   private readonly tracked = new Map<number, number>();
   private readonly trackedWaiters = new Map<number, Array<() => void>>();
-  private inProgressWaiters: Array<() => void> = [];
+  private readonly inProgressWaiters: Array<() => void> = [];
+  private zeros: Buffer | null = null;
+  /** Throttle statistics, for tests: waits entered and wake-ups taken (linear in writes, never quadratic). */
+  readonly counters = { throttleWaits: 0, throttleWakeups: 0 };
   private dropping: Promise<void> | null = null;
 
   constructor(options: SnapshotStateOptions) {
@@ -136,20 +139,38 @@ export class SnapshotState {
     return newChunk * this.chunkBytes + (offsetBytes % this.chunkBytes);
   }
 
-  /** Waits while too many copies are in flight (`wait_for_in_progress`). */
+  /**
+   * Waits while too many copies are in flight (`wait_for_in_progress`). Waiters queue in order and
+   * a finished copy wakes only the first; a woken waiter that finds room passes the turn on, so
+   * each waiter is woken about once however many wait (no thundering herd).
+   */
   async waitForInProgress(): Promise<void> {
-    while (this.inProgress > this.cowThreshold) {
+    if (this.inProgress <= this.cowThreshold) return;
+    this.counters.throttleWaits++;
+    do {
       await new Promise<void>((resolve) => this.inProgressWaiters.push(resolve));
-    }
+      this.counters.throttleWakeups++;
+    } while (this.inProgress > this.cowThreshold);
+    // After this tick, once our caller has started its copies, the next waiter gets its turn.
+    if (this.inProgressWaiters.length) setImmediate(() => this.wakeNextWaiter());
+  }
+
+  private wakeNextWaiter(): void {
+    if (this.inProgress <= this.cowThreshold) this.inProgressWaiters.shift()?.();
   }
 
   private endCopy(): void {
     this.inProgress--;
-    if (this.inProgress <= this.cowThreshold && this.inProgressWaiters.length) {
-      const waiters = this.inProgressWaiters;
-      this.inProgressWaiters = [];
-      for (const wake of waiters) wake();
-    }
+    this.wakeNextWaiter();
+  }
+
+  /**
+   * A chunk of zeros, shared by every zeroing write of this snapshot (never written to): zeroing
+   * costs no memory per piece.
+   */
+  get zeroChunk(): Buffer {
+    if (!this.zeros) this.zeros = Buffer.alloc(this.chunkBytes);
+    return this.zeros;
   }
 
   /** Marks a chunk as being read from the origin, so a copy-out cannot complete under the read. */
@@ -325,6 +346,55 @@ export function splitAtBoundaries<T>(
     done += length;
   }
   return out;
+}
+
+/**
+ * Pieces of one request in flight at once: a request of any size claims a bounded share of
+ * copy-outs, memory and I/O, and its cost stays linear in its chunks.
+ */
+export const REQUEST_PIECES_IN_FLIGHT = 32;
+
+/**
+ * Runs `fn` on each piece of `[offset, offset+length)` cut at multiples of `boundary` (as
+ * `splitAtBoundaries`), in order, at most `REQUEST_PIECES_IN_FLIGHT` at once. After a failure, or
+ * once `stopped()` returns an error (the target is closing), no further piece starts: the
+ * started ones finish, then the first error is thrown.
+ *
+ * @example
+ * ```ts
+ * await forEachPiece(0, 1 << 30, chunkBytes, (at, length) => writeChunk(at, length));
+ * ```
+ */
+export async function forEachPiece(
+  offsetBytes: number,
+  lengthBytes: number,
+  boundary: number,
+  fn: (pieceOffset: number, pieceLength: number, bufferOffset: number) => Promise<void>,
+  stopped?: () => Error | null,
+): Promise<void> {
+  let done = 0;
+  let failure: { err: unknown } | null = null;
+  const worker = async () => {
+    while (!failure && done < lengthBytes) {
+      const why = stopped?.();
+      if (why) {
+        failure = { err: why };
+        break;
+      }
+      const at = offsetBytes + done;
+      const length = Math.min(boundary - (at % boundary), lengthBytes - done);
+      const bufferOffset = done;
+      done += length;
+      try {
+        await fn(at, length, bufferOffset);
+      } catch (err) {
+        failure ??= { err };
+      }
+    }
+  };
+  const pieces = Math.ceil(lengthBytes / boundary) + 1;
+  await Promise.all(Array.from({ length: Math.min(REQUEST_PIECES_IN_FLIGHT, pieces) }, worker));
+  if (failure) throw (failure as { err: unknown }).err;
 }
 
 /** A stretch of a snapshot that is all copied to the COW, or all still shared with the origin. */

@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
@@ -14,7 +14,7 @@ import {
 } from "@udm/kcopyd";
 import { describe, expect, it } from "vitest";
 import { inspectCow } from "./cow-format.js";
-import type { OriginDevice } from "./origin-device.js";
+import { ORIGIN_PIECE_BYTES, type OriginDevice } from "./origin-device.js";
 import { SNAPSHOT_EXCEPTIONS_CONTEXT, type SnapshotDevice } from "./snapshot-device.js";
 import { setSnapshotCowThreshold } from "./snapshot-state.js";
 import { snapshotOriginTarget, snapshotTarget } from "./targets.js";
@@ -495,5 +495,165 @@ describe("throttle", () => {
     expect(await run(null)).toBe(64);
     // Writes wait while in_progress > threshold, so at most threshold + 1 copies run.
     expect(await run(2)).toBeLessThanOrEqual(3);
+  });
+});
+
+describe("large requests", () => {
+  const MiB = 1024 * KiB;
+
+  /** A memory device that counts its writes and the distinct buffers they came from. */
+  class CountingDevice extends MemoryDevice {
+    writes = 0;
+    readonly sources = new Set<ArrayBufferLike>();
+    /** Each write takes a turn of the event loop, as a disk's would. */
+    slow = false;
+    override async write(offsetBytes: number, data: Buffer): Promise<void> {
+      if (this.slow) await new Promise((r) => setImmediate(r));
+      this.writes++;
+      this.sources.add(data.buffer);
+      await super.write(offsetBytes, data);
+    }
+  }
+
+  /** kcopyd that counts copy jobs, and the most in flight at once. */
+  class JobCountingKcopyd extends KcopydClient {
+    jobs = 0;
+    inFlight = 0;
+    maxInFlight = 0;
+    override copy<C>(
+      from: Parameters<KcopydClient["copy"]>[0],
+      dests: Parameters<KcopydClient["copy"]>[1],
+      flags: number,
+      notify: (readErr: boolean, writeErr: number, context: C) => void,
+      context: C,
+    ): void {
+      this.jobs++;
+      this.inFlight++;
+      this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
+      super.copy(
+        from,
+        dests,
+        flags,
+        (readErr, writeErr, ctx: C) => {
+          this.inFlight--;
+          notify(readErr, writeErr, ctx);
+        },
+        context,
+      );
+    }
+  }
+
+  it("a 32 MiB origin write costs wake-ups and device requests linear in its chunks, throttle or not", async () => {
+    const old = setSnapshotCowThreshold(64); // a single request runs into the throttle
+    try {
+      const size = 32 * MiB;
+      const chunks = size / (4 * KiB);
+      const origin = new CountingDevice(size, { name: "origin" });
+      const initial = randomBytes(size);
+      await origin.write(0, initial);
+      origin.writes = 0;
+      const kcopyd = new JobCountingKcopyd();
+      const ctx = contextFor({ origin, cow: new MemoryDevice(size + MiB, { name: "cow" }) }, kcopyd);
+      const o = (await snapshotOriginTarget.create(["origin"], size, ctx)) as OriginDevice;
+      const s = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx)) as SnapshotDevice;
+      const data = Buffer.alloc(size, 0x5a);
+      await o.write(0, data);
+      expect(kcopyd.jobs).toBe(chunks); // one copy-out per chunk
+      // The throttle holds: at most the threshold plus the chunks of one piece (checked and
+      // started in one tick) are copying at once.
+      expect(kcopyd.maxInFlight).toBeLessThanOrEqual(64 + ORIGIN_PIECE_BYTES / (4 * KiB));
+      expect(s.state.counters.throttleWakeups).toBeLessThanOrEqual(chunks);
+      expect(origin.writes).toBeLessThanOrEqual(size / ORIGIN_PIECE_BYTES);
+      expect((await o.read(0, size)).equals(data)).toBe(true);
+      expect((await s.read(0, size)).equals(initial)).toBe(true);
+      await s.close();
+    } finally {
+      setSnapshotCowThreshold(old);
+    }
+  });
+
+  it("a 48 MiB WRITE_ZEROES to a snapshot: linear wake-ups, one COW write per chunk, all from one zero buffer", async () => {
+    const old = setSnapshotCowThreshold(64);
+    try {
+      const size = 48 * MiB;
+      const chunks = size / (4 * KiB);
+      const origin = new MemoryDevice(size, { name: "origin" });
+      const initial = randomBytes(size);
+      await origin.write(0, initial);
+      const cow = new CountingDevice(size + 2 * MiB, { name: "cow" });
+      const ctx = contextFor({ origin, cow });
+      const o = (await snapshotOriginTarget.create(["origin"], size, ctx)) as OriginDevice;
+      const s = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx)) as SnapshotDevice;
+      const before = cow.writes;
+      cow.sources.clear();
+      await s.writeZeroes(0, size);
+      // Each chunk's zeros once, plus the metadata areas (group commits, at most one per chunk).
+      expect(cow.writes - before).toBeLessThanOrEqual(2 * chunks);
+      expect(s.state.counters.throttleWakeups).toBeLessThanOrEqual(chunks);
+      // The zeros of every chunk came from one shared buffer (plus one buffer per metadata write).
+      const zeroSources = [...cow.sources].filter((b) => b.byteLength === s.state.chunkBytes);
+      expect(zeroSources.length).toBeLessThanOrEqual(1 + (cow.writes - before - chunks));
+      expect((await s.read(0, size)).equals(Buffer.alloc(size))).toBe(true);
+      expect((await o.read(0, size)).equals(initial)).toBe(true);
+      await s.close();
+    } finally {
+      setSnapshotCowThreshold(old);
+    }
+  });
+
+  it("a closing snapshot stops a request in flight: the rest fails with EIO, nothing more is written", async () => {
+    const size = 16 * MiB;
+    const origin = new MemoryDevice(size, { name: "origin" });
+    const cow = new CountingDevice(size + 2 * MiB, { name: "cow" });
+    const ctx = contextFor({ origin, cow });
+    const s = (await snapshotTarget.create(["origin", "cow", "P", "8"], size, ctx)) as SnapshotDevice;
+    cow.slow = true;
+    const zeroing = s.writeZeroes(0, size);
+    await new Promise((r) => setImmediate(r));
+    await s.close();
+    await expect(zeroing).rejects.toMatchObject({ code: "EIO", message: expect.stringMatching(/closing/) });
+    const writes = cow.writes;
+    await new Promise((r) => setTimeout(r, 20));
+    expect(cow.writes).toBe(writes);
+    expect(writes).toBeLessThan(size / (4 * KiB));
+  });
+});
+
+describe("path aliases", () => {
+  it("two device objects for one file (a path and a symlink) share one origin: the snapshot stays protected", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "udm-snap-alias-"));
+    try {
+      const size = 256 * KiB;
+      const initial = randomBytes(size);
+      await writeFile(join(dir, "origin.img"), initial);
+      await writeFile(join(dir, "snap.cow"), Buffer.alloc(2 * size));
+      await symlink(join(dir, "origin.img"), join(dir, "originlink.img"));
+      const opened: BlockDevice[] = [];
+      const ctx: TargetContext = {
+        openDevice: async (spec) => {
+          const dev = await FileDevice.open(join(dir, spec));
+          opened.push(dev);
+          return dev;
+        },
+        kcopyd: new KcopydClient(),
+      };
+      const o = (await snapshotOriginTarget.create(["origin.img"], size, ctx)) as OriginDevice;
+      const s = (await snapshotTarget.create(
+        ["originlink.img", "snap.cow", "P", "8"],
+        size,
+        ctx,
+      )) as SnapshotDevice;
+      expect(opened[0]).not.toBe(opened[1]);
+      await o.write(0, Buffer.alloc(4096, 0xaa));
+      expect((await s.read(0, size)).equals(initial)).toBe(true);
+      // A COW that is the origin under another name is refused like the same name.
+      await expect(
+        snapshotTarget.create(["origin.img", "originlink.img", "P", "8"], size, ctx),
+      ).rejects.toThrow(/COW device cannot be the same as origin device/);
+      await s.close();
+      for (const dev of opened) await dev.close();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

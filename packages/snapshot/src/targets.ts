@@ -3,7 +3,7 @@ import { CowFormatError, chunkSizeProblem } from "./cow-format.js";
 import type { ExceptionStore } from "./exception-store.js";
 import { MergeDevice } from "./merge-device.js";
 import { OriginDevice } from "./origin-device.js";
-import { type OriginState, originStateOf } from "./origin-state.js";
+import { type OriginState, originStateOf, sameStorage } from "./origin-state.js";
 import { PersistentStore } from "./persistent-store.js";
 import { SnapshotDevice, type SnapshotFeatures } from "./snapshot-device.js";
 import { SnapshotState } from "./snapshot-state.js";
@@ -124,7 +124,7 @@ async function buildSnapshot(
   }
   const origin = await context.openDevice(parsed.originSpec);
   const cow = await context.openDevice(parsed.cowSpec);
-  if (cow === origin) throw new TargetArgError(1, "COW device cannot be the same as origin device");
+  if (sameStorage(cow, origin)) throw new TargetArgError(1, "COW device cannot be the same as origin device");
   if (lengthBytes > origin.sizeBytes) {
     throw new TargetArgError(
       0,

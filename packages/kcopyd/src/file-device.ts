@@ -102,12 +102,13 @@ export interface FileReadStats {
  * ```
  */
 export function storageIdentity(st: {
-  dev: number;
-  ino: number;
-  rdev: number;
+  dev: number | bigint;
+  ino: number | bigint;
+  rdev: number | bigint;
   isBlockDevice(): boolean;
 }): string {
-  return st.isBlockDevice() ? `block:${major(st.rdev)}:${minor(st.rdev)}` : `file:${st.dev}:${st.ino}`;
+  const rdev = Number(st.rdev);
+  return st.isBlockDevice() ? `block:${major(rdev)}:${minor(rdev)}` : `file:${st.dev}:${st.ino}`;
 }
 
 /**

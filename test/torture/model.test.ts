@@ -453,13 +453,25 @@ function runSim(trim: TrimSemantics, steps: Step[], trimFill: number): string[] 
   return errors;
 }
 
+/**
+ * load-nbd's connection 39: a READ samples a block, a FUA WRITE sent after it lands and is
+ * acknowledged, then the READ's reply arrives with the old content.
+ */
+const READ_BEFORE_FUA_WRITE: Step[] = [
+  { t: "readStart", block: 0, count: 2 },
+  { t: "readSample", pick: 0, block: 1 },
+  { t: "start", kind: "write", block: 1, count: 1, fua: true },
+  { t: "reply", pick: 0, ok: true },
+  { t: "readEnd", pick: 0 },
+];
+
 describe("DeviceModel against a reference disk with a volatile cache", () => {
   it("accepts every outcome the disk can legally produce (zeroing trims)", () => {
     fc.assert(
       fc.property(fc.array(stepArb, { maxLength: 120 }), (steps) => {
         expect(runSim("zero", steps, 0)).toEqual([]);
       }),
-      { numRuns: 400 },
+      { numRuns: 400, examples: [[READ_BEFORE_FUA_WRITE]] },
     );
   });
 

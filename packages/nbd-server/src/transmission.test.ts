@@ -362,6 +362,12 @@ describe("structured replies", () => {
     const mixed = await readStructured(p, 4n, (1 << 20) - 64 * 1024, 192 * 1024);
     expect(mixed.kinds).toEqual(["data", "hole", "data"]);
     expect(mixed.got.equals(await disk.read((1 << 20) - 64 * 1024, 192 * 1024))).toBe(true);
+    // FAST_ZERO is no no-op over data the hint calls a hole: ENOTSUP, the data stays.
+    p.request(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_FAST_ZERO, 40n, 0n, 65536);
+    const fast = await p.reply();
+    expect(fast.type).toBe(NBD_REPLY_TYPE_ERROR);
+    expect(fast.payload.readUInt32BE(0)).toBe(NBD_ENOTSUP);
+    expect((await disk.read(0, 65536)).equals(data.subarray(0, 65536))).toBe(true);
     // A device that cannot vouch (no readIntoSparse) gets plain data, whatever extents() says.
     (disk as BlockDevice).readIntoSparse = undefined;
     const plain = await readStructured(p, 5n, (1 << 20) - 64 * 1024, 192 * 1024);

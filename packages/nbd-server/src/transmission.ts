@@ -58,6 +58,8 @@ export const MAX_LOGGED_REFUSALS = 20;
 export const CLOSE_GRACE_MS = 5000;
 /** Reads shorter than this are sent as one data chunk without the device's sparse read. */
 export const HOLE_DETECT_MIN_BYTES = 64 * 1024;
+/** FAST_ZERO succeeds (as a no-op) only on ranges up to this that a sparse read vouches are zeros. */
+export const FAST_ZERO_CHECK_MAX_BYTES = 4 * 1024 * 1024;
 /** Vouched zero runs shorter than this are sent as data (fewer, larger chunks). */
 export const MIN_HOLE_BYTES = 4096;
 /** Idle READ reply buffers kept for reuse, shared by every connection of the process. */
@@ -473,10 +475,9 @@ export class TransmissionSession {
     fua: boolean,
   ): Promise<void> {
     if (req.flags & NBD_CMD_FLAG_FAST_ZERO) {
-      // We cannot tell whether a device zeroes faster than it writes, except when the
-      // range already reads as zeros: then it is a no-op. Otherwise fail fast as the spec asks.
-      const exts = await device.extents(offset, req.length);
-      if (exts.some((e) => e.kind === "data")) {
+      // We cannot tell whether a device zeroes faster than it writes, except when the range
+      // already reads as zeros: then it is a no-op. Otherwise fail fast as the spec asks.
+      if (!(await readsAsZeros(device, offset, req.length))) {
         return this.refuse(
           req,
           NBD_ENOTSUP,
@@ -757,6 +758,18 @@ export function holeRuns(zeros: ReadonlyArray<ZeroRun>, offset: number, length: 
     else merged.push({ ...z });
   }
   return merged.filter((z) => z.lengthBytes >= MIN_HOLE_BYTES || z.lengthBytes === length);
+}
+
+/**
+ * Whether `[offset, offset+length)` reads as zeros, as the device's own sparse read vouches (up
+ * to FAST_ZERO_CHECK_MAX_BYTES; `extents()` is a hint and is not asked). False when it cannot tell.
+ */
+async function readsAsZeros(device: BlockDevice, offset: number, length: number): Promise<boolean> {
+  if (length === 0) return true;
+  if (!device.readIntoSparse || length > FAST_ZERO_CHECK_MAX_BYTES) return false;
+  const zeros = await device.readIntoSparse(offset, allocData(length));
+  const runs = holeRuns(zeros, offset, length);
+  return runs.length === 1 && runs[0]?.lengthBytes === length;
 }
 
 function isAllZero(b: Buffer): boolean {

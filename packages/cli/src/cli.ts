@@ -41,7 +41,22 @@ function collect(value: string, previous: string[]): string[] {
 interface GlobalOptions {
   control?: string;
   logLevel?: LogLevel;
+  logFormat?: "pretty" | "json";
+  verbose?: boolean;
+  quiet?: boolean;
   timeout?: string;
+}
+
+/** udm's version, from the package.json next to dist/. */
+export function udmVersion(): string {
+  try {
+    const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as {
+      version?: string;
+    };
+    return pkg.version ?? "unknown";
+  } catch {
+    return "unknown";
+  }
 }
 
 function controlPath(cmd: Command): string {
@@ -66,11 +81,17 @@ function send(cmd: Command, verb: string, args: Record<string, unknown> = {}): P
 /** The logger of a command; loaded on demand (pino) so client verbs start fast. */
 async function logger(cmd: Command, fallback: LogLevel): Promise<Logger> {
   const { createLogger } = await import("./logger.js");
+  const opts = cmd.optsWithGlobals<GlobalOptions>();
+  if (opts.verbose && opts.quiet) throw new UsageError("-v/--verbose and -q/--quiet are mutually exclusive");
+  if ((opts.verbose || opts.quiet) && opts.logLevel)
+    throw new UsageError("give --log-level or -v/-q, not both");
   const level =
-    cmd.optsWithGlobals<GlobalOptions>().logLevel ??
+    (opts.verbose ? "debug" : opts.quiet ? "error" : opts.logLevel) ??
     (process.env.UDM_LOG_LEVEL as LogLevel | undefined) ??
     fallback;
-  return createLogger(LOG_LEVELS.includes(level) ? level : fallback);
+  return createLogger(LOG_LEVELS.includes(level) ? level : fallback, {
+    ...(opts.logFormat && { pretty: opts.logFormat === "pretty" }),
+  });
 }
 
 function print(lines: string | string[]): void {
@@ -221,6 +242,15 @@ export function buildProgram(): Command {
       `client commands: give up (exit 1) when the server does not answer a request within SECONDS; the server goes on with it (default ${DEFAULT_CONTROL_TIMEOUT_SECONDS}; 0 waits forever; merge and resync waits poll, each poll bounded, and have no overall limit)`,
     )
     .addOption(new Option("--log-level <level>", "log level (env UDM_LOG_LEVEL)").choices(LOG_LEVELS))
+    .option("-v, --verbose", "log level debug")
+    .option("-q, --quiet", "log level error: only failures")
+    .addOption(
+      new Option(
+        "--log-format <format>",
+        "log lines on stderr: pretty (default on a terminal) or json (default otherwise)",
+      ).choices(["pretty", "json"]),
+    )
+    .version(`udm ${udmVersion()}`, "-V, --version", "print udm's version and exit")
     .showHelpAfterError("(run with --help for usage)")
     .enablePositionalOptions(false)
     .exitOverride();
@@ -270,6 +300,18 @@ export function buildProgram(): Command {
         collect,
         [],
       )
+      .option("-r, --read-only", "every export refuses writes (clients see NBD_FLAG_READ_ONLY)")
+      .option("--read-only-export <name>", "this export refuses writes (repeatable)", collect, [])
+      .option(
+        "--run <command>",
+        "captive mode: run COMMAND (sh -c) once listening, with $uri $nbd $port $unixsocket $exportname $tls set; stop when it exits and exit with its status",
+      )
+      .option("--exit-with-parent", "stop (cleanly) when the process that started udm ends")
+      .option(
+        "--print-uri",
+        "print one URI per export on stdout instead of the banner (nbds:// under TLS, nbd+unix:// for --unix)",
+      )
+      .option("--pidfile <file>", "write udm's PID to FILE once listening (removed on exit)")
       .option(
         "--allow-cert <export=subject>",
         'only clients with a certificate verified by --tls-ca whose CN (or full subject "O=..., CN=...") is SUBJECT see and open EXPORT (repeatable; with --allow-address both must match)',
@@ -301,6 +343,12 @@ export function buildProgram(): Command {
             unix: opts.unix,
             control: cmd.optsWithGlobals<GlobalOptions>().control,
             dataDir: opts.dataDir,
+            readOnly: Boolean(opts.readOnly),
+            readOnlyExports: opts.readOnlyExport,
+            ...(opts.run !== undefined && { run: opts.run }),
+            exitWithParent: Boolean(opts.exitWithParent),
+            printUri: Boolean(opts.printUri),
+            ...(opts.pidfile !== undefined && { pidfile: opts.pidfile }),
             ...(opts.tlsCert && {
               tls: {
                 certFile: opts.tlsCert,
@@ -317,7 +365,8 @@ export function buildProgram(): Command {
     "udm serve                         # embedded default in ./udm-data on 127.0.0.1:10809\n" +
       "udm serve --table my.table --listen 0.0.0.0:10809\n" +
       "udm serve --export disk=disk.img --export scratch=mem:1G\n" +
-      "udm serve --export disk=disk.img --listen 0.0.0.0:10809 --allow-address disk=10.0.0.0/8,unix --unix /run/udm.sock",
+      "udm serve --export disk=disk.img --listen 0.0.0.0:10809 --allow-address disk=10.0.0.0/8,unix --unix /run/udm.sock\n" +
+      "udm serve -r --export disk=disk.img --listen 127.0.0.1:0 --run 'nbdcopy $uri backup.img'",
   );
 
   // copy
@@ -771,6 +820,11 @@ export async function runCli(argv: string[]): Promise<number> {
     for (const sub of cmd.commands) setExit(sub);
   };
   setExit(program);
+  if (argv.length <= 2) {
+    // Like dmsetup and nbdkit: no command is a usage error, not a success.
+    process.stderr.write(program.helpInformation());
+    return EXIT_USAGE;
+  }
   try {
     await program.parseAsync(argv);
     return typeof process.exitCode === "number" ? process.exitCode : EXIT_OK;

@@ -253,7 +253,8 @@ function serveConnection(socket: Socket, handlers: Record<string, Handler>, log:
         err instanceof SyntaxError
           ? { code: "EPROTO", message: `bad JSON request: ${err.message}` }
           : errorReply(err);
-      log.info({ err: error }, "control request failed");
+      // A typo (unknown device, bad table) is the client's mistake: one line, no stack.
+      log.info({ code: error.code, reason: error.message }, "control request failed");
       response = { id, ok: false, error };
     }
     if (!socket.destroyed) socket.write(`${JSON.stringify(response)}\n`);

@@ -39,6 +39,12 @@ export interface NativeFileOps {
    * the end of the file), e.g. to measure or test cold reads. Synchronous. Optional like above.
    */
   dropCache?(fd: number, offset: number, length: number): void;
+  /**
+   * Sends `message` as one datagram to the Unix datagram socket `path` ("@name": abstract), as
+   * sd_notify(3) does with NOTIFY_SOCKET (Node's dgram module has no Unix sockets). Synchronous.
+   * Optional like above.
+   */
+  notifySocket?(path: string, message: string): void;
 }
 
 /** Where `pnpm install` (the package's `install` script, node-gyp) puts the addon. */

@@ -198,13 +198,33 @@ export class NbdServer extends EventEmitter {
 
   /**
    * Listens on TCP (`{ host, port }`, default 127.0.0.1:10809, port 0 = any) or a Unix socket
-   * (`{ path }`); may be called several times. Resolves with "HOST:PORT" or the socket path.
+   * (`{ path }`), or on a listening socket passed as a file descriptor (`{ fd }`, systemd socket
+   * activation); may be called several times. Resolves with "HOST:PORT" or the socket path.
    */
-  async listen(address: { host?: string; port?: number } | { path: string }): Promise<string> {
+  async listen(
+    address: { host?: string; port?: number } | { path: string } | { fd: number },
+  ): Promise<string> {
     if (this.shuttingDown) throw new Error("NbdServer is closed");
     const server = net.createServer({ noDelay: true }, (socket) => this.onConnection(socket));
     // After listening, errors (EMFILE on accept...) are logged: they must not end the process.
     const onError = (err: Error) => this.log.error({ err: err.message }, "nbd listener error");
+    if ("fd" in address) {
+      // A socket already bound and listening, passed by systemd (socket activation) or a parent.
+      await listenOn(server, { fd: address.fd });
+      server.on("error", onError);
+      this.netServers.push(server);
+      const bound = server.address();
+      const where =
+        typeof bound === "string"
+          ? bound
+          : bound
+            ? bound.family === "IPv6"
+              ? `[${bound.address}]:${bound.port}`
+              : `${bound.address}:${bound.port}`
+            : `fd ${address.fd}`;
+      this.log.info({ fd: address.fd, address: where }, "nbd server listening on a passed socket");
+      return where;
+    }
     if ("path" in address) {
       await removeStaleSocket(address.path);
       await listenOn(server, { path: address.path });
@@ -372,7 +392,7 @@ function positive(value: number | undefined, fallback: number, what: string): nu
   return value;
 }
 
-function listenOn(server: net.Server, options: net.ListenOptions): Promise<void> {
+function listenOn(server: net.Server, options: net.ListenOptions | { fd: number }): Promise<void> {
   return new Promise((resolve, reject) => {
     server.once("error", reject);
     server.listen(options, () => {

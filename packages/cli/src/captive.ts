@@ -7,7 +7,8 @@ export type ServeAddress = { host: string; port: number } | { path: string } | {
 
 /**
  * The NBD URI of export `name` at `address` (NBD URI spec): `nbd://HOST:PORT/NAME`,
- * `nbd+unix:///NAME?socket=PATH`, and `nbds` / `nbds+unix` under TLS.
+ * `nbd+unix:///NAME?socket=PATH`, and `nbds` / `nbds+unix` under TLS ("" for a passed socket
+ * whose address is unknown).
  *
  * @example
  * ```ts
@@ -21,6 +22,8 @@ export function exportUri(name: string, address: ServeAddress, tls: boolean): st
   if ("path" in address) return `${scheme}+unix:///${exportPart}?socket=${address.path}`;
   if ("fd" in address) {
     if (address.where.startsWith("/")) return `${scheme}+unix:///${exportPart}?socket=${address.where}`;
+    // A passed socket whose address cannot be found has no URI.
+    if (address.where.startsWith("fd ")) return "";
     return `${scheme}://${address.where}/${exportPart}`;
   }
   const host = address.host.includes(":") ? `[${address.host}]` : address.host;

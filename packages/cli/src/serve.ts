@@ -13,7 +13,7 @@ import {
 import { canonicalSpec } from "./device-pool.js";
 import { ensureEmbeddedDefault, lockDataDir } from "./embedded-default.js";
 import type { Logger } from "./logger.js";
-import { notifyReady, takeListenFds } from "./systemd.js";
+import { notifyReady, takeListenFds, unixSocketPath } from "./systemd.js";
 import { checkDeviceName, parseTableFile } from "./table-parser.js";
 import { allTargets, createNbdServer, registerDeviceSchemes } from "./targets.js";
 import { UsageError } from "./usage-error.js";
@@ -174,7 +174,7 @@ export function attachHints(
   const dev = `/dev/nbd${options.index ?? 0}`;
   const tlsFlag = options.tls ? " -enable-tls" : "";
   const uri = exportUri(name, address, options.tls ?? false);
-  if ("fd" in address) return [`nbdinfo '${uri}'`];
+  if ("fd" in address) return uri ? [`nbdinfo '${uri}'`] : [];
   if ("path" in address) {
     return [`nbd-client -unix ${address.path} -N ${name}${tlsFlag} ${dev}`, `nbdinfo '${uri}'`];
   }
@@ -346,7 +346,10 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
 
   const addresses: ServeAddress[] = [];
   try {
-    for (const fd of listenFds) addresses.push({ fd, where: await server.listen({ fd }) });
+    for (const fd of listenFds) {
+      const where = await server.listen({ fd });
+      addresses.push({ fd, where: where.startsWith("fd ") ? (unixSocketPath(fd) ?? where) : where });
+    }
     if (listen) {
       const bound = await server.listen(listen);
       const port = Number(/:(\d+)\/?$/.exec(bound)?.[1] ?? listen.port);
@@ -415,7 +418,7 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   const out: string[] = [];
   for (const a of addresses) {
     out.push(
-      `udm: listening on ${exportUri("", a, useTls).replace(/\/$/, "")}${"fd" in a ? ` (socket activation, fd ${a.fd})` : ""} (control: ${controlPath})`,
+      `udm: listening on ${exportUri("", a, useTls).replace(/\/$/, "") || "a passed socket"}${"fd" in a ? ` (socket activation, fd ${a.fd})` : ""} (control: ${controlPath})`,
     );
   }
   if (createdDefault) out.push(`udm: created the embedded default in ${dataDir} (table: ${tableFile})`);
@@ -427,7 +430,10 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
       for (const hint of attachHints(name, a, { index, tls: useTls })) out.push(`      ${hint}`);
   }
   if (options.printUri) {
-    const uris = manager.names().flatMap((name) => addresses.map((a) => exportUri(name, a, useTls)));
+    const uris = manager
+      .names()
+      .flatMap((name) => addresses.map((a) => exportUri(name, a, useTls)))
+      .filter((uri) => uri !== "");
     process.stdout.write(`${uris.join("\n")}\n`);
   } else if (!options.run) {
     process.stdout.write(`${out.join("\n")}\n`);

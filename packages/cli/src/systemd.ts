@@ -1,4 +1,5 @@
 import { spawnSync } from "node:child_process";
+import { readFileSync, readlinkSync } from "node:fs";
 import type { Logger } from "./logger.js";
 
 /** The first file descriptor systemd passes (SD_LISTEN_FDS_START). */
@@ -26,6 +27,25 @@ export function takeListenFds(env: NodeJS.ProcessEnv = process.env, pid = proces
   const count = Number(countText);
   if (!Number.isSafeInteger(count) || count < 1) return [];
   return Array.from({ length: count }, (_, i) => SD_LISTEN_FDS_START + i);
+}
+
+/**
+ * The path a passed Unix socket is bound to (Node cannot tell for a socket opened from a file
+ * descriptor): its inode from /proc/self/fd, looked up in /proc/net/unix. Undefined when the
+ * descriptor is not a named Unix socket or /proc is not there.
+ */
+export function unixSocketPath(fd: number): string | undefined {
+  try {
+    const inode = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/self/fd/${fd}`))?.[1];
+    if (!inode) return undefined;
+    for (const line of readFileSync("/proc/net/unix", "utf8").split("\n").slice(1)) {
+      const fields = line.trim().split(/\s+/);
+      if (fields[6] === inode && fields[7]?.startsWith("/")) return fields[7];
+    }
+  } catch {
+    // No /proc: the banner names the descriptor instead.
+  }
+  return undefined;
 }
 
 /** How `notifyReady` reached systemd. */

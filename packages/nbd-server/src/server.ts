@@ -216,7 +216,7 @@ export class NbdServer extends EventEmitter {
       const bound = server.address();
       const where =
         typeof bound === "string"
-          ? bound
+          ? bound || `fd ${address.fd}`
           : bound
             ? bound.family === "IPv6"
               ? `[${bound.address}]:${bound.port}`

@@ -291,7 +291,10 @@ export function buildProgram(): Command {
       )
       .option("--tls-cert <file>", "TLS certificate (PEM)")
       .option("--tls-key <file>", "TLS private key (PEM)")
-      .option("--tls-ca <file>", "CA to verify client certificates")
+      .option(
+        "--tls-ca <file>",
+        "CA to verify client certificates: a certificate that does not verify is refused; clients without one stay anonymous",
+      )
       .option("--tls-verify-client", "require a client certificate signed by --tls-ca")
       .option("--tls-required", "refuse clients that do not start TLS")
       .option(

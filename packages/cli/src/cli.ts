@@ -18,6 +18,60 @@ import { EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError } from "./usage-error.js";
 
 /** Interval between polls of a running merge. */
 const MERGE_POLL_MS = 500;
+/** Interval between polls of `udm wait` (the event counter is in memory: a poll is cheap). */
+const WAIT_POLL_MS = 200;
+
+type InfoRow = DeviceInfo & { connections: number };
+
+/** `udm info -c` columns: heading and value, as dmsetup names them where it has them. */
+const INFO_COLUMNS: Record<string, { heading: string; value: (r: InfoRow) => string }> = {
+  name: { heading: "Name", value: (r) => r.name },
+  state: { heading: "Stat", value: (r) => r.state },
+  open: { heading: "Open", value: (r) => String(r.connections) },
+  segments: { heading: "Targ", value: (r) => String(r.targets.length) },
+  events: { heading: "Event", value: (r) => String(r.events) },
+  sectors: { heading: "Sectors", value: (r) => String(r.sizeSectors) },
+  targets: { heading: "Targets", value: (r) => r.targets.join("+") },
+};
+const DEFAULT_INFO_COLUMNS = "name,state,open,segments,events";
+
+function parseInfoColumns(text: string): string[] {
+  const fields = text.split(",").map((f) => f.trim());
+  for (const f of fields) {
+    if (!Object.hasOwn(INFO_COLUMNS, f)) {
+      throw new UsageError(
+        `-o ${text}: unknown field "${f}" (fields: ${Object.keys(INFO_COLUMNS).join(", ")})`,
+      );
+    }
+  }
+  return fields;
+}
+
+/**
+ * `dmsetup info -c` lines: aligned columns under headings; without headings the fields are
+ * joined by ":" (dmsetup's default separator), or by `separator` whenever one is given.
+ */
+export function formatInfoColumns(
+  rows: InfoRow[],
+  fields: string[],
+  options: { headings: boolean; separator?: string | undefined },
+): string[] {
+  const cols = fields.map((f) => INFO_COLUMNS[f]!);
+  const table = rows.map((r) => cols.map((c) => c.value(r)));
+  if (options.separator !== undefined || !options.headings) {
+    const sep = options.separator ?? ":";
+    const lines = table.map((cells) => cells.join(sep));
+    return options.headings ? [cols.map((c) => c.heading).join(sep), ...lines] : lines;
+  }
+  const all = [cols.map((c) => c.heading), ...table];
+  const widths = cols.map((_, i) => Math.max(...all.map((cells) => cells[i]!.length)));
+  return all.map((cells) =>
+    cells
+      .map((cell, i) => cell.padEnd(widths[i]!))
+      .join(" ")
+      .trimEnd(),
+  );
+}
 
 function sizeOption(text: string, option: string): number {
   try {
@@ -167,6 +221,7 @@ function formatInfo(info: DeviceInfo & { connections: number }): string[] {
     `Number of targets: ${info.targets.length}`,
     `Targets:           ${info.targets.join(" ")}`,
     `Open count:        ${info.connections}`,
+    `Event number:      ${info.events}`,
     `Uses:              ${info.uses.map((u) => `@${u}`).join(" ") || "-"}`,
     `Used by:           ${info.usedBy.join(" ") || "-"}`,
     ...(info.state === "suspended" ? [`Held requests:     ${info.heldRequests}`] : []),
@@ -525,14 +580,109 @@ export function buildProgram(): Command {
       .description("show state, size, targets, users and background progress of a device (or all)")
       .argument("[name]")
       .option("--json", "machine-readable output")
+      .option("-c, --columns", "one line per device, in columns (dmsetup info -c)")
+      .option(
+        "-o, --options <fields>",
+        `columns of -c, comma-separated: ${Object.keys(INFO_COLUMNS).join(",")} (default ${DEFAULT_INFO_COLUMNS})`,
+      )
+      .option("--noheadings", "-c: no heading line (fields then separated by ':')")
+      .option("--separator <text>", "-c: separate fields with TEXT instead of aligning them")
       .action(async (name: string | undefined, opts, cmd: Command) => {
-        const rows = (await request(cmd, "info", name ? { name } : {})) as Array<
-          DeviceInfo & { connections: number }
-        >;
+        if (!opts.columns && (opts.options || opts.noheadings || opts.separator !== undefined))
+          throw new UsageError("-o, --noheadings and --separator go with -c/--columns");
+        const fields = opts.columns ? parseInfoColumns(opts.options ?? DEFAULT_INFO_COLUMNS) : [];
+        const rows = (await request(cmd, "info", name ? { name } : {})) as InfoRow[];
         if (opts.json) return printJson(rows);
+        if (opts.columns)
+          return print(
+            formatInfoColumns(rows, fields, { headings: !opts.noheadings, separator: opts.separator }),
+          );
         print(rows.map((r) => formatInfo(r).join("\n")).join("\n\n"));
       }),
-    "udm info mirror0",
+    "udm info mirror0\nudm info -c --noheadings -o name,open,segments,events",
+  );
+
+  example(
+    program
+      .command("rename")
+      .description("rename a device and its export; connected clients stay connected (dmsetup rename)")
+      .argument("<name>")
+      .argument("<new-name>")
+      .action(async (name: string, newName: string, _opts, cmd: Command) => {
+        await request(cmd, "rename", { name, newName });
+        print(`renamed ${name} to ${newName}`);
+      }),
+    "udm rename scratch scratch-old",
+  );
+
+  example(
+    program
+      .command("deps")
+      .description(
+        "list the devices a device opens: files, block devices, nbd:// URIs, @udm devices (dmsetup deps)",
+      )
+      .argument("[name]")
+      .option("--json", "machine-readable output")
+      .action(async (name: string | undefined, opts, cmd: Command) => {
+        const rows = (await request(cmd, "info", name ? { name } : {})) as InfoRow[];
+        if (opts.json) return printJson(rows.map((r) => ({ name: r.name, devices: r.devices })));
+        print(
+          rows.map(
+            (r) =>
+              `${name ? "" : `${r.name}: `}${r.devices.length} dependencies\t: ${r.devices.map((d) => `(${d})`).join(" ")}`,
+          ),
+        );
+      }),
+    "udm deps mirror0   # 3 dependencies\t: (/srv/a.img) (/srv/b.img) (/srv/mirror0.log)",
+  );
+
+  example(
+    program
+      .command("targets")
+      .description("list the target types udm builds, with their table arguments (dmsetup targets)")
+      .action(async () => {
+        const { allTargets } = await import("./targets.js");
+        const targets = allTargets();
+        const width = Math.max(...targets.map((t) => t.name.length)) + 2;
+        print(targets.map((t) => `${t.name.padEnd(width)}${t.usage}`));
+      }),
+    "udm targets",
+  );
+
+  example(
+    program
+      .command("version")
+      .description("print udm's version and, when one answers on the control socket, the server's")
+      .action(async (_opts, cmd: Command) => {
+        print(`udm version:     ${udmVersion()}`);
+        try {
+          const v = (await send(cmd, "version")) as { version: string; pid: number; node: string };
+          print(`server version:  ${v.version} (pid ${v.pid}, node ${v.node})`);
+        } catch (err) {
+          if (!(err instanceof ControlUnavailableError)) throw err;
+          print(`server version:  none answers on ${controlPath(cmd)}`);
+        }
+      }),
+    "udm version",
+  );
+
+  example(
+    program
+      .command("wait")
+      .description(
+        "wait until the event counter of a device passes EVENT_NR (default 0): a mirror leg failure, a finished resync... (dmsetup wait; see udm info -c -o events)",
+      )
+      .argument("<name>")
+      .argument("[event_nr]", "event number to pass", "0")
+      .action(async (name: string, eventText: string, _opts, cmd: Command) => {
+        const eventNr = sectorsOption(eventText, "event_nr");
+        for (;;) {
+          const [info] = (await request(cmd, "info", { name })) as InfoRow[];
+          if (info && info.events > eventNr) return;
+          await sleep(WAIT_POLL_MS);
+        }
+      }),
+    "n=$(udm info -c --noheadings -o events mirror0); udm wait mirror0 $n && udm status mirror0",
   );
 
   example(

@@ -190,6 +190,9 @@ function readOnlyExports(server: NbdServerLike, all: boolean, names: ReadonlySet
         ...((all || names.has(name)) && { readOnly: true }),
       }),
     replaceExportDevice: (name, device) => server.replaceExportDevice(name, device),
+    ...(server.renameExport && {
+      renameExport: (name, newName, options) => server.renameExport!(name, newName, options),
+    }),
     removeExport: (name) => server.removeExport(name),
   };
 }

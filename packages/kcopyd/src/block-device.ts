@@ -128,6 +128,12 @@ export interface TargetDevice extends BlockDevice {
   preresume?(): Promise<void>;
   /** Background work in progress, or null when idle. */
   progress?(): TargetProgress | null;
+  /**
+   * dm_table_event: calls `listener` whenever the target's state changes in a way its users must
+   * notice (a mirror leg fails, a resync finishes); `dmsetup wait` counts these. Returns a
+   * function that removes the listener.
+   */
+  onEvent?(listener: () => void): () => void;
 }
 
 /** Throws a RangeError naming the device when `[offset, offset+length)` is not inside it. */

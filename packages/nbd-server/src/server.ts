@@ -167,6 +167,30 @@ export class NbdServer extends EventEmitter {
     );
   }
 
+  /**
+   * Renames export `name` to `newName` (`udm rename`): connected clients stay on it, new ones
+   * open it by the new name only; `options.allow` replaces its allow list (absent: everyone).
+   */
+  renameExport(name: string, newName: string, options: Pick<NbdExportOptions, "allow"> = {}): void {
+    const entry = this.table.get(name);
+    if (!entry) throw new RangeError(`no export named "${name}"`);
+    validateExportName(newName);
+    if (this.table.has(newName)) throw new NbdConfigError(`export "${newName}" already exists`);
+    const access = compileAllowList(options.allow);
+    // In place: sessions in transmission hold this entry (for reloads and draining).
+    const mutable = entry as { -readonly [K in keyof ExportEntry]: ExportEntry[K] };
+    mutable.name = newName;
+    mutable.access = access;
+    if (options.allow) mutable.allow = cloneAllow(options.allow);
+    else delete mutable.allow;
+    const rebuilt = [...this.table.entries()].map(([n, e]): [string, ExportEntry] =>
+      n === name ? [newName, e] : [n, e],
+    );
+    this.table.clear();
+    for (const [n, e] of rebuilt) this.table.set(n, e);
+    this.log.info({ export: newName, from: name }, "nbd export renamed");
+  }
+
   /** Refuses new opens of `name`, then drains and disconnects its clients. */
   async removeExport(name: string): Promise<void> {
     const entry = this.table.get(name);

@@ -682,7 +682,7 @@ export function buildProgram(): Command {
           await sleep(WAIT_POLL_MS);
         }
       }),
-    "n=$(udm info -c --noheadings -o events mirror0); udm wait mirror0 $n && udm status mirror0",
+    "udm wait mirror0 $(udm info -c --noheadings -o events mirror0) && udm status mirror0   # the next event",
   );
 
   example(

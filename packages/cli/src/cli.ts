@@ -12,7 +12,7 @@ import { CONTROL_SOCKET_NAME, DEFAULT_DATA_DIR, LOG_LEVELS, type LogLevel } from
 import type { DeviceInfo, SegmentLine } from "./device-manager.js";
 import { canonicalSpec } from "./device-pool.js";
 import type { Logger } from "./logger.js";
-import { createProgress } from "./progress.js";
+import { configureProgress, createProgress, PLAIN_PROGRESS_INTERVAL_MS } from "./progress.js";
 import { formatTableLine, TableParseError } from "./table-parser.js";
 import { EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError } from "./usage-error.js";
 
@@ -96,6 +96,8 @@ interface GlobalOptions {
   control?: string;
   logLevel?: LogLevel;
   logFormat?: "pretty" | "json";
+  progress?: boolean;
+  progressInterval?: string;
   verbose?: boolean;
   quiet?: boolean;
   timeout?: string;
@@ -271,7 +273,8 @@ async function waitForProgress(cmd: Command, name: string, label: string): Promi
     bar.update(p.doneBytes, p.totalBytes);
     await sleep(MERGE_POLL_MS);
   }
-  bar?.stop();
+  // The work is over (the last poll saw it running): the bar ends full.
+  bar?.done();
 }
 
 /**
@@ -305,10 +308,31 @@ export function buildProgram(): Command {
         "log lines on stderr: pretty (default on a terminal) or json (default otherwise)",
       ).choices(["pretty", "json"]),
     )
+    .option(
+      "--progress",
+      "show progress of long jobs (the default; with -q too): a bar on a terminal, else a line every few seconds",
+    )
+    .option("--no-progress", "no progress bar or lines")
+    .option(
+      "--progress-interval <seconds>",
+      `seconds between progress lines without a terminal (default ${PLAIN_PROGRESS_INTERVAL_MS / 1000})`,
+    )
     .version(`udm ${udmVersion()}`, "-V, --version", "print udm's version and exit")
     .showHelpAfterError("(run with --help for usage)")
     .enablePositionalOptions(false)
     .exitOverride();
+  program.hook("preAction", (_program, action) => {
+    const opts = action.optsWithGlobals<GlobalOptions>();
+    const interval = opts.progressInterval;
+    if (interval !== undefined && (!/^\d+(\.\d+)?$/.test(interval) || !Number.isFinite(Number(interval)))) {
+      throw new UsageError(`--progress-interval "${interval}": expected a number of seconds`);
+    }
+    configureProgress({
+      // --progress wins over -q; --no-progress turns it off.
+      enabled: opts.progress ?? !opts.quiet,
+      ...(interval !== undefined && { intervalMs: Math.round(Number(interval) * 1000) }),
+    });
+  });
   program.addHelpText(
     "after",
     "\nExample (a session):\n" +
@@ -432,7 +456,7 @@ export function buildProgram(): Command {
     program
       .command("copy")
       .description(
-        "copy SRC to 1..8 destinations with kcopyd; the last line gives bytes, MiB/s and the write error bit mask",
+        "copy SRC to 1..8 destinations with kcopyd (holes stay holes); the last line gives bytes, MiB/s (of data, for sparse sources) and the write error bit mask; Ctrl-C exits 130, SIGTERM 143",
       )
       .argument("<src>", "source device (path, file:, mem:SIZE, nbd://, @NAME of --table-file)")
       .argument("<dest...>", "destination devices")
@@ -442,7 +466,15 @@ export function buildProgram(): Command {
       .option("--pages <n>", "kcopyd memory budget in 4 KiB pages")
       .option("--ignore-error", "keep copying after errors (every sub-job is tried)")
       .option("--seq", "write sub-jobs in ascending order (WRITE_SEQ)")
-      .option("--skip-holes", "write zeroes for source holes instead of reading them")
+      .option(
+        "--dense",
+        "read and write every sector, holes too (the kernel kcopyd's behaviour); by default source holes stay holes, as with cp, nbdcopy and qemu-img convert",
+      )
+      .option("--skip-holes", "keep source holes as holes (the default; kept for old scripts)")
+      .option(
+        "--keep-partial",
+        "on Ctrl-C or SIGTERM keep a destination file this copy created (removed by default)",
+      )
       .option(
         "--table-file <file>",
         "table file whose devices @NAME arguments refer to (repeatable)",
@@ -460,6 +492,8 @@ export function buildProgram(): Command {
         const { runCopy, formatCopySummary } = await import("./copy-command.js");
         if (opts.count !== undefined && opts.size !== undefined)
           throw new UsageError("--count and --size are mutually exclusive");
+        if (opts.dense && opts.skipHoles)
+          throw new UsageError("--dense and --skip-holes are mutually exclusive");
         let count: number | undefined;
         if (opts.count !== undefined) count = sectorsOption(opts.count, "--count");
         if (opts.size !== undefined) {
@@ -482,7 +516,8 @@ export function buildProgram(): Command {
             ...(pages !== undefined && { pages }),
             ignoreError: Boolean(opts.ignoreError),
             seq: Boolean(opts.seq),
-            skipHoles: Boolean(opts.skipHoles),
+            skipHoles: !opts.dense,
+            keepPartial: Boolean(opts.keepPartial),
             tableFiles: opts.tableFile,
             tableLines: opts.table,
           },
@@ -492,7 +527,8 @@ export function buildProgram(): Command {
         if (summary.readErr || summary.writeErr) process.exitCode = EXIT_FAILED;
       }),
     "udm copy a.img b.img c.img d.img\n" +
-      "udm copy --size 1G --skip-holes disk.img nbd://backup:10809/disk\n" +
+      "udm copy --size 1G disk.img nbd://backup:10809/disk\n" +
+      "udm copy --dense disk.img /dev/sdb           # every sector, holes too\n" +
       "udm copy --ignore-error --table 'bad: 0 2048 error' a.img b.img @bad",
   );
 
@@ -829,14 +865,16 @@ export function buildProgram(): Command {
             progress ??= createProgress("merge", s.progress.totalBytes);
             progress.update(s.progress.doneBytes, s.progress.totalBytes);
           }
-          if (s.state === "done") break;
+          if (s.state === "done") {
+            progress?.done();
+            break;
+          }
           if (s.state === "failed") {
             progress?.stop();
             throw new ControlError("EIO", `merge of ${name} failed: ${s.error}`);
           }
           await sleep(MERGE_POLL_MS);
         }
-        progress?.stop();
         print(`merged ${name} into its origin`);
       }),
     "udm snapshot merge snap0",

@@ -1,6 +1,6 @@
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { type BlockDevice, formatSize, SECTOR_SIZE } from "@udm/kcopyd";
+import { type BlockDevice, formatSize, nativeAddonInfo, SECTOR_SIZE } from "@udm/kcopyd";
 import { compileAllowList } from "@udm/nbd-server";
 import { captiveVariables, exportUri, runCaptive, type ServeAddress, watchParent } from "./captive.js";
 import { controlHandlers, startControlServer } from "./control-server.js";
@@ -257,6 +257,8 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   }
 
   registerDeviceSchemes();
+  const addon = nativeAddonInfo();
+  log.info({ kind: addon.kind, path: addon.path, ...(addon.reason && { reason: addon.reason }) }, "native addon");
   const tls = options.tls && {
     cert: readOptionFile(options.tls.certFile, "--tls-cert", null),
     key: readOptionFile(options.tls.keyFile, "--tls-key", null),

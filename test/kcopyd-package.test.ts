@@ -27,7 +27,7 @@ const hasToolchain = ["python3", "make", "g++", "npm", "pnpm", "tar"].every(requ
 function readmeExample(): string {
   const readme = readFileSync(join(PKG, "README.md"), "utf8");
   const section = readme.slice(readme.indexOf("## Example"));
-  const m = /```js\n([^]*?)```/.exec(section);
+  const m = /```js\n([\s\S]*?)```/.exec(section);
   if (!m) throw new Error("README.md has no ```js example after ## Example");
   return m[1]!;
 }
@@ -66,7 +66,7 @@ function installAndRun(manager: "npm" | "pnpm"): { stdout: string; stderr: strin
       ? ["install", "--no-audit", "--no-fund", "--prefer-offline", tarball]
       : ["add", "--prefer-offline", tarball];
   // A clean environment: nothing of the workspace's own pnpm or npm settings.
-  const env = { ...process.env, npm_config_nodedir: "/usr" };
+  const env: NodeJS.ProcessEnv = { ...process.env, npm_config_nodedir: "/usr" };
   for (const k of Object.keys(env)) if (/^(npm_|pnpm_)/i.test(k) && k !== "npm_config_nodedir") delete env[k];
   const install = spawnSync(manager, args, { cwd: app, env, encoding: "utf8", timeout: 240_000 });
   expect(install.status, `${manager} ${args.join(" ")}:\n${install.stdout}\n${install.stderr}`).toBe(0);

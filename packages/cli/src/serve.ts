@@ -258,7 +258,10 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
 
   registerDeviceSchemes();
   const addon = nativeAddonInfo();
-  log.info({ kind: addon.kind, path: addon.path, ...(addon.reason && { reason: addon.reason }) }, "native addon");
+  log.info(
+    { kind: addon.kind, path: addon.path, ...(addon.reason && { reason: addon.reason }) },
+    "native addon",
+  );
   const tls = options.tls && {
     cert: readOptionFile(options.tls.certFile, "--tls-cert", null),
     key: readOptionFile(options.tls.keyFile, "--tls-key", null),

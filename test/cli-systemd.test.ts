@@ -139,7 +139,7 @@ describe("systemd", () => {
       // systemd-socket-activate execs udm on the first connection: nbdinfo's waits in the backlog.
       const run = activate(sock, unitCommand(), { NOTIFY_SOCKET: notify, UDM_LOG_LEVEL: "info" });
       try {
-        await waitFor("the socket", () => existsSync(sock));
+        await waitFor("the activator's socket", () => run.stderr().includes(`Listening on ${sock}`));
         expect(nbdinfoSize(`nbd+unix:///disk?socket=${sock}`)).toBe(String(2 << 20));
         await waitFor("READY=1", () => receiver.messages().includes("READY=1"));
         // systemd-socket-activate exec()s udm: its PID is udm's main PID.
@@ -193,6 +193,10 @@ describe("systemd", () => {
         join(dir, "tcp-ctl.sock"),
       ]);
       try {
+        // The activator binds first (and says so); udm starts on the first connection.
+        await waitFor("the activator's socket", () =>
+          run.stderr().includes(`Listening on 127.0.0.1:${port}`),
+        );
         expect(nbdinfoSize(`nbd://127.0.0.1:${port}/d`)).toBe(String(1 << 20));
         await waitFor("the banner", () => run.stdout().includes("nbdinfo"));
         const listening = run

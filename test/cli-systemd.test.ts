@@ -168,6 +168,9 @@ describe("systemd", () => {
           true,
         );
         expect(run.stderr()).not.toMatch(/"msg":"nbd server listening"/);
+        run.child.kill("SIGTERM");
+        expect(await run.exited).toBe(0);
+        await waitFor("STOPPING=1", () => receiver.messages().includes("STOPPING=1"));
       } finally {
         run.child.kill("SIGTERM");
         receiver.child.kill("SIGTERM");

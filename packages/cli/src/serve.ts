@@ -13,7 +13,7 @@ import {
 import { canonicalSpec } from "./device-pool.js";
 import { ensureEmbeddedDefault, lockDataDir } from "./embedded-default.js";
 import type { Logger } from "./logger.js";
-import { notifyReady, takeListenFds, unixSocketPath } from "./systemd.js";
+import { sdNotify, takeListenFds, unixSocketPath } from "./systemd.js";
 import { checkDeviceName, parseTableFile } from "./table-parser.js";
 import { allTargets, createNbdServer, registerDeviceSchemes } from "./targets.js";
 import { UsageError } from "./usage-error.js";
@@ -385,6 +385,8 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
         return;
       }
       stopping = true;
+      // systemd shows the unit as deactivating while udm drains and flushes.
+      void sdNotify(log, "STOPPING=1");
       log.info(
         { signal },
         signal === "run"
@@ -448,7 +450,7 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   }
   log.debug({ addresses, exports: manager.names(), tls: useTls }, "serving");
   if (options.pidfile) writeFileSync(resolve(options.pidfile), `${process.pid}\n`);
-  await notifyReady(log);
+  await sdNotify(log);
 
   const unwatch = options.exitWithParent ? watchParent(() => requestStop("parent")) : () => {};
   if (options.run) {

@@ -48,18 +48,18 @@ export function unixSocketPath(fd: number): string | undefined {
   return undefined;
 }
 
-/** How `notifyReady` reached systemd. */
+/** How `sdNotify` reached systemd. */
 export type NotifyPath = "native" | "systemd-notify" | "none";
 
 /**
- * Tells the service manager the server is ready (`sd_notify(0, "READY=1")`) when NOTIFY_SOCKET
- * is set. Node cannot send on a Unix datagram socket, so this uses the native addon of
+ * Sends `message` to the service manager (`sd_notify(0, "READY=1")`, `STOPPING=1`) when
+ * NOTIFY_SOCKET is set. Node cannot send on a Unix datagram socket, so this uses the native addon of
  * @udm/kcopyd (`notifySocket`, a sendto(2) of the message), else the `systemd-notify --ready
  * --pid=PID` command (the service then needs `NotifyAccess=all` unless udm runs as root, which
  * may send on behalf of its own PID), else it logs a warning: a `Type=notify` unit would then time
  * out, `Type=simple` is the fallback.
  */
-export async function notifyReady(
+export async function sdNotify(
   log: Logger,
   message = "READY=1",
   env: NodeJS.ProcessEnv = process.env,

@@ -16,6 +16,8 @@ declare -A PACKAGES=(
   [nbd-client]=nbd-client
   [losetup]=mount
   [openssl]=openssl
+  [systemd-socket-activate]=systemd
+  [systemd-notify]=systemd
 )
 
 missing=()

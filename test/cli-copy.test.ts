@@ -1,9 +1,22 @@
+import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import {
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  truncateSync,
+  writeFileSync,
+  writeSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
-import { buildCli, udm } from "./cli-helpers.js";
+import { buildCli, startServe, UDM, udm } from "./cli-helpers.js";
 
 let dir: string;
 // Not a multiple of 512: the last partial sector must be copied too.
@@ -117,4 +130,152 @@ describe("udm copy", () => {
     expect(r.status).toBe(0);
     expect(r.stdout).toMatch(/Example:\n {2}udm copy a\.img b\.img c\.img d\.img/);
   });
+});
+
+describe("udm copy: holes, bad destinations, progress, interrupts", () => {
+  /** A 64 MiB file with 1 MiB of data at 32 MiB, the rest a hole. */
+  function sparseSource(name: string): Buffer {
+    const data = randomBytes(1 << 20);
+    const path = join(dir, name);
+    writeFileSync(path, Buffer.alloc(0));
+    truncateSync(path, 64 << 20);
+    const fd = openSync(path, "r+");
+    writeSync(fd, data, 0, data.length, 32 << 20);
+    closeSync(fd);
+    return data;
+  }
+  const allocated = (name: string) => statSync(join(dir, name)).blocks * 512;
+
+  test("holes stay holes by default (the rate is that of the data); --dense writes every sector", () => {
+    const data = sparseSource("sparse.img");
+    const r = udm(["copy", "sparse.img", "sparse-copy.img"], { cwd: dir });
+    expect(r.stderr).toBe("");
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(
+      /^copied 67108864 bytes \(64\.0 MiB: 1\.00 MiB data, 63\.0 MiB holes kept\) to 1 destination\(s\) in [\d.]+ s, [\d.]+ MiB\/s of data;/,
+    );
+    expect(allocated("sparse-copy.img")).toBeLessThanOrEqual(2 << 20);
+    const copy = readFileSync(join(dir, "sparse-copy.img"));
+    expect(copy.length).toBe(64 << 20);
+    expect(copy.subarray(32 << 20, 33 << 20).equals(data)).toBe(true);
+    expect(copy.subarray(0, 32 << 20).every((b) => b === 0)).toBe(true);
+
+    const dense = udm(["copy", "--dense", "sparse.img", "dense-copy.img"], { cwd: dir });
+    expect(dense.status).toBe(0);
+    expect(dense.stdout).toMatch(
+      /^copied 67108864 bytes \(64\.0 MiB\) to 1 destination\(s\) in [\d.]+ s, [\d.]+ MiB\/s;/,
+    );
+    expect(allocated("dense-copy.img")).toBeGreaterThanOrEqual(64 << 20);
+    expect(readFileSync(join(dir, "dense-copy.img")).equals(copy)).toBe(true);
+  });
+
+  test("the source as destination, a missing folder and --size 0 get udm's own answers", () => {
+    for (const dest of ["a.img", "./a.img", `file:${join(dir, "a.img")}`]) {
+      const same = udm(["copy", "a.img", dest], { cwd: dir });
+      expect(same.stderr).toMatch(
+        /^udm: destination 0 \(.*a\.img\) is the source a\.img: a copy needs another device$/m,
+      );
+      expect(same.status).toBe(2);
+    }
+    symlinkSync(join(dir, "a.img"), join(dir, "alias.img"));
+    expect(udm(["copy", "a.img", "alias.img"], { cwd: dir }).stderr).toMatch(/is the source a\.img/);
+    const noFolder = udm(["copy", "a.img", "no/such/dir/x.img"], { cwd: dir });
+    expect(noFolder.stderr).toBe(
+      `udm: destination 0 (no/such/dir/x.img): folder ${join(dir, "no/such/dir")} does not exist (udm copy creates files, not folders)\n`,
+    );
+    expect(noFolder.status).toBe(1);
+    const zero = udm(["copy", "--size", "0", "a.img", "zero.img"], { cwd: dir });
+    expect(zero.status).toBe(0);
+    expect(zero.stdout).toMatch(/^copied 0 bytes /);
+    expect(statSync(join(dir, "zero.img")).size).toBe(0);
+    const window = udm(["copy", "--size", "4k", "a.img", "window.img"], { cwd: dir });
+    expect(window.status).toBe(0);
+    expect(readFileSync(join(dir, "window.img")).equals(source.subarray(0, 4096))).toBe(true);
+  });
+
+  test("without a terminal: progress lines every --progress-interval, ending at 100 %; --no-progress and -q silence them", () => {
+    const lines = (args: string[]) => {
+      const r = udm(args, { cwd: dir });
+      expect(r.status).toBe(0);
+      return r.stderr.split("\n").filter((l) => l !== "");
+    };
+    const shown = lines(["--progress-interval", "0", "copy", "--dense", "sparse.img", "p1.img"]);
+    expect(shown.length).toBeGreaterThan(1);
+    for (const l of shown) expect(l).toMatch(/^copy: [\d.]+ \w+ \/ 64\.0 MiB \([\d.]+%\), [\d.]+ MiB\/s/);
+    expect(shown.at(-1)).toMatch(/^copy: 64\.0 MiB \/ 64\.0 MiB \(100\.0%\)/);
+    expect(shown.join("\n")).not.toContain("\u001b[");
+    expect(lines(["--progress-interval", "0", "--no-progress", "copy", "sparse.img", "p2.img"])).toEqual([]);
+    expect(lines(["--progress-interval", "0", "-q", "copy", "sparse.img", "p3.img"])).toEqual([]);
+    expect(
+      lines(["--progress-interval", "0", "-q", "--progress", "copy", "sparse.img", "p4.img"]).at(-1),
+    ).toMatch(/\(100\.0%\)/);
+    // An offline mirror resync ends its progress at 100 % too.
+    writeFileSync(join(dir, "leg.img"), Buffer.alloc(4 << 20));
+    writeFileSync(join(dir, "primary.img"), Buffer.alloc(4 << 20, 0x5a));
+    const resync = lines([
+      "--progress-interval",
+      "0",
+      "mirror",
+      "resync",
+      "--region-size",
+      "64",
+      "primary.img",
+      "leg.img",
+    ]);
+    expect(resync.at(-1)).toMatch(/^resync: 4\.00 MiB \/ 4\.00 MiB \(100\.0%\)/);
+  });
+
+  test.each([
+    ["SIGINT", 130, []],
+    ["SIGTERM", 143, ["--keep-partial"]],
+  ] as const)(
+    "%s during a copy: a line on what was copied, exit %i, the created file removed unless --keep-partial",
+    async (signal, status, extra) => {
+      // A source whose reads wait: an NBD export of a suspended device.
+      const ctl = join(dir, `int-${signal}.sock`);
+      const sock = join(dir, `int-${signal}.nbd`);
+      const serve = await startServe(
+        ["--export", "src=mem:8M", "--unix", sock, "--control", ctl, "--listen", "127.0.0.1:0"],
+        {
+          cwd: dir,
+        },
+      );
+      try {
+        expect(udm(["--control", ctl, "suspend", "src"]).status).toBe(0);
+        const dest = join(dir, `int-${signal}.img`);
+        const child = spawn(
+          process.execPath,
+          [UDM, "copy", ...extra, `nbd+unix:///src?socket=${sock}`, dest],
+          {
+            cwd: dir,
+            stdio: ["ignore", "pipe", "pipe"],
+          },
+        );
+        let stderr = "";
+        child.stderr.on("data", (d) => {
+          stderr += d;
+        });
+        const exited = new Promise<number | null>((r) => child.on("exit", (code) => r(code)));
+        for (let i = 0; i < 400 && !existsSync(dest); i++) await new Promise((r) => setTimeout(r, 50));
+        expect(existsSync(dest)).toBe(true);
+        child.kill(signal);
+        expect(await exited).toBe(status);
+        expect(stderr).toMatch(
+          new RegExp(
+            `^udm: copy interrupted by ${signal}: 0 B of 8\\.00 MiB copied from sector 0, 8\\.00 MiB not copied; `,
+          ),
+        );
+        if (extra.length) {
+          expect(stderr).toContain(`kept the partial ${dest}`);
+          expect(existsSync(dest)).toBe(true);
+        } else {
+          expect(stderr).toContain(`removed ${dest} (created by this copy; --keep-partial keeps it)`);
+          expect(existsSync(dest)).toBe(false);
+        }
+        expect(udm(["--control", ctl, "resume", "src"]).status).toBe(0);
+      } finally {
+        expect(await serve.stop()).toBe(0);
+      }
+    },
+  );
 });

@@ -95,7 +95,7 @@ export interface ServeProcess {
   stop(): Promise<number | null>;
 }
 
-/** Starts `udm serve ARGS...` and waits for its "listening on nbd://HOST:PORT" line. */
+/** Starts `udm serve ARGS...` and waits for its "listening on nbd[s]://HOST:PORT" line. */
 export function startServe(args: string[], options: { cwd: string }): Promise<ServeProcess> {
   const child = spawn(process.execPath, [UDM, "serve", ...args], {
     cwd: options.cwd,
@@ -115,7 +115,7 @@ export function startServe(args: string[], options: { cwd: string }): Promise<Se
     });
     child.stdout!.on("data", (d) => {
       stdout += d;
-      const m = /listening on nbd:\/\/[^:]+:(\d+)/.exec(stdout);
+      const m = /listening on nbds?:\/\/[^:]+:(\d+)/.exec(stdout);
       if (m && stdout.includes("\n")) {
         clearTimeout(timer);
         resolve({

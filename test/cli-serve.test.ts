@@ -43,8 +43,9 @@ describe("udm serve: the embedded default", () => {
   test("creates ./data with a table file and prints how to attach each export", () => {
     const out = serve!.stdout();
     expect(out).toContain(`udm: created the embedded default in ${join(dir, "data")}`);
-    for (const name of ["origin", "snap0", "mirror0"]) {
-      expect(out).toContain(`nbd-client 127.0.0.1 ${serve!.port} -N ${name} /dev/nbd0`);
+    for (const [index, name] of ["origin", "snap0", "mirror0"].entries()) {
+      // Each export its own device: attaching them all at once must not collide.
+      expect(out).toContain(`nbd-client 127.0.0.1 ${serve!.port} -N ${name} /dev/nbd${index}`);
       expect(out).toContain(`nbdinfo nbd://127.0.0.1:${serve!.port}/${name}`);
     }
     expect(readFileSync(join(dir, "data/udm.table"), "utf8")).toMatch(

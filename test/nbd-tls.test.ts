@@ -24,6 +24,7 @@ let dir: string;
 /** libnbd's tls-certificates layout: ca-cert.pem (+ client-cert.pem, client-key.pem). */
 let caOnly: string;
 let withClientCert: string;
+let wrongClientCert: string;
 let pem: { ca: Buffer; cert: Buffer; key: Buffer };
 const disk = new MemoryDevice(4 << 20);
 
@@ -71,6 +72,43 @@ beforeAll(() => {
     "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n",
   );
   makeCert("client", "/CN=udm client", "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n");
+  // A client certificate from another CA of the same name (so GnuTLS clients do present it,
+  // matching the server's CA list), which does not verify against ours.
+  openssl(
+    ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"].concat(
+      ["-keyout", "rogue-ca-key.pem", "-out", "rogue-ca-cert.pem", "-days", "2", "-subj", "/CN=udm test CA"],
+      ["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+    ),
+  );
+  writeFileSync(join(dir, "rogue.ext"), "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n");
+  openssl(
+    [
+      "req",
+      "-newkey",
+      "ec",
+      "-pkeyopt",
+      "ec_paramgen_curve:prime256v1",
+      "-nodes",
+      "-keyout",
+      "rogue-key.pem",
+    ].concat(["-out", "rogue.csr", "-subj", "/CN=udm client"]),
+  );
+  openssl(
+    ["x509", "-req", "-in", "rogue.csr", "-CA", "rogue-ca-cert.pem", "-CAkey", "rogue-ca-key.pem"].concat([
+      "-CAcreateserial",
+      "-out",
+      "rogue-cert.pem",
+      "-days",
+      "2",
+      "-extfile",
+      "rogue.ext",
+    ]),
+  );
+  wrongClientCert = join(dir, "wrong-client");
+  mkdirSync(wrongClientCert);
+  copyFileSync(join(dir, "ca-cert.pem"), join(wrongClientCert, "ca-cert.pem"));
+  copyFileSync(join(dir, "rogue-cert.pem"), join(wrongClientCert, "client-cert.pem"));
+  copyFileSync(join(dir, "rogue-key.pem"), join(wrongClientCert, "client-key.pem"));
   caOnly = join(dir, "ca-only");
   withClientCert = join(dir, "with-client");
   mkdirSync(caOnly);
@@ -90,8 +128,9 @@ afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
-async function start(requireClientCert: boolean): Promise<{ server: NbdServer; address: string }> {
-  const server = new NbdServer({ tls: { ...pem, required: true, requireClientCert } });
+async function start(requireClientCert: boolean, ca = true): Promise<{ server: NbdServer; address: string }> {
+  const tls = ca ? pem : { cert: pem.cert, key: pem.key };
+  const server = new NbdServer({ tls: { ...tls, required: true, requireClientCert } });
   server.addExport("disk", disk, { description: "over TLS" });
   return { server, address: await server.listen({ host: "127.0.0.1", port: 0 }) };
 }
@@ -127,6 +166,44 @@ describe("STARTTLS, TLS mandatory", () => {
       await server.close({ force: true });
     }
   });
+
+  withTools("openssl", "nbdinfo")(
+    "with a CA: a client certificate that does not verify is refused, an anonymous client is not",
+    async () => {
+      const { server, address } = await start(false);
+      try {
+        // tlswrongcert of the NBD tester: a certificate, but not one our CA signed.
+        await expect(
+          run("nbdinfo", ["--json", `nbds://${address}/disk?tls-certificates=${wrongClientCert}`]),
+        ).rejects.toThrow();
+        expect(
+          JSON.parse(await run("nbdinfo", ["--json", `nbds://${address}/disk?tls-certificates=${caOnly}`]))
+            .exports[0]["export-size"],
+        ).toBe(4 << 20);
+        expect(
+          JSON.parse(
+            await run("nbdinfo", ["--json", `nbds://${address}/disk?tls-certificates=${withClientCert}`]),
+          ).TLS,
+        ).toBe(true);
+      } finally {
+        await server.close({ force: true });
+      }
+      // Without a CA nothing is checked, so no certificate is refused.
+      const noCa = await start(false, false);
+      try {
+        expect(
+          JSON.parse(
+            await run("nbdinfo", [
+              "--json",
+              `nbds://${noCa.address}/disk?tls-certificates=${wrongClientCert}`,
+            ]),
+          ).TLS,
+        ).toBe(true);
+      } finally {
+        await noCa.server.close({ force: true });
+      }
+    },
+  );
 
   withTools("openssl", "nbdinfo")("requires a client certificate when configured", async () => {
     const { server, address } = await start(true);

@@ -12,12 +12,66 @@ import { CONTROL_SOCKET_NAME, DEFAULT_DATA_DIR, LOG_LEVELS, type LogLevel } from
 import type { DeviceInfo, SegmentLine } from "./device-manager.js";
 import { canonicalSpec } from "./device-pool.js";
 import type { Logger } from "./logger.js";
-import { createProgress } from "./progress.js";
+import { configureProgress, createProgress, PLAIN_PROGRESS_INTERVAL_MS } from "./progress.js";
 import { formatTableLine, TableParseError } from "./table-parser.js";
 import { EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError } from "./usage-error.js";
 
 /** Interval between polls of a running merge. */
 const MERGE_POLL_MS = 500;
+/** Interval between polls of `udm wait` (the event counter is in memory: a poll is cheap). */
+const WAIT_POLL_MS = 200;
+
+type InfoRow = DeviceInfo & { connections: number };
+
+/** `udm info -c` columns: heading and value, as dmsetup names them where it has them. */
+const INFO_COLUMNS: Record<string, { heading: string; value: (r: InfoRow) => string }> = {
+  name: { heading: "Name", value: (r) => r.name },
+  state: { heading: "Stat", value: (r) => r.state },
+  open: { heading: "Open", value: (r) => String(r.connections) },
+  segments: { heading: "Targ", value: (r) => String(r.targets.length) },
+  events: { heading: "Event", value: (r) => String(r.events) },
+  sectors: { heading: "Sectors", value: (r) => String(r.sizeSectors) },
+  targets: { heading: "Targets", value: (r) => r.targets.join("+") },
+};
+const DEFAULT_INFO_COLUMNS = "name,state,open,segments,events";
+
+function parseInfoColumns(text: string): string[] {
+  const fields = text.split(",").map((f) => f.trim());
+  for (const f of fields) {
+    if (!Object.hasOwn(INFO_COLUMNS, f)) {
+      throw new UsageError(
+        `-o ${text}: unknown field "${f}" (fields: ${Object.keys(INFO_COLUMNS).join(", ")})`,
+      );
+    }
+  }
+  return fields;
+}
+
+/**
+ * `dmsetup info -c` lines: aligned columns under headings; without headings the fields are
+ * joined by ":" (dmsetup's default separator), or by `separator` whenever one is given.
+ */
+export function formatInfoColumns(
+  rows: InfoRow[],
+  fields: string[],
+  options: { headings: boolean; separator?: string | undefined },
+): string[] {
+  const cols = fields.map((f) => INFO_COLUMNS[f]!);
+  const table = rows.map((r) => cols.map((c) => c.value(r)));
+  if (options.separator !== undefined || !options.headings) {
+    const sep = options.separator ?? ":";
+    const lines = table.map((cells) => cells.join(sep));
+    return options.headings ? [cols.map((c) => c.heading).join(sep), ...lines] : lines;
+  }
+  const all = [cols.map((c) => c.heading), ...table];
+  const widths = cols.map((_, i) => Math.max(...all.map((cells) => cells[i]!.length)));
+  return all.map((cells) =>
+    cells
+      .map((cell, i) => cell.padEnd(widths[i]!))
+      .join(" ")
+      .trimEnd(),
+  );
+}
 
 function sizeOption(text: string, option: string): number {
   try {
@@ -41,7 +95,24 @@ function collect(value: string, previous: string[]): string[] {
 interface GlobalOptions {
   control?: string;
   logLevel?: LogLevel;
+  logFormat?: "pretty" | "json";
+  progress?: boolean;
+  progressInterval?: string;
+  verbose?: boolean;
+  quiet?: boolean;
   timeout?: string;
+}
+
+/** udm's version, from the package.json next to dist/. */
+export function udmVersion(): string {
+  try {
+    const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as {
+      version?: string;
+    };
+    return pkg.version ?? "unknown";
+  } catch {
+    return "unknown";
+  }
 }
 
 function controlPath(cmd: Command): string {
@@ -66,11 +137,17 @@ function send(cmd: Command, verb: string, args: Record<string, unknown> = {}): P
 /** The logger of a command; loaded on demand (pino) so client verbs start fast. */
 async function logger(cmd: Command, fallback: LogLevel): Promise<Logger> {
   const { createLogger } = await import("./logger.js");
+  const opts = cmd.optsWithGlobals<GlobalOptions>();
+  if (opts.verbose && opts.quiet) throw new UsageError("-v/--verbose and -q/--quiet are mutually exclusive");
+  if ((opts.verbose || opts.quiet) && opts.logLevel)
+    throw new UsageError("give --log-level or -v/-q, not both");
   const level =
-    cmd.optsWithGlobals<GlobalOptions>().logLevel ??
+    (opts.verbose ? "debug" : opts.quiet ? "error" : opts.logLevel) ??
     (process.env.UDM_LOG_LEVEL as LogLevel | undefined) ??
     fallback;
-  return createLogger(LOG_LEVELS.includes(level) ? level : fallback);
+  return createLogger(LOG_LEVELS.includes(level) ? level : fallback, {
+    ...(opts.logFormat && { pretty: opts.logFormat === "pretty" }),
+  });
 }
 
 function print(lines: string | string[]): void {
@@ -146,6 +223,7 @@ function formatInfo(info: DeviceInfo & { connections: number }): string[] {
     `Number of targets: ${info.targets.length}`,
     `Targets:           ${info.targets.join(" ")}`,
     `Open count:        ${info.connections}`,
+    `Event number:      ${info.events}`,
     `Uses:              ${info.uses.map((u) => `@${u}`).join(" ") || "-"}`,
     `Used by:           ${info.usedBy.join(" ") || "-"}`,
     ...(info.state === "suspended" ? [`Held requests:     ${info.heldRequests}`] : []),
@@ -195,7 +273,8 @@ async function waitForProgress(cmd: Command, name: string, label: string): Promi
     bar.update(p.doneBytes, p.totalBytes);
     await sleep(MERGE_POLL_MS);
   }
-  bar?.stop();
+  // The work is over (the last poll saw it running): the bar ends full.
+  bar?.done();
 }
 
 /**
@@ -221,9 +300,39 @@ export function buildProgram(): Command {
       `client commands: give up (exit 1) when the server does not answer a request within SECONDS; the server goes on with it (default ${DEFAULT_CONTROL_TIMEOUT_SECONDS}; 0 waits forever; merge and resync waits poll, each poll bounded, and have no overall limit)`,
     )
     .addOption(new Option("--log-level <level>", "log level (env UDM_LOG_LEVEL)").choices(LOG_LEVELS))
+    .option("-v, --verbose", "log level debug")
+    .option("-q, --quiet", "log level error: only failures")
+    .addOption(
+      new Option(
+        "--log-format <format>",
+        "log lines on stderr: pretty (default on a terminal) or json (default otherwise)",
+      ).choices(["pretty", "json"]),
+    )
+    .option(
+      "--progress",
+      "show progress of long jobs (the default; with -q too): a bar on a terminal, else a line every few seconds",
+    )
+    .option("--no-progress", "no progress bar or lines")
+    .option(
+      "--progress-interval <seconds>",
+      `seconds between progress lines without a terminal (default ${PLAIN_PROGRESS_INTERVAL_MS / 1000})`,
+    )
+    .version(`udm ${udmVersion()}`, "-V, --version", "print udm's version and exit")
     .showHelpAfterError("(run with --help for usage)")
     .enablePositionalOptions(false)
     .exitOverride();
+  program.hook("preAction", (_program, action) => {
+    const opts = action.optsWithGlobals<GlobalOptions>();
+    const interval = opts.progressInterval;
+    if (interval !== undefined && (!/^\d+(\.\d+)?$/.test(interval) || !Number.isFinite(Number(interval)))) {
+      throw new UsageError(`--progress-interval "${interval}": expected a number of seconds`);
+    }
+    configureProgress({
+      // --progress wins over -q; --no-progress turns it off.
+      enabled: opts.progress ?? !opts.quiet,
+      ...(interval !== undefined && { intervalMs: Math.round(Number(interval) * 1000) }),
+    });
+  });
   program.addHelpText(
     "after",
     "\nExample (a session):\n" +
@@ -261,7 +370,10 @@ export function buildProgram(): Command {
       )
       .option("--tls-cert <file>", "TLS certificate (PEM)")
       .option("--tls-key <file>", "TLS private key (PEM)")
-      .option("--tls-ca <file>", "CA to verify client certificates")
+      .option(
+        "--tls-ca <file>",
+        "CA to verify client certificates: a certificate that does not verify is refused; clients without one stay anonymous",
+      )
       .option("--tls-verify-client", "require a client certificate signed by --tls-ca")
       .option("--tls-required", "refuse clients that do not start TLS")
       .option(
@@ -270,6 +382,18 @@ export function buildProgram(): Command {
         collect,
         [],
       )
+      .option("-r, --read-only", "every export refuses writes (clients see NBD_FLAG_READ_ONLY)")
+      .option("--read-only-export <name>", "this export refuses writes (repeatable)", collect, [])
+      .option(
+        "--run <command>",
+        "captive mode: run COMMAND (sh -c) once listening, with $uri $nbd $port $unixsocket $exportname $tls set; stop when it exits and exit with its status",
+      )
+      .option("--exit-with-parent", "stop (cleanly) when the process that started udm ends")
+      .option(
+        "--print-uri",
+        "print one URI per export on stdout instead of the banner (nbds:// under TLS, nbd+unix:// for --unix)",
+      )
+      .option("--pidfile <file>", "write udm's PID to FILE once listening (removed on exit)")
       .option(
         "--allow-cert <export=subject>",
         'only clients with a certificate verified by --tls-ca whose CN (or full subject "O=..., CN=...") is SUBJECT see and open EXPORT (repeatable; with --allow-address both must match)',
@@ -301,6 +425,12 @@ export function buildProgram(): Command {
             unix: opts.unix,
             control: cmd.optsWithGlobals<GlobalOptions>().control,
             dataDir: opts.dataDir,
+            readOnly: Boolean(opts.readOnly),
+            readOnlyExports: opts.readOnlyExport,
+            ...(opts.run !== undefined && { run: opts.run }),
+            exitWithParent: Boolean(opts.exitWithParent),
+            printUri: Boolean(opts.printUri),
+            ...(opts.pidfile !== undefined && { pidfile: opts.pidfile }),
             ...(opts.tlsCert && {
               tls: {
                 certFile: opts.tlsCert,
@@ -317,7 +447,8 @@ export function buildProgram(): Command {
     "udm serve                         # embedded default in ./udm-data on 127.0.0.1:10809\n" +
       "udm serve --table my.table --listen 0.0.0.0:10809\n" +
       "udm serve --export disk=disk.img --export scratch=mem:1G\n" +
-      "udm serve --export disk=disk.img --listen 0.0.0.0:10809 --allow-address disk=10.0.0.0/8,unix --unix /run/udm.sock",
+      "udm serve --export disk=disk.img --listen 0.0.0.0:10809 --allow-address disk=10.0.0.0/8,unix --unix /run/udm.sock\n" +
+      "udm serve -r --export disk=disk.img --listen 127.0.0.1:0 --run 'nbdcopy $uri backup.img'",
   );
 
   // copy
@@ -325,7 +456,7 @@ export function buildProgram(): Command {
     program
       .command("copy")
       .description(
-        "copy SRC to 1..8 destinations with kcopyd; the last line gives bytes, MiB/s and the write error bit mask",
+        "copy SRC to 1..8 destinations with kcopyd (holes stay holes); the last line gives bytes, MiB/s (of data, for sparse sources) and the write error bit mask; Ctrl-C exits 130, SIGTERM 143",
       )
       .argument("<src>", "source device (path, file:, mem:SIZE, nbd://, @NAME of --table-file)")
       .argument("<dest...>", "destination devices")
@@ -335,7 +466,15 @@ export function buildProgram(): Command {
       .option("--pages <n>", "kcopyd memory budget in 4 KiB pages")
       .option("--ignore-error", "keep copying after errors (every sub-job is tried)")
       .option("--seq", "write sub-jobs in ascending order (WRITE_SEQ)")
-      .option("--skip-holes", "write zeroes for source holes instead of reading them")
+      .option(
+        "--dense",
+        "read and write every sector, holes too (the kernel kcopyd's behaviour); by default source holes stay holes, as with cp, nbdcopy and qemu-img convert",
+      )
+      .option("--skip-holes", "keep source holes as holes (the default; kept for old scripts)")
+      .option(
+        "--keep-partial",
+        "on Ctrl-C or SIGTERM keep a destination file this copy created (removed by default)",
+      )
       .option(
         "--table-file <file>",
         "table file whose devices @NAME arguments refer to (repeatable)",
@@ -353,6 +492,8 @@ export function buildProgram(): Command {
         const { runCopy, formatCopySummary } = await import("./copy-command.js");
         if (opts.count !== undefined && opts.size !== undefined)
           throw new UsageError("--count and --size are mutually exclusive");
+        if (opts.dense && opts.skipHoles)
+          throw new UsageError("--dense and --skip-holes are mutually exclusive");
         let count: number | undefined;
         if (opts.count !== undefined) count = sectorsOption(opts.count, "--count");
         if (opts.size !== undefined) {
@@ -375,7 +516,8 @@ export function buildProgram(): Command {
             ...(pages !== undefined && { pages }),
             ignoreError: Boolean(opts.ignoreError),
             seq: Boolean(opts.seq),
-            skipHoles: Boolean(opts.skipHoles),
+            skipHoles: !opts.dense,
+            keepPartial: Boolean(opts.keepPartial),
             tableFiles: opts.tableFile,
             tableLines: opts.table,
           },
@@ -385,7 +527,8 @@ export function buildProgram(): Command {
         if (summary.readErr || summary.writeErr) process.exitCode = EXIT_FAILED;
       }),
     "udm copy a.img b.img c.img d.img\n" +
-      "udm copy --size 1G --skip-holes disk.img nbd://backup:10809/disk\n" +
+      "udm copy --size 1G disk.img nbd://backup:10809/disk\n" +
+      "udm copy --dense disk.img /dev/sdb           # every sector, holes too\n" +
       "udm copy --ignore-error --table 'bad: 0 2048 error' a.img b.img @bad",
   );
 
@@ -473,14 +616,109 @@ export function buildProgram(): Command {
       .description("show state, size, targets, users and background progress of a device (or all)")
       .argument("[name]")
       .option("--json", "machine-readable output")
+      .option("-c, --columns", "one line per device, in columns (dmsetup info -c)")
+      .option(
+        "-o, --options <fields>",
+        `columns of -c, comma-separated: ${Object.keys(INFO_COLUMNS).join(",")} (default ${DEFAULT_INFO_COLUMNS})`,
+      )
+      .option("--noheadings", "-c: no heading line (fields then separated by ':')")
+      .option("--separator <text>", "-c: separate fields with TEXT instead of aligning them")
       .action(async (name: string | undefined, opts, cmd: Command) => {
-        const rows = (await request(cmd, "info", name ? { name } : {})) as Array<
-          DeviceInfo & { connections: number }
-        >;
+        if (!opts.columns && (opts.options || opts.noheadings || opts.separator !== undefined))
+          throw new UsageError("-o, --noheadings and --separator go with -c/--columns");
+        const fields = opts.columns ? parseInfoColumns(opts.options ?? DEFAULT_INFO_COLUMNS) : [];
+        const rows = (await request(cmd, "info", name ? { name } : {})) as InfoRow[];
         if (opts.json) return printJson(rows);
+        if (opts.columns)
+          return print(
+            formatInfoColumns(rows, fields, { headings: !opts.noheadings, separator: opts.separator }),
+          );
         print(rows.map((r) => formatInfo(r).join("\n")).join("\n\n"));
       }),
-    "udm info mirror0",
+    "udm info mirror0\nudm info -c --noheadings -o name,open,segments,events",
+  );
+
+  example(
+    program
+      .command("rename")
+      .description("rename a device and its export; connected clients stay connected (dmsetup rename)")
+      .argument("<name>")
+      .argument("<new-name>")
+      .action(async (name: string, newName: string, _opts, cmd: Command) => {
+        await request(cmd, "rename", { name, newName });
+        print(`renamed ${name} to ${newName}`);
+      }),
+    "udm rename scratch scratch-old",
+  );
+
+  example(
+    program
+      .command("deps")
+      .description(
+        "list the devices a device opens: files, block devices, nbd:// URIs, @udm devices (dmsetup deps)",
+      )
+      .argument("[name]")
+      .option("--json", "machine-readable output")
+      .action(async (name: string | undefined, opts, cmd: Command) => {
+        const rows = (await request(cmd, "info", name ? { name } : {})) as InfoRow[];
+        if (opts.json) return printJson(rows.map((r) => ({ name: r.name, devices: r.devices })));
+        print(
+          rows.map(
+            (r) =>
+              `${name ? "" : `${r.name}: `}${r.devices.length} dependencies\t: ${r.devices.map((d) => `(${d})`).join(" ")}`,
+          ),
+        );
+      }),
+    "udm deps mirror0   # 3 dependencies\t: (/srv/a.img) (/srv/b.img) (/srv/mirror0.log)",
+  );
+
+  example(
+    program
+      .command("targets")
+      .description("list the target types udm builds, with their table arguments (dmsetup targets)")
+      .action(async () => {
+        const { allTargets } = await import("./targets.js");
+        const targets = allTargets();
+        const width = Math.max(...targets.map((t) => t.name.length)) + 2;
+        print(targets.map((t) => `${t.name.padEnd(width)}${t.usage}`));
+      }),
+    "udm targets",
+  );
+
+  example(
+    program
+      .command("version")
+      .description("print udm's version and, when one answers on the control socket, the server's")
+      .action(async (_opts, cmd: Command) => {
+        print(`udm version:     ${udmVersion()}`);
+        try {
+          const v = (await send(cmd, "version")) as { version: string; pid: number; node: string };
+          print(`server version:  ${v.version} (pid ${v.pid}, node ${v.node})`);
+        } catch (err) {
+          if (!(err instanceof ControlUnavailableError)) throw err;
+          print(`server version:  none answers on ${controlPath(cmd)}`);
+        }
+      }),
+    "udm version",
+  );
+
+  example(
+    program
+      .command("wait")
+      .description(
+        "wait until the event counter of a device passes EVENT_NR (default 0): a mirror leg failure, a finished resync... (dmsetup wait; see udm info -c -o events)",
+      )
+      .argument("<name>")
+      .argument("[event_nr]", "event number to pass", "0")
+      .action(async (name: string, eventText: string, _opts, cmd: Command) => {
+        const eventNr = sectorsOption(eventText, "event_nr");
+        for (;;) {
+          const [info] = (await request(cmd, "info", { name })) as InfoRow[];
+          if (info && info.events > eventNr) return;
+          await sleep(WAIT_POLL_MS);
+        }
+      }),
+    "udm wait mirror0 $(udm info -c --noheadings -o events mirror0) && udm status mirror0   # the next event",
   );
 
   example(
@@ -627,14 +865,16 @@ export function buildProgram(): Command {
             progress ??= createProgress("merge", s.progress.totalBytes);
             progress.update(s.progress.doneBytes, s.progress.totalBytes);
           }
-          if (s.state === "done") break;
+          if (s.state === "done") {
+            progress?.done();
+            break;
+          }
           if (s.state === "failed") {
             progress?.stop();
             throw new ControlError("EIO", `merge of ${name} failed: ${s.error}`);
           }
           await sleep(MERGE_POLL_MS);
         }
-        progress?.stop();
         print(`merged ${name} into its origin`);
       }),
     "udm snapshot merge snap0",
@@ -771,6 +1011,11 @@ export async function runCli(argv: string[]): Promise<number> {
     for (const sub of cmd.commands) setExit(sub);
   };
   setExit(program);
+  if (argv.length <= 2) {
+    // Like dmsetup and nbdkit: no command is a usage error, not a success.
+    process.stderr.write(program.helpInformation());
+    return EXIT_USAGE;
+  }
   try {
     await program.parseAsync(argv);
     return typeof process.exitCode === "number" ? process.exitCode : EXIT_OK;

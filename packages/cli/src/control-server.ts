@@ -1,4 +1,4 @@
-import { existsSync, lstatSync, unlinkSync } from "node:fs";
+import { existsSync, lstatSync, readFileSync, unlinkSync } from "node:fs";
 import { chmod } from "node:fs/promises";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { isAbsolute } from "node:path";
@@ -71,6 +71,17 @@ export function tableRequests(
   return tables.map((table) => ({ table, baseDir }));
 }
 
+/** The running server's udm version (its package.json). */
+function serverVersion(): string {
+  try {
+    return (
+      JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as { version: string }
+    ).version;
+  } catch {
+    return "unknown";
+  }
+}
+
 /** The verbs of the control protocol. */
 export function controlHandlers(manager: DeviceManager, listExports?: ExportLister): Record<string, Handler> {
   const names = (args: Record<string, unknown>) => {
@@ -141,6 +152,11 @@ export function controlHandlers(manager: DeviceManager, listExports?: ExportList
       return { merging: args.name };
     },
     "merge-status": async (args) => manager.mergeState(str(args, "name")),
+    rename: async (args) => {
+      await manager.rename(str(args, "name"), str(args, "newName"));
+      return { renamed: args.name, to: args.newName };
+    },
+    version: async () => ({ version: serverVersion(), pid: process.pid, node: process.version }),
   };
 }
 
@@ -253,7 +269,8 @@ function serveConnection(socket: Socket, handlers: Record<string, Handler>, log:
         err instanceof SyntaxError
           ? { code: "EPROTO", message: `bad JSON request: ${err.message}` }
           : errorReply(err);
-      log.info({ err: error }, "control request failed");
+      // A typo (unknown device, bad table) is the client's mistake: one line, no stack.
+      log.info({ code: error.code, reason: error.message }, "control request failed");
       response = { id, ok: false, error };
     }
     if (!socket.destroyed) socket.write(`${JSON.stringify(response)}\n`);

@@ -1,4 +1,5 @@
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, rmSync, statSync } from "node:fs";
+import { constants } from "node:os";
 import { dirname, resolve } from "node:path";
 import {
   type BlockDevice,
@@ -25,7 +26,14 @@ export interface CopyOptions {
   pages?: number;
   ignoreError: boolean;
   seq: boolean;
+  /**
+   * Source holes become write-zeroes on the destinations (a file keeps them as holes), as cp,
+   * nbdcopy and qemu-img convert do; false (`--dense`) reads and writes every sector like the
+   * kernel's kcopyd.
+   */
   skipHoles: boolean;
+  /** On SIGINT/SIGTERM, keep destination files the copy created instead of removing them. */
+  keepPartial?: boolean;
   /** Table files whose devices may be named `@NAME` (built offline, in this process). */
   tableFiles: string[];
   /** Inline `NAME: <start> <length> <target> <args>` lines, same purpose. */
@@ -37,6 +45,8 @@ export interface CopyOptions {
 /** What `udm copy` did. */
 export interface CopySummary {
   bytes: number;
+  /** Bytes the source holds as data in the copied range (the rest are holes, kept as holes). */
+  dataBytes?: number;
   seconds: number;
   readErr: boolean;
   /** Bit i set when destination i failed (a write or the final flush). */
@@ -82,6 +92,7 @@ export async function runCopy(
     }
   }
   const held: string[] = [];
+  let interrupt: ((signal: NodeJS.Signals) => void) | undefined;
   try {
     await manager.create(requests);
     const open = async (spec: string, readOnly: boolean, createSizeBytes?: number): Promise<BlockDevice> => {
@@ -94,11 +105,8 @@ export async function runCopy(
       held.push(canonical);
       return dev;
     };
+    checkDestinations(src, dests, cwd);
     const source = await open(src, true);
-    const targets: BlockDevice[] = [];
-    // Like cp and dd: a destination file that does not exist yet is created (sparse, the source's size).
-    for (const d of dests) targets.push(await open(d, false, missingFile(d) ? source.sizeBytes : undefined));
-
     const sourceSectors = Math.floor(source.sizeBytes / SECTOR_SIZE);
     if (options.sector > sourceSectors) {
       throw new UsageError(`--sector ${options.sector} is past the end of ${src} (${sourceSectors} sectors)`);
@@ -108,6 +116,36 @@ export async function runCopy(
       throw new UsageError(
         `${src} has ${sourceSectors} sectors: cannot copy ${count} from sector ${options.sector}`,
       );
+    }
+    // Like cp and dd: a destination file that does not exist yet is created (sparse), as large as
+    // the end of what is copied (the whole source without --count/--size).
+    const endBytes = options.count === undefined ? source.sizeBytes : (options.sector + count) * SECTOR_SIZE;
+    const targets: BlockDevice[] = [];
+    const created: string[] = [];
+    let doneBytes = 0;
+    let progress: ReturnType<typeof createProgress> | undefined;
+    const totalBytes = count * SECTOR_SIZE;
+    // Ctrl-C / SIGTERM: the cursor back, a line on what was and was not copied, the files this
+    // copy created removed (unless --keep-partial), and 128 + the signal number as exit status.
+    interrupt = (signal: NodeJS.Signals) => {
+      progress?.stop();
+      const removed = options.keepPartial ? [] : created;
+      for (const path of removed) rmSync(path, { force: true });
+      const kept = created.filter((p) => !removed.includes(p));
+      process.stderr.write(
+        `udm: copy interrupted by ${signal}: ${formatSize(doneBytes)} of ${formatSize(totalBytes)} copied from sector ${options.sector}, ${formatSize(totalBytes - doneBytes)} not copied` +
+          `${removed.length ? `; removed ${removed.join(", ")} (created by this copy; --keep-partial keeps it)` : ""}` +
+          `${kept.length ? `; kept the partial ${kept.join(", ")}` : ""}\n`,
+      );
+      process.exit(128 + (constants.signals[signal] ?? 0));
+    };
+    process.once("SIGINT", interrupt);
+    process.once("SIGTERM", interrupt);
+    for (const d of dests) {
+      const missing = missingFile(d);
+      // Recorded first: an interrupt while the file is being created removes it too.
+      if (missing) created.push(canonicalSpec(d, cwd));
+      targets.push(await open(d, false, missing ? endBytes : undefined));
     }
     targets.forEach((t, i) => {
       if (options.sector + count > t.sizeBytes / SECTOR_SIZE) {
@@ -122,13 +160,14 @@ export async function runCopy(
     if (options.ignoreError) flags |= KcopydFlags.IGNORE_ERROR;
     if (options.seq) flags |= KcopydFlags.WRITE_SEQ;
     if (options.skipHoles) flags |= KcopydFlags.SKIP_HOLES;
-    const totalBytes = count * SECTOR_SIZE;
-    const progress = createProgress(
-      "copy",
-      totalBytes,
-      options.tty === undefined ? {} : { tty: options.tty },
-    );
-    const onProgress = (p: { doneSectors: number }) => progress.update(p.doneSectors * SECTOR_SIZE);
+    const dataBytes = options.skipHoles
+      ? await dataBytesOf(source, options.sector * SECTOR_SIZE, totalBytes).catch(() => undefined)
+      : undefined;
+    progress = createProgress("copy", totalBytes, options.tty === undefined ? {} : { tty: options.tty });
+    const onProgress = (p: { doneSectors: number }) => {
+      doneBytes = p.doneSectors * SECTOR_SIZE;
+      progress?.update(doneBytes);
+    };
     manager.kcopyd.on("progress", onProgress);
     const started = process.hrtime.bigint();
     log.debug({ src, dests, sector: options.sector, count, flags }, "copy started");
@@ -178,24 +217,91 @@ export async function runCopy(
     );
     const seconds = Number(process.hrtime.bigint() - started) / 1e9;
     manager.kcopyd.off("progress", onProgress);
-    progress.update(totalBytes);
-    progress.stop();
-    return { bytes: totalBytes + Math.max(tailBytes, 0), seconds, readErr: result.readErr, writeErr };
+    if (result.readErr || writeErr) progress.stop();
+    else progress.done();
+    return {
+      bytes: totalBytes + Math.max(tailBytes, 0),
+      ...(dataBytes !== undefined && { dataBytes: dataBytes + Math.max(tailBytes, 0) }),
+      seconds,
+      readErr: result.readErr,
+      writeErr,
+    };
   } finally {
+    if (interrupt) {
+      process.off("SIGINT", interrupt);
+      process.off("SIGTERM", interrupt);
+    }
     for (const spec of held) await manager.pool.release(spec).catch(() => undefined);
     await manager.closeAll();
   }
 }
 
-/** The final line of `udm copy`: bytes, MiB/s and the error bit mask. */
+/**
+ * The final line of `udm copy`: bytes, MiB/s and the error bit mask. When holes were kept, the
+ * rate is that of the data (holes cost no I/O: counting them gives absurd rates).
+ */
 export function formatCopySummary(summary: CopySummary, dests: string[]): string {
-  const mibps = summary.bytes / 2 ** 20 / Math.max(summary.seconds, 1e-6);
   const failed = dests.filter((_, i) => summary.writeErr & (1 << i)).map((d, _i) => d);
+  const sparse = summary.dataBytes !== undefined && summary.dataBytes < summary.bytes;
+  const rateBytes = sparse ? summary.dataBytes! : summary.bytes;
+  const mibps = rateBytes / 2 ** 20 / Math.max(summary.seconds, 1e-6);
+  const sizeText = sparse
+    ? `${formatSize(summary.bytes)}: ${formatSize(summary.dataBytes!)} data, ${formatSize(summary.bytes - summary.dataBytes!)} holes kept`
+    : formatSize(summary.bytes);
   return (
-    `copied ${summary.bytes} bytes (${formatSize(summary.bytes)}) to ${dests.length} destination(s) in ` +
-    `${summary.seconds.toFixed(2)} s, ${mibps.toFixed(1)} MiB/s; read error: ${summary.readErr ? "yes" : "no"}; ` +
+    `copied ${summary.bytes} bytes (${sizeText}) to ${dests.length} destination(s) in ` +
+    `${summary.seconds.toFixed(2)} s, ${mibps.toFixed(1)} MiB/s${sparse ? " of data" : ""}; read error: ${summary.readErr ? "yes" : "no"}; ` +
     `write error mask: 0x${summary.writeErr.toString(16)}${failed.length ? ` (failed: ${failed.join(", ")})` : ""}`
   );
+}
+
+/** Bytes of `dev` in `[offsetBytes, +lengthBytes)` that its extents call data. */
+async function dataBytesOf(dev: BlockDevice, offsetBytes: number, lengthBytes: number): Promise<number> {
+  if (lengthBytes === 0) return 0;
+  let data = 0;
+  for (const e of await dev.extents(offsetBytes, lengthBytes)) {
+    if (e.kind !== "data") continue;
+    const start = Math.max(e.offsetBytes, offsetBytes);
+    const end = Math.min(e.offsetBytes + e.lengthBytes, offsetBytes + lengthBytes);
+    if (end > start) data += end - start;
+  }
+  return data;
+}
+
+/**
+ * Refuses a destination that is the source (same spec, or the same file by another path: the
+ * copy would read what it writes) and a destination file whose folder does not exist.
+ */
+function checkDestinations(src: string, dests: string[], cwd: string): void {
+  const source = canonicalSpec(src, cwd);
+  const sourceId = fileIdentity(src, cwd);
+  dests.forEach((d, i) => {
+    const dest = canonicalSpec(d, cwd);
+    const destId = fileIdentity(d, cwd);
+    if (dest === source || (sourceId !== undefined && destId === sourceId)) {
+      throw new UsageError(`destination ${i} (${d}) is the source ${src}: a copy needs another device`);
+    }
+    if (missingFile(d)) {
+      const folder = dirname(dest);
+      if (!existsSync(folder)) {
+        throw new Error(
+          `destination ${i} (${d}): folder ${folder} does not exist (udm copy creates files, not folders)`,
+        );
+      }
+    }
+  });
+}
+
+/** "dev:ino" of a spec naming an existing file, else undefined. */
+function fileIdentity(spec: string, cwd: string): string | undefined {
+  if (spec.startsWith("@") || spec.startsWith("mem:") || /^[a-z][a-z0-9+.-]*:\/\//i.test(spec))
+    return undefined;
+  try {
+    const st = statSync(canonicalSpec(spec, cwd));
+    return `${st.dev}:${st.ino}`;
+  } catch {
+    return undefined;
+  }
 }
 
 /** A destination naming a regular file path (plain or `file:`) that does not exist yet. */

@@ -34,6 +34,8 @@ export interface ExportTable {
   ): void;
   replaceExportDevice(name: string, device: BlockDevice): void;
   removeExport(name: string): Promise<void>;
+  /** `udm rename`: the export takes the new name (and its allow list); clients stay connected. */
+  renameExport?(name: string, newName: string, options?: { allow?: ExportAllowList }): void;
 }
 
 /**
@@ -77,6 +79,8 @@ interface UdmDevice {
   uses: Set<string>;
   /** An LVM-like merge in progress or finished (see `snapshotMerge`). */
   merge?: { state: "merging" | "failed"; error?: string };
+  /** dm's event_nr: target events (a leg failure, a finished resync) since creation (`udm wait`). */
+  events?: number;
 }
 
 /** A row of `udm ls` / `udm info`. */
@@ -92,6 +96,10 @@ export interface DeviceInfo {
   progress: TargetProgress | null;
   /** The export's allow list (`udm serve --allow-address/--allow-cert`); absent: everyone. */
   allow?: ExportAllowList;
+  /** dm's event counter (`dmsetup info`'s "Event number"; `udm wait`). */
+  events: number;
+  /** Devices the table opens (canonical specs, and `@NAME` for udm devices): `udm deps`. */
+  devices: string[];
 }
 
 /** One segment's line as `dmsetup table` / `dmsetup status` print it. */
@@ -291,6 +299,8 @@ export class DeviceManager {
       heldRequests: dev.gate.heldRequests,
       progress: dev.gate.progress(),
       ...(allow && { allow }),
+      events: dev.events ?? 0,
+      devices: [...new Set([...dev.held, ...[...dev.uses].map((u) => `@${u}`)])],
     };
   }
 
@@ -590,6 +600,7 @@ export class DeviceManager {
       held: built.held,
       uses: built.uses,
     });
+    this.watchEvents(this.devices.get(name)!);
     const allow = this.exportAllow.get(name);
     this.exports?.addExport(name, gate, {
       description: built.segments.map((s) => s.targetType).join("+"),
@@ -703,6 +714,7 @@ export class DeviceManager {
       uses: built.uses,
     });
     delete dev.merge;
+    this.watchEvents(dev);
     this.exports?.replaceExportDevice(name, dev.gate);
     await dev.gate.resume();
     this.log.info({ device: name, targets: request.table.lines.length }, "table reloaded");
@@ -715,6 +727,54 @@ export class DeviceManager {
         .release(spec)
         .catch((err: Error) => this.log.warn({ device: name, spec, err }, "closing a device failed"));
     }
+  }
+
+  /** Counts the events of the device's current segments (a replaced table's are ignored). */
+  private watchEvents(dev: UdmDevice): void {
+    for (const segment of dev.segments) {
+      segment.onEvent?.(() => {
+        if (!dev.segments.includes(segment)) return;
+        dev.events = (dev.events ?? 0) + 1;
+        this.log.info({ device: dev.name, events: dev.events }, "device event");
+      });
+    }
+  }
+
+  /**
+   * `dmsetup rename`: the device and its export take a new name; clients stay connected. A device
+   * other tables use (as `@NAME`) is refused: their tables would name a device that is gone.
+   */
+  rename(name: string, newName: string): Promise<void> {
+    return this.exclusive(async () => {
+      const dev = this.get(name);
+      try {
+        checkDeviceName(newName, { file: "rename", line: 1 });
+      } catch (err) {
+        throw new DeviceManagerError("EINVAL", (err as Error).message);
+      }
+      if (this.devices.has(newName))
+        throw new DeviceManagerError("EEXIST", `device "${newName}" already exists`);
+      const users = this.usersOf(name);
+      if (users.length) {
+        throw new DeviceManagerError(
+          "EBUSY",
+          `${name} is in use by ${users.join(", ")} (their tables name @${name}): remove or reload those first`,
+        );
+      }
+      if (this.exports && !this.exports.renameExport) {
+        throw new DeviceManagerError("EINVAL", "this server's export table cannot rename exports");
+      }
+      const allow = this.exportAllow.get(newName);
+      this.exports?.renameExport?.(name, newName, { ...(allow && { allow }) });
+      // Re-insert under the new name, keeping creation order.
+      const entries = [...this.devices.entries()].map(([n, d]): [string, UdmDevice] =>
+        n === name ? [newName, d] : [n, d],
+      );
+      this.devices.clear();
+      for (const [n, d] of entries) this.devices.set(n, d);
+      dev.name = newName;
+      this.log.info({ device: newName, from: name }, "device renamed");
+    });
   }
 
   /** Names of every device that uses `name`, directly or not (to refuse cycles). */

@@ -93,12 +93,10 @@ export async function runOfflineResync(
     }
     await mirror.flush();
     const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-    if (progress) {
-      progress.update(mirror.resyncedBytes ?? first?.totalBytes ?? 0);
-      progress.stop();
-    }
     const status = mirror.status();
     const s = parseMirrorStatus(status);
+    if (s !== null && s.inSync === s.regions) progress?.done();
+    else progress?.stop();
     return {
       regions: s?.regions ?? 0,
       regionsCopied: mirror.resyncedRegions ?? 0,

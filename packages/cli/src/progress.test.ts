@@ -1,6 +1,6 @@
 import { PassThrough } from "node:stream";
 import { describe, expect, test } from "vitest";
-import { createProgress } from "./progress.js";
+import { configureProgress, createProgress } from "./progress.js";
 
 function sink() {
   const stream = new PassThrough();
@@ -34,5 +34,47 @@ describe("createProgress", () => {
     p.update(500);
     p.stop();
     expect(out.text()).toMatch(/merge \[.*\] 50% \| 500 B \/ 1000 B/);
+  });
+
+  test("done() draws the bar full even when the last update saw less", () => {
+    const out = sink();
+    const p = createProgress("merge", 32 * 2 ** 20, {
+      stream: out.stream as unknown as NodeJS.WriteStream,
+      tty: true,
+    });
+    p.update(0);
+    p.done();
+    expect(out.text()).toMatch(/merge \[.*\] 100% \| 32\.0 MiB \/ 32\.0 MiB/);
+    const drawn = out.text();
+    p.update(5); // after done(): ignored
+    expect(out.text()).toBe(drawn);
+  });
+
+  test("without a TTY, done() ends on a 100 % line only when lines were printed", () => {
+    const quiet = sink();
+    const short = createProgress("copy", 1000, { stream: quiet.stream, tty: false, intervalMs: 60_000 });
+    short.update(500);
+    short.done();
+    expect(quiet.text()).toBe("");
+    const out = sink();
+    const long = createProgress("resync", 1000, { stream: out.stream, tty: false, intervalMs: 0 });
+    long.update(500);
+    long.done();
+    const lines = out.text().trim().split("\n");
+    expect(lines).toHaveLength(2);
+    expect(lines[1]).toMatch(/^resync: 1000 B \/ 1000 B \(100\.0%\)/);
+  });
+
+  test("configureProgress({ enabled: false }) silences every reporter", () => {
+    const out = sink();
+    configureProgress({ enabled: false });
+    try {
+      const p = createProgress("copy", 1000, { stream: out.stream, tty: false, intervalMs: 0 });
+      p.update(500);
+      p.done();
+    } finally {
+      configureProgress({ enabled: true });
+    }
+    expect(out.text()).toBe("");
   });
 });

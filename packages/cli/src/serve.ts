@@ -1,7 +1,8 @@
-import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { type BlockDevice, formatSize, SECTOR_SIZE, type TargetProgress } from "@udm/kcopyd";
+import { type BlockDevice, formatSize, nativeAddonInfo, SECTOR_SIZE, type TargetProgress } from "@udm/kcopyd";
 import { compileAllowList } from "@udm/nbd-server";
+import { captiveVariables, exportUri, runCaptive, type ServeAddress, watchParent } from "./captive.js";
 import { controlHandlers, startControlServer } from "./control-server.js";
 import {
   DeviceManager,
@@ -12,6 +13,7 @@ import {
 import { canonicalSpec } from "./device-pool.js";
 import { ensureEmbeddedDefault, lockDataDir } from "./embedded-default.js";
 import type { Logger } from "./logger.js";
+import { sdNotify, takeListenFds, unixSocketPath } from "./systemd.js";
 import { checkDeviceName, parseTableFile } from "./table-parser.js";
 import { allTargets, createNbdServer, registerDeviceSchemes } from "./targets.js";
 import { UsageError } from "./usage-error.js";
@@ -38,7 +40,7 @@ export const STOP_STEP_TIMEOUT_MS = 3000;
 /** What serve needs from the NBD server (`NbdServer` of @udm/nbd-server). */
 export interface NbdServerLike extends ExportTable {
   exports(): Array<{ name: string; connections: number | { size: number } | unknown[] }>;
-  listen(address: { host?: string; port?: number } | { path: string }): Promise<string>;
+  listen(address: { host?: string; port?: number } | { path: string } | { fd: number }): Promise<string>;
   /** Accepted connections wait until the returned function is called (see NbdServer). */
   holdConnections(): () => void;
   close(options?: { force?: boolean }): Promise<void>;
@@ -56,6 +58,18 @@ export interface ServeOptions {
   /** `--allow-cert EXPORT=SUBJECT` values (repeatable; needs `tls.caFile`). */
   allowCert?: string[];
   tls?: { certFile: string; keyFile: string; caFile?: string; verifyClient: boolean; required: boolean };
+  /** `-r`: every export refuses writes (NBD_FLAG_READ_ONLY). */
+  readOnly?: boolean;
+  /** `--read-only-export NAME`: these exports refuse writes (repeatable). */
+  readOnlyExports?: string[];
+  /** `--run CMD`: captive mode, the server lives as long as CMD and exits with its status. */
+  run?: string;
+  /** `--exit-with-parent`: stop when the process that started udm ends. */
+  exitWithParent?: boolean;
+  /** `--print-uri`: stdout gets one URI per export (and address) instead of the banner. */
+  printUri?: boolean;
+  /** `--pidfile FILE`: written once the server listens, removed when it stops. */
+  pidfile?: string;
 }
 
 /** Parses `HOST:PORT`, `[v6]:PORT` or `PORT`. */
@@ -162,22 +176,39 @@ function connectionCount(c: unknown): number {
   return 0;
 }
 
-/** Attach hints for one export (printed on start). */
+/**
+ * Attach hints for one export (printed on start): an nbd-client line on its own `/dev/nbdN`
+ * (`index`: the export's place in the banner) and an nbdinfo URI (`nbds` under TLS).
+ */
 export function attachHints(
   name: string,
-  address: { host: string; port: number } | { path: string },
+  address: ServeAddress,
+  options: { index?: number; tls?: boolean } = {},
 ): string[] {
+  const dev = `/dev/nbd${options.index ?? 0}`;
+  const tlsFlag = options.tls ? " -enable-tls" : "";
+  const uri = exportUri(name, address, options.tls ?? false);
+  if ("fd" in address) return uri ? [`nbdinfo '${uri}'`] : [];
   if ("path" in address) {
-    return [
-      `nbd-client -unix ${address.path} -N ${name} /dev/nbd0`,
-      `nbdinfo 'nbd+unix:///${name}?socket=${address.path}'`,
-    ];
+    return [`nbd-client -unix ${address.path} -N ${name}${tlsFlag} ${dev}`, `nbdinfo '${uri}'`];
   }
-  const host = address.host.includes(":") ? `[${address.host}]` : address.host;
-  return [
-    `nbd-client ${address.host} ${address.port} -N ${name} /dev/nbd0`,
-    `nbdinfo nbd://${host}:${address.port}/${name}`,
-  ];
+  return [`nbd-client ${address.host} ${address.port} -N ${name}${tlsFlag} ${dev}`, `nbdinfo ${uri}`];
+}
+
+/** The export table the device manager sees: `server`, with read-only applied per export. */
+function readOnlyExports(server: NbdServerLike, all: boolean, names: ReadonlySet<string>): ExportTable {
+  return {
+    addExport: (name, device, options) =>
+      server.addExport(name, device, {
+        ...options,
+        ...((all || names.has(name)) && { readOnly: true }),
+      }),
+    replaceExportDevice: (name, device) => server.replaceExportDevice(name, device),
+    ...(server.renameExport && {
+      renameExport: (name, newName, options) => server.renameExport!(name, newName, options),
+    }),
+    removeExport: (name) => server.removeExport(name),
+  };
 }
 
 /** Reads the file an option names; a failure names the option and the file. */
@@ -218,10 +249,15 @@ function checkAllowedExportsExist(
  */
 async function listenAll(
   server: NbdServerLike,
+  listenFds: number[],
   listen: { host: string; port: number } | undefined,
   unix: string | undefined,
-): Promise<Array<{ host: string; port: number } | { path: string }>> {
-  const addresses: Array<{ host: string; port: number } | { path: string }> = [];
+): Promise<ServeAddress[]> {
+  const addresses: ServeAddress[] = [];
+  for (const fd of listenFds) {
+    const where = await server.listen({ fd });
+    addresses.push({ fd, where: where.startsWith("fd ") ? (unixSocketPath(fd) ?? where) : where });
+  }
   if (listen) {
     const where = `${listen.host.includes(":") ? `[${listen.host}]` : listen.host}:${listen.port}`;
     try {
@@ -318,9 +354,16 @@ const RECOVERY_POLL_MS = 250;
  * Resolves when the server has stopped.
  */
 export async function runServe(options: ServeOptions, log: Logger): Promise<void> {
+  // Socket activation: systemd bound the sockets; udm binds nothing else.
+  const listenFds = takeListenFds();
+  if (listenFds.length > 0 && (options.listen || options.unix)) {
+    throw new UsageError(
+      `socket activation (LISTEN_FDS=${listenFds.length}) passes the sockets: drop --listen and --unix`,
+    );
+  }
   const listen = options.listen
     ? parseListen(options.listen)
-    : options.unix
+    : options.unix || listenFds.length > 0
       ? undefined
       : { host: DEFAULT_LISTEN_HOST, port: DEFAULT_NBD_PORT };
   const exportsWanted = options.exports.map(parseExport);
@@ -332,6 +375,11 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   }
 
   registerDeviceSchemes();
+  const addon = nativeAddonInfo();
+  log.info(
+    { kind: addon.kind, path: addon.path, ...(addon.reason && { reason: addon.reason }) },
+    "native addon",
+  );
   const tls = options.tls && {
     cert: readOptionFile(options.tls.certFile, "--tls-cert", null),
     key: readOptionFile(options.tls.keyFile, "--tls-key", null),
@@ -340,12 +388,16 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     required: options.tls.required,
   };
   const server: NbdServerLike = await createNbdServer({ log, ...(tls && { tls }) });
-  const manager = new DeviceManager({ targets: allTargets(), log, exports: server, exportAllow });
+  const exportTable =
+    options.readOnly || options.readOnlyExports?.length
+      ? readOnlyExports(server, Boolean(options.readOnly), new Set(options.readOnlyExports))
+      : server;
+  const manager = new DeviceManager({ targets: allTargets(), log, exports: exportTable, exportAllow });
 
   // First the NBD addresses: a port in use or an unusable socket path fails here, before the
   // data directory, an image or the control socket exists. Clients that connect meanwhile wait.
   const releaseConnections = server.holdConnections();
-  const addresses = await listenAll(server, listen, options.unix).catch(async (err) => {
+  const addresses = await listenAll(server, listenFds, listen, options.unix).catch(async (err) => {
     await server.close({ force: true });
     throw err;
   });
@@ -388,11 +440,15 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
         requests.push({ table, baseDir: dirname(resolve(tableFile)) });
       }
     }
-    checkAllowedExportsExist(
-      exportAllow,
-      [...requests.map((r) => r.table.name), ...exportsWanted.map((e) => e.name)],
-      options,
-    );
+    const initialNames = [...requests.map((r) => r.table.name), ...exportsWanted.map((e) => e.name)];
+    checkAllowedExportsExist(exportAllow, initialNames, options);
+    for (const name of options.readOnlyExports ?? []) {
+      if (!initialNames.includes(name)) {
+        throw new UsageError(
+          `--read-only-export "${name}": no export of that name (exports: ${initialNames.map((n) => `"${n}"`).join(", ") || "none"})`,
+        );
+      }
+    }
     await manager.create(requests);
     for (const e of exportsWanted) {
       // A whole-device linear table: the spec is served as it is, and stays reloadable.
@@ -432,9 +488,10 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   const recovery = watchRecovery(manager, log);
 
   // The signal handlers first: whoever reads the "listening" line may send SIGTERM at once.
+  let requestStop: (reason: NodeJS.Signals | "run" | "parent") => void = () => {};
   const stopped = new Promise<void>((resolveStopped) => {
     let stopping = false;
-    const stop = (signal: NodeJS.Signals) => {
+    const stop = (signal: NodeJS.Signals | "run" | "parent") => {
       if (stopping) {
         log.warn({ signal }, "second signal: forcing exit");
         server.close({ force: true }).finally(() => process.exit(1));
@@ -442,7 +499,16 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
         return;
       }
       stopping = true;
-      log.info({ signal }, "stopping: draining connections, flushing and closing devices");
+      // systemd shows the unit as deactivating while udm drains and flushes.
+      void sdNotify(log, "STOPPING=1");
+      log.info(
+        { signal },
+        signal === "run"
+          ? "stopping (--run command ended): draining connections, flushing and closing devices"
+          : signal === "parent"
+            ? "stopping (parent process ended): draining connections, flushing and closing devices"
+            : "stopping: draining connections, flushing and closing devices",
+      );
       const step = async (what: string, work: Promise<unknown>) => {
         let timer: NodeJS.Timeout | undefined;
         const late = new Promise<false>((done) => {
@@ -477,7 +543,10 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
         clearTimeout(cutShort);
         await step("closing the devices", manager.closeAll());
       })()
-        .finally(unlockDataDir)
+        .finally(() => {
+          unlockDataDir();
+          if (options.pidfile) rmSync(resolve(options.pidfile), { force: true });
+        })
         .then(
           () => {
             log.info("stopped");
@@ -494,21 +563,47 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     };
     process.on("SIGINT", stop);
     process.on("SIGTERM", stop);
+    requestStop = stop;
   });
-
+  const useTls = options.tls !== undefined;
   const out: string[] = [];
   for (const a of addresses) {
     out.push(
-      `udm: listening on ${"path" in a ? `nbd+unix:///?socket=${a.path}` : `nbd://${a.host.includes(":") ? `[${a.host}]` : a.host}:${a.port}`} (control: ${controlPath})`,
+      `udm: listening on ${exportUri("", a, useTls).replace(/\/$/, "") || "a passed socket"}${"fd" in a ? ` (socket activation, fd ${a.fd})` : ""} (control: ${controlPath})`,
     );
   }
   if (createdDefault) out.push(`udm: created the embedded default in ${dataDir} (table: ${tableFile})`);
-  for (const name of manager.names()) {
+  for (const [index, name] of manager.names().entries()) {
     const info = manager.info(name);
-    out.push(`  ${name}: ${info.targets.join("+")}, ${formatSize(info.sizeBytes)}`);
-    for (const a of addresses) for (const hint of attachHints(name, a)) out.push(`      ${hint}`);
+    const ro = options.readOnly || options.readOnlyExports?.includes(name) ? ", read-only" : "";
+    out.push(`  ${name}: ${info.targets.join("+")}, ${formatSize(info.sizeBytes)}${ro}`);
+    for (const a of addresses)
+      for (const hint of attachHints(name, a, { index, tls: useTls })) out.push(`      ${hint}`);
   }
-  process.stdout.write(`${out.join("\n")}\n`);
+  if (options.printUri) {
+    const uris = manager
+      .names()
+      .flatMap((name) => addresses.map((a) => exportUri(name, a, useTls)))
+      .filter((uri) => uri !== "");
+    process.stdout.write(`${uris.join("\n")}\n`);
+  } else if (!options.run) {
+    process.stdout.write(`${out.join("\n")}\n`);
+  }
+  log.debug({ addresses, exports: manager.names(), tls: useTls }, "serving");
+  if (options.pidfile) writeFileSync(resolve(options.pidfile), `${process.pid}\n`);
+  await sdNotify(log);
 
+  const unwatch = options.exitWithParent ? watchParent(() => requestStop("parent")) : () => {};
+  if (options.run) {
+    const first = manager.names()[0] ?? "";
+    const tlsMode = !options.tls ? "off" : options.tls.required ? "require" : "on";
+    const status = await runCaptive(options.run, captiveVariables(first, addresses[0]!, tlsMode), log);
+    requestStop("run");
+    await stopped;
+    unwatch();
+    if (process.exitCode === undefined || process.exitCode === 0) process.exitCode = status;
+    return;
+  }
   await stopped;
+  unwatch();
 }

@@ -17,6 +17,8 @@
  *   ofdTest(fd, start, length, type) -> fcntl(F_OFD_GETLK): null when a lock of `type` could be
  *                                    taken, else the first conflicting lock {type, start, length, pid}
  *                                    (pid is -1 for an OFD lock, the owner's pid for a POSIX lock)
+ *   notifySocket(path, message) -> one datagram on a Unix datagram socket (sd_notify: Node's dgram
+ *                                    module has no Unix sockets); "@name" is an abstract socket
  *
  * The two seeks, preadNowait (it never waits for the disk: it
  * copies what the page cache holds, or fails with EAGAIN) and dropCache run synchronously; punching and zeroing can take
@@ -28,12 +30,15 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <node_api.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -69,6 +74,9 @@ static const char *errno_code(int err) {
     case EFAULT: return "EFAULT";
     case ENOLCK: return "ENOLCK";
     case EDEADLK: return "EDEADLK";
+    case ENOENT: return "ENOENT";
+    case ECONNREFUSED: return "ECONNREFUSED";
+    case ENAMETOOLONG: return "ENAMETOOLONG";
     default: return "EIO";
   }
 }
@@ -466,6 +474,45 @@ static napi_value ofd_lock(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* notifySocket(path, message): sendto() of one datagram, as sd_notify(3) does with NOTIFY_SOCKET. */
+static napi_value notify_socket(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];
+  char message[4096];
+  size_t path_len, message_len;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2 ||
+      napi_get_value_string_utf8(env, argv[0], path, sizeof path, &path_len) != napi_ok ||
+      napi_get_value_string_utf8(env, argv[1], message, sizeof message, &message_len) != napi_ok) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: expected (path, message) strings");
+    return NULL;
+  }
+  struct sockaddr_un addr;
+  memset(&addr, 0, sizeof addr);
+  addr.sun_family = AF_UNIX;
+  if (path_len == 0 || path_len >= sizeof addr.sun_path) {
+    napi_throw(env, make_errno_error(env, "notifySocket", ENAMETOOLONG));
+    return NULL;
+  }
+  memcpy(addr.sun_path, path, path_len);
+  if (path[0] == '@') addr.sun_path[0] = 0; /* abstract namespace */
+  socklen_t addr_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + path_len);
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    napi_throw(env, make_errno_error(env, "socket(AF_UNIX)", errno));
+    return NULL;
+  }
+  ssize_t sent = sendto(fd, message, message_len, MSG_NOSIGNAL, (struct sockaddr *)&addr, addr_len);
+  int err = errno;
+  close(fd);
+  if (sent < 0) {
+    napi_throw(env, make_errno_error(env, "sendto(NOTIFY_SOCKET)", err));
+    return NULL;
+  }
+  return NULL;
+}
+
 /* ofdTest(fd, start, length, type): the first lock that would conflict with taking `type`, or null. */
 static napi_value ofd_test(napi_env env, napi_callback_info info) {
   int fd;
@@ -508,6 +555,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"dropCache", NULL, drop_cache, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ofdTest", NULL, ofd_test, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"notifySocket", NULL, notify_socket, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   return exports;

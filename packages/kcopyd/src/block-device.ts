@@ -156,6 +156,12 @@ export interface TargetDevice extends BlockDevice {
    * for minutes (a 4 GiB WRITE_ZEROES to a snapshot). Called only after a grace period.
    */
   abortRequests?(): void;
+  /**
+   * dm_table_event: calls `listener` whenever the target's state changes in a way its users must
+   * notice (a mirror leg fails, a resync finishes); `dmsetup wait` counts these. Returns a
+   * function that removes the listener.
+   */
+  onEvent?(listener: () => void): () => void;
 }
 
 /** Throws a RangeError naming the device when `[offset, offset+length)` is not inside it. */

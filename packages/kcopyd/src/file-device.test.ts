@@ -9,7 +9,7 @@ import type { Extent } from "./block-device.js";
 import { FileDevice, SYNC_READ_STREAK_READS } from "./file-device.js";
 import { KcopydClient, KcopydFlags } from "./kcopyd.js";
 import { MemoryDevice } from "./memory-device.js";
-import { NO_NATIVE_ENV, nativeFileOps, nativeFileOpsLoadError } from "./native.js";
+import { NO_NATIVE_ENV, nativeAddonInfo, nativeFileOps, nativeFileOpsLoadError } from "./native.js";
 
 const CI = process.env.CI === "true";
 const KiB = 1024;
@@ -49,6 +49,21 @@ describe("native addon", () => {
   it.skipIf(!CI && !nativeBuilt)("is built by pnpm install (required under CI)", () => {
     expect(nativeBuilt, `addon did not load: ${String(nativeFileOpsLoadError())}`).toBe(true);
   });
+
+  it.skipIf(!nativeBuilt)(
+    "nativeAddonInfo() names the path in use: the workspace's source build, or pure JS",
+    () => {
+      expect(withNative(true, () => nativeAddonInfo())).toMatchObject({
+        kind: "source build",
+        path: expect.stringMatching(/native\/build\/Release\/udm_fileops\.node$/),
+      });
+      expect(withNative(false, () => nativeAddonInfo())).toEqual({
+        kind: "pure-JS",
+        path: null,
+        reason: "UDM_NO_NATIVE=1",
+      });
+    },
+  );
 
   it.skipIf(!nativeBuilt)("reports ENXIO as -1 and other errors with their errno name", async () => {
     const native = withNative(true, () => nativeFileOps())!;

@@ -1,4 +1,5 @@
 import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
 
 /**
  * Optional native helpers for what Node's fs lacks: SEEK_DATA/SEEK_HOLE, hole punching and
@@ -50,6 +51,12 @@ export interface NativeFileOps {
    * first conflicting lock (`pid` is -1 for an OFD lock, the owner for a POSIX lock).
    */
   ofdTest?(fd: number, start: number, length: number, type: "read" | "write"): OfdLockInfo | null;
+  /**
+   * Sends `message` as one datagram to the Unix datagram socket `path` ("@name": abstract), as
+   * sd_notify(3) does with NOTIFY_SOCKET (Node's dgram module has no Unix sockets). Synchronous.
+   * Optional like above.
+   */
+  notifySocket?(path: string, message: string): void;
 }
 
 /** A lock another open file holds, as `ofdTest` reports it. */
@@ -60,18 +67,38 @@ export interface OfdLockInfo {
   pid: number;
 }
 
-/** Where `pnpm install` (the package's `install` script, node-gyp) puts the addon. */
+/** Where `pnpm install` (the package's `install` script, node-gyp) puts a source build of the addon. */
 export const NATIVE_ADDON_PATH = "../native/build/Release/udm_fileops.node";
+
+/** The addon's folder: `build/Release` (a source build) and `prebuilds/<platform>-<arch>` (shipped). */
+const NATIVE_DIR = fileURLToPath(new URL("../native/", import.meta.url));
 
 /** Set to `1` to force the pure-JS path (writes of zeros, extents all data), e.g. in tests. */
 export const NO_NATIVE_ENV = "UDM_NO_NATIVE";
 
+/** Which implementation of the native helpers is in use. */
+export interface NativeAddonInfo {
+  /**
+   * `source build`: compiled on this machine by the install script (node-gyp); `prebuilt`: the
+   * linux-x64 binary shipped in the package (package managers that skip build scripts, such as
+   * pnpm 10, get this one); `pure-JS`: no addon (none fits, `UDM_NO_NATIVE=1`, or it failed to load).
+   */
+  kind: "source build" | "prebuilt" | "pure-JS";
+  /** The loaded addon file, when there is one. */
+  path: string | null;
+  /** Why there is no addon, for `pure-JS`. */
+  reason?: string;
+}
+
 let loaded: NativeFileOps | null | undefined;
+let loadedPath: string | null = null;
 let loadError: unknown;
 
 /**
- * The native helpers, or null when the addon is not built (or `UDM_NO_NATIVE=1`). The addon is
- * loaded on the first call; the environment variable is read on every call.
+ * The native helpers, or null when no addon fits (or `UDM_NO_NATIVE=1`). Looked up as
+ * node-gyp-build does: a source build in native/build/Release first, then the prebuilt binary for
+ * this platform in native/prebuilds. Loaded on the first call; the environment variable is read
+ * on every call. `nativeAddonInfo()` tells which one is in use.
  *
  * @example
  * ```ts
@@ -83,20 +110,43 @@ export function nativeFileOps(): NativeFileOps | null {
   if (process.env[NO_NATIVE_ENV] === "1") return null;
   if (loaded === undefined) {
     try {
-      const mod = createRequire(import.meta.url)(NATIVE_ADDON_PATH) as Partial<NativeFileOps>;
+      const require = createRequire(import.meta.url);
+      const { path: findAddon } = require("node-gyp-build") as { path(dir: string): string };
+      const path = findAddon(NATIVE_DIR);
+      const mod = require(path) as Partial<NativeFileOps>;
       const complete =
         typeof mod.seekData === "function" &&
         typeof mod.seekHole === "function" &&
         typeof mod.punchHole === "function" &&
         typeof mod.zeroRange === "function";
       loaded = complete ? (mod as NativeFileOps) : null;
-      if (!complete) loadError = new Error(`${NATIVE_ADDON_PATH} lacks some of NativeFileOps`);
+      loadedPath = complete ? path : null;
+      if (!complete) loadError = new Error(`${path} lacks some of NativeFileOps`);
     } catch (err) {
       loaded = null;
       loadError = err;
     }
   }
   return loaded;
+}
+
+/**
+ * Which path the native helpers take: the source build, the prebuilt binary or pure JS.
+ *
+ * @example
+ * ```ts
+ * console.log(nativeAddonInfo()); // { kind: "prebuilt", path: ".../native/prebuilds/linux-x64/node.napi.glibc.node" }
+ * ```
+ */
+export function nativeAddonInfo(): NativeAddonInfo {
+  if (process.env[NO_NATIVE_ENV] === "1") {
+    return { kind: "pure-JS", path: null, reason: `${NO_NATIVE_ENV}=1` };
+  }
+  if (!nativeFileOps() || !loadedPath) {
+    const why = loadError instanceof Error ? loadError.message.split("\n")[0] : String(loadError);
+    return { kind: "pure-JS", path: null, reason: why ?? "no addon" };
+  }
+  return { kind: loadedPath.includes("/prebuilds/") ? "prebuilt" : "source build", path: loadedPath };
 }
 
 /** Why `nativeFileOps()` returned null (the load error), or undefined when it loaded or was not tried. */

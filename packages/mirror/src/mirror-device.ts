@@ -156,6 +156,7 @@ export class MirrorDevice implements TargetDevice {
   private readonly throttle = new KcopydThrottle(100);
   private defaultLeg = 0;
   private inSyncFlag = false;
+  private readonly eventListeners = new Set<() => void>();
   private regionsInFlightLimit: number;
   private readBalance: boolean;
   private readCursor = 0;
@@ -370,6 +371,7 @@ export class MirrorDevice implements TargetDevice {
     if (this.log.syncCount !== this.regionCount) return;
     if (!this.inSyncFlag) {
       this.inSyncFlag = true;
+      this.raiseEvent();
       this.pass = null;
       // reset_ms_flags: a fully synced set forgets old errors (except legs still unreachable).
       for (const leg of this.legs) {
@@ -380,11 +382,22 @@ export class MirrorDevice implements TargetDevice {
     }
   }
 
+  /** dm_table_event listeners (`udm wait`): a leg's first error of a kind, the end of a resync. */
+  onEvent(listener: () => void): () => void {
+    this.eventListeners.add(listener);
+    return () => this.eventListeners.delete(listener);
+  }
+
+  private raiseEvent(): void {
+    for (const listener of this.eventListeners) listener();
+  }
+
   /** `fail_mirror`: records the error; with handle_errors a failed default leg is replaced. */
   private failLeg(leg: MirrorLeg, kind: LegErrorKind, err?: unknown): void {
     leg.errorCount++;
     if (leg.errors.has(kind)) return;
     leg.errors.add(kind);
+    this.raiseEvent();
     this.logger?.warn(
       { device: this.name, leg: leg.dev.name, kind, err: err instanceof Error ? err.message : err },
       "mirror leg failed",

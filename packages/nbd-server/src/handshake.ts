@@ -297,9 +297,14 @@ async function startTls(state: State, config: HandshakeConfig, data: Buffer): Pr
   secure.on("error", (err) =>
     config.log.debug({ connection: config.connectionId, err: err.message }, "nbd TLS error"),
   );
-  if (config.tls.requireClientCert && !secure.authorized) {
+  // With a CA, a certificate that does not verify is refused (as nbd-server does), not taken as
+  // anonymous; a client with no certificate stays allowed unless requireClientCert.
+  const presented = !secure.authorized && Object.keys(secure.getPeerCertificate() ?? {}).length > 0;
+  if ((config.tls.requireClientCert || presented) && !secure.authorized) {
     secure.destroy();
-    throw new NbdProtocolError(`client certificate refused: ${secure.authorizationError}`);
+    throw new NbdProtocolError(
+      `client certificate refused: ${presented ? secure.authorizationError : "no certificate (one signed by the CA is required)"}`,
+    );
   }
   // STARTTLS wipes everything negotiated in the clear.
   state.stream = secure;

@@ -185,6 +185,30 @@ export class NbdServer extends EventEmitter {
     );
   }
 
+  /**
+   * Renames export `name` to `newName` (`udm rename`): connected clients stay on it, new ones
+   * open it by the new name only; `options.allow` replaces its allow list (absent: everyone).
+   */
+  renameExport(name: string, newName: string, options: Pick<NbdExportOptions, "allow"> = {}): void {
+    const entry = this.table.get(name);
+    if (!entry) throw new RangeError(`no export named "${name}"`);
+    validateExportName(newName);
+    if (this.table.has(newName)) throw new NbdConfigError(`export "${newName}" already exists`);
+    const access = compileAllowList(options.allow);
+    // In place: sessions in transmission hold this entry (for reloads and draining).
+    const mutable = entry as { -readonly [K in keyof ExportEntry]: ExportEntry[K] };
+    mutable.name = newName;
+    mutable.access = access;
+    if (options.allow) mutable.allow = cloneAllow(options.allow);
+    else delete mutable.allow;
+    const rebuilt = [...this.table.entries()].map(([n, e]): [string, ExportEntry] =>
+      n === name ? [newName, e] : [n, e],
+    );
+    this.table.clear();
+    for (const [n, e] of rebuilt) this.table.set(n, e);
+    this.log.info({ export: newName, from: name }, "nbd export renamed");
+  }
+
   /** Refuses new opens of `name`, then drains and disconnects its clients. */
   async removeExport(name: string): Promise<void> {
     const entry = this.table.get(name);
@@ -216,13 +240,33 @@ export class NbdServer extends EventEmitter {
 
   /**
    * Listens on TCP (`{ host, port }`, default 127.0.0.1:10809, port 0 = any) or a Unix socket
-   * (`{ path }`); may be called several times. Resolves with "HOST:PORT" or the socket path.
+   * (`{ path }`), or on a listening socket passed as a file descriptor (`{ fd }`, systemd socket
+   * activation); may be called several times. Resolves with "HOST:PORT" or the socket path.
    */
-  async listen(address: { host?: string; port?: number } | { path: string }): Promise<string> {
+  async listen(
+    address: { host?: string; port?: number } | { path: string } | { fd: number },
+  ): Promise<string> {
     if (this.shuttingDown) throw new Error("NbdServer is closed");
     const server = net.createServer({ noDelay: true }, (socket) => this.admit(socket));
     // After listening, errors (EMFILE on accept...) are logged: they must not end the process.
     const onError = (err: Error) => this.log.error({ err: err.message }, "nbd listener error");
+    if ("fd" in address) {
+      // A socket already bound and listening, passed by systemd (socket activation) or a parent.
+      await listenOn(server, { fd: address.fd });
+      server.on("error", onError);
+      this.netServers.push(server);
+      const bound = server.address();
+      const where =
+        typeof bound === "string"
+          ? bound || `fd ${address.fd}`
+          : bound
+            ? bound.family === "IPv6"
+              ? `[${bound.address}]:${bound.port}`
+              : `${bound.address}:${bound.port}`
+            : `fd ${address.fd}`;
+      this.log.info({ fd: address.fd, address: where }, "nbd server listening on a passed socket");
+      return where;
+    }
     if ("path" in address) {
       await removeStaleSocket(address.path);
       await listenOn(server, { path: address.path });
@@ -457,7 +501,7 @@ function positive(value: number | undefined, fallback: number, what: string): nu
   return value;
 }
 
-function listenOn(server: net.Server, options: net.ListenOptions): Promise<void> {
+function listenOn(server: net.Server, options: net.ListenOptions | { fd: number }): Promise<void> {
   return new Promise((resolve, reject) => {
     server.once("error", reject);
     server.listen(options, () => {

@@ -234,9 +234,9 @@ export class DeviceManager {
       return this.withSuspended(
         origins.filter((o) => o !== name),
         async () => {
-          const progress = dev.merge?.state === "merging" ? dev.gate.progress() : null;
-          await this.removeLocked(name);
+          // Recorded first: `merge-status` asks while the device goes away.
           if (dev.merge?.state === "merging") {
+            const progress = dev.gate.progress();
             const left = progress
               ? ` (${progress.totalBytes - progress.doneBytes} of ${progress.totalBytes} bytes not merged)`
               : "";
@@ -246,6 +246,7 @@ export class DeviceManager {
             });
             this.log.warn({ device: name }, "merging snapshot removed with --force: merge aborted");
           }
+          await this.removeLocked(name);
         },
       );
     });
@@ -573,8 +574,8 @@ export class DeviceManager {
             // Reloaded or removed meanwhile: this merge is not the device's any more.
             if (this.devices.get(snapName) !== dev || dev.segments[0] !== target) return;
             const origins = this.originDevicesOf(canonicalSpec(origin!, dev.baseDir));
-            await this.withSuspended(origins, () => this.removeLocked(snapName));
             this.finishedMerges.set(snapName, { state: "done" });
+            await this.withSuspended(origins, () => this.removeLocked(snapName));
           }).catch((err: Error) => {
             dev.merge = { state: "failed", error: `merged, but removing failed: ${err.message}` };
           }),

@@ -518,15 +518,15 @@ export class DeviceManager {
     if (originArg === undefined || cowArg === undefined) return;
     const originSpec = canonicalSpec(originArg, baseDir);
     const cowSpec = canonicalSpec(cowArg, baseDir);
-    const forbidden = [originSpec, ...this.originDevicesOf(originSpec).map((n) => `@${n}`)];
-    const stack = this.stackOf(cowSpec);
-    const hit = forbidden.find((f) => stack.has(f));
-    if (hit !== undefined) {
-      throw new TableParseError(
-        line.source,
-        `${line.targetType} argument 2 ("${cowArg}"): the COW ${hit === cowSpec ? "is" : `stacks on ${hit}, which is`} the origin${hit === originSpec ? "" : " device"} (${originArg}): a COW must be a device of its own`,
-      );
-    }
+    const forbidden = new Set([originSpec, ...this.originDevicesOf(originSpec).map((n) => `@${n}`)]);
+    // The nearest offender: the stack is in visiting order, the COW itself first.
+    const hit = [...this.stackOf(cowSpec)].find((spec) => forbidden.has(spec));
+    if (hit === undefined) return;
+    const what = hit === originSpec ? `the origin ${hit}` : `${hit}, a snapshot-origin device of the origin`;
+    throw new TableParseError(
+      line.source,
+      `${line.targetType} argument 2 ("${cowArg}"): the COW ${hit === cowSpec ? "is" : "stacks on"} ${what}: a COW must be a device of its own`,
+    );
   }
 
   /**

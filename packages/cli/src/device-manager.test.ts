@@ -5,6 +5,7 @@ import { type LinearDevice, SECTOR_SIZE, type TargetDevice, type TargetType } fr
 import { pino } from "pino";
 import { afterEach, beforeEach, describe, expect, test } from "vitest";
 import { DeviceManager, type TableRequest } from "./device-manager.js";
+import type { MetadataState } from "./metadata-record.js";
 import { parseDeviceTable, parseTableFile, TableParseError } from "./table-parser.js";
 import { allTargets } from "./targets.js";
 
@@ -457,5 +458,98 @@ describe("DeviceManager reload, dm's way (a fake target with preresume)", () => 
     await reload;
     await write;
     expect(manager.device("top").state).toBe("active");
+  });
+});
+
+describe("DeviceManager and the metadata record", () => {
+  test("every state-changing command records the new state before it returns; a failed record fails the command and undoes it", async () => {
+    await manager.closeAll();
+    const records: MetadataState[] = [];
+    let failNext = false;
+    manager = new DeviceManager({
+      targets: allTargets(),
+      log,
+      record: async (state) => {
+        if (failNext) {
+          failNext = false;
+          throw new Error("disk full");
+        }
+        records.push(state);
+      },
+    });
+    const names = () => records[records.length - 1]!.devices.map((d) => `${d.name}: ${d.lines.join(" / ")}`);
+    file("o.img", 256 * SECTOR_SIZE);
+    await manager.create(tables("o: 0 256 snapshot-origin o.img\n"));
+    expect(names()).toEqual([`o: 0 256 snapshot-origin o.img`]);
+    await manager.reload("o", line("o", "0 256 snapshot-origin o.img"));
+    expect(records).toHaveLength(2);
+    await manager.snapshotCreate("o", "s", {
+      cow: join(dir, "s.cow"),
+      createSizeBytes: 1 << 20,
+      chunkSectors: 8,
+      persistent: true,
+      overflowOk: false,
+    });
+    expect(names()).toEqual([
+      `o: 0 256 snapshot-origin o.img`,
+      `s: 0 256 snapshot o.img ${join(dir, "s.cow")} P 8`,
+    ]);
+    await manager.suspend("o"); // not a change of what exists
+    await manager.resume("o");
+    expect(records).toHaveLength(3);
+
+    failNext = true;
+    await expect(manager.reload("o", line("o", "0 256 linear o.img 0"))).rejects.toThrow(/disk full/);
+    expect(manager.table("o")[0]!.targetType).toBe("snapshot-origin");
+    expect(manager.device("o").state).toBe("active");
+    failNext = true;
+    await expect(manager.create([line("z", "0 8 zero")])).rejects.toThrow(/disk full/);
+    expect(manager.has("z")).toBe(false);
+    failNext = true;
+    await expect(manager.remove("s")).rejects.toThrow(/disk full/);
+    expect(manager.has("s")).toBe(true);
+    expect(records).toHaveLength(3);
+
+    await manager.device("s").write(0, Buffer.alloc(4096, 0x5e)); // an exception to merge
+    await manager.suspend("o"); // the merge waits: it is recorded as in progress
+    await manager.snapshotMerge("s");
+    expect(records[records.length - 1]!.devices[1]).toMatchObject({
+      name: "s",
+      lines: [`0 256 snapshot-merge o.img ${join(dir, "s.cow")} P 8`],
+      merging: true,
+    });
+    await manager.resume("o");
+    await until(() => !manager.has("s"));
+    expect(names()).toEqual([`o: 0 256 snapshot-origin o.img`]);
+  });
+
+  test("activate starts what a record says; a merge that was in progress resumes and ends with the device removed", async () => {
+    file("o.img", 256 * SECTOR_SIZE);
+    const cow = join(dir, "s.cow");
+    await manager.create(tables("o: 0 256 snapshot-origin o.img\n"));
+    await manager.snapshotCreate("o", "s", {
+      cow,
+      createSizeBytes: 1 << 20,
+      chunkSectors: 8,
+      persistent: true,
+      overflowOk: false,
+    });
+    await manager.device("s").write(8192, Buffer.alloc(4096, 0x77));
+    await manager.device("s").flush();
+    await manager.suspend("o");
+    await manager.snapshotMerge("s");
+    const recorded = manager.recordedState();
+    expect(recorded.devices.map((d) => d.merging ?? false)).toEqual([false, true]);
+    await manager.resume("o");
+    await manager.closeAll();
+
+    // A new server: the record, not a table file, says what runs.
+    manager = new DeviceManager({ targets: allTargets(), log });
+    await manager.activate(recorded, "udm.meta.json");
+    expect(manager.names()).toEqual(["o", "s"]);
+    expect(manager.table("s")[0]!.targetType).toBe("snapshot-merge");
+    await until(() => !manager.has("s"));
+    expect(manager.mergeState("s").state).toBe("done");
+    expect((await manager.device("o").read(8192, 4096)).equals(Buffer.alloc(4096, 0x77))).toBe(true);
   });
 });

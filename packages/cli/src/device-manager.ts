@@ -13,12 +13,14 @@ import {
 } from "@udm/kcopyd";
 import { canonicalSpec, DevicePool } from "./device-pool.js";
 import { GateDevice, type GateState } from "./gate-device.js";
+import type { MetadataState, RecordedDevice } from "./metadata-record.js";
 import { SegmentedDevice } from "./segmented-device.js";
 import {
   argIndexOf,
   checkDeviceName,
   type DeviceTable,
   formatTableLine,
+  parseDeviceTable,
   probeTableLine,
   type TableLine,
   TableParseError,
@@ -113,10 +115,22 @@ export interface DeviceManagerOptions {
    */
   exportAllow?: ReadonlyMap<string, ExportAllowList>;
   kcopyd?: KcopydClient;
+  /**
+   * Records what exists durably (`MetadataRecord.write`): called by every state-changing
+   * command after its tables are built and before it is acknowledged (for reload and snapshot
+   * create, while the devices are still suspended, before the switch). A rejection fails the
+   * command and undoes it.
+   */
+  record?: (state: MetadataState) => Promise<unknown>;
 }
+
+/** A change not applied yet that the record must already show. */
+type PendingChange = { device: RecordedDevice } | { removed: string };
 
 /** Options of `udm remove` and `udm reload` (dmsetup's `--force`). */
 export interface BusyOptions {
+  /** Record the reloaded device as an LVM-like merge in progress (`snapshotMerge`). */
+  merging?: boolean;
   /**
    * Remove a device with NBD clients connected (they are disconnected), or a snapshot in the
    * middle of a merge (the merge is reported aborted); reload to a smaller size although
@@ -164,6 +178,7 @@ export class DeviceManager {
   private readonly log: DeviceManagerOptions["log"];
   private readonly exports: ExportTable | undefined;
   private readonly exportAllow: ReadonlyMap<string, ExportAllowList>;
+  private readonly record: DeviceManagerOptions["record"];
   private lock: Promise<unknown> = Promise.resolve();
   /** How merges of devices that are gone ended (what `mergeState` answers for them). */
   private readonly finishedMerges = new Map<string, { state: "done" | "failed"; error?: string }>();
@@ -174,6 +189,55 @@ export class DeviceManager {
     this.exports = options.exports;
     this.exportAllow = options.exportAllow ?? new Map();
     this.kcopyd = options.kcopyd ?? new KcopydClient();
+    this.record = options.record;
+  }
+
+  /** What the metadata record holds: every device, with `change` applied. */
+  recordedState(change?: PendingChange): MetadataState {
+    const devices: RecordedDevice[] = [];
+    for (const dev of this.devices.values()) {
+      if (change && "removed" in change && change.removed === dev.name) continue;
+      if (change && "device" in change && change.device.name === dev.name) {
+        devices.push(change.device);
+        continue;
+      }
+      devices.push({
+        name: dev.name,
+        lines: dev.lines.map((l) => formatTableLine(null, { ...l, args: l.args.join(" ") })),
+        baseDir: dev.baseDir,
+        ...(dev.merge?.state === "merging" && { merging: true }),
+      });
+    }
+    if (change && "device" in change && !this.devices.has(change.device.name)) devices.push(change.device);
+    return { devices };
+  }
+
+  private async commit(change?: PendingChange): Promise<void> {
+    if (this.record) await this.record(this.recordedState(change));
+  }
+
+  /**
+   * Starts what a metadata record says (`udm serve` after a restart): creates every device and
+   * resumes the merges that were in progress.
+   */
+  activate(state: MetadataState, file: string): Promise<void> {
+    const requests = state.devices.map((d) => ({
+      table: parseDeviceTable(d.name, d.lines, file, this.registry),
+      baseDir: d.baseDir,
+    }));
+    return this.exclusive(async () => {
+      await this.validateCreate(requests);
+      const lines = requests.flatMap((r) => r.table.lines.map((line) => ({ line, baseDir: r.baseDir })));
+      await this.withSuspended(this.originsOfSnapshots(lines), () =>
+        this.buildAll(requests, () => {
+          for (const d of state.devices) {
+            if (!d.merging) continue;
+            this.armMerge(this.get(d.name));
+            this.log.info({ device: d.name }, "merge resumed from the metadata record");
+          }
+        }),
+      );
+    });
   }
 
   /** Device names in creation order. */
@@ -246,6 +310,7 @@ export class DeviceManager {
             });
             this.log.warn({ device: name }, "merging snapshot removed with --force: merge aborted");
           }
+          await this.commit({ removed: name });
           await this.removeLocked(name);
         },
       );
@@ -557,35 +622,48 @@ export class DeviceManager {
       // The snapshot hands its exceptions over while its table is built: hold its I/O meanwhile.
       const origins = this.originDevicesOf(canonicalSpec(origin!, dev.baseDir));
       await this.withSuspended([...origins, snapName], () =>
-        this.reloadLocked(snapName, { table, baseDir: dev.baseDir }),
+        this.reloadLocked(snapName, { table, baseDir: dev.baseDir }, { merging: true }),
       );
-      const target = dev.segments[0] as TargetDevice & { whenMerged?: () => Promise<void> };
-      if (typeof target.whenMerged !== "function") {
-        throw new DeviceManagerError(
-          "EINVAL",
-          `${snapName}: the snapshot-merge target does not report completion`,
-        );
-      }
-      dev.merge = { state: "merging" };
-      this.finishedMerges.delete(snapName);
-      target.whenMerged().then(
-        () =>
-          this.exclusive(async () => {
-            // Reloaded or removed meanwhile: this merge is not the device's any more.
-            if (this.devices.get(snapName) !== dev || dev.segments[0] !== target) return;
-            const origins = this.originDevicesOf(canonicalSpec(origin!, dev.baseDir));
-            this.finishedMerges.set(snapName, { state: "done" });
-            await this.withSuspended(origins, () => this.removeLocked(snapName));
-          }).catch((err: Error) => {
-            dev.merge = { state: "failed", error: `merged, but removing failed: ${err.message}` };
-          }),
-        (err: Error) => {
-          if (dev.segments[0] !== target) return;
-          dev.merge = { state: "failed", error: err.message };
-          this.log.error({ device: snapName, err }, "merge failed");
-        },
-      );
+      this.armMerge(dev);
     });
+  }
+
+  /**
+   * Follows the merge of a `snapshot-merge` device as LVM does: `merge-status` answers from
+   * `dev.merge`, and the device is removed (and recorded so) when the merge is done.
+   */
+  private armMerge(dev: UdmDevice): void {
+    const snapName = dev.name;
+    const target = dev.segments[0] as TargetDevice & { whenMerged?: () => Promise<void> };
+    if (dev.lines.length !== 1 || typeof target?.whenMerged !== "function") {
+      throw new DeviceManagerError(
+        "EINVAL",
+        `${snapName}: the snapshot-merge target does not report completion`,
+      );
+    }
+    const origin = dev.lines[0]!.args[0]!;
+    dev.merge = { state: "merging" };
+    this.finishedMerges.delete(snapName);
+    target.whenMerged().then(
+      () =>
+        this.exclusive(async () => {
+          // Reloaded or removed meanwhile: this merge is not the device's any more.
+          if (this.devices.get(snapName) !== dev || dev.segments[0] !== target) return;
+          const origins = this.originDevicesOf(canonicalSpec(origin, dev.baseDir));
+          this.finishedMerges.set(snapName, { state: "done" });
+          await this.withSuspended(origins, async () => {
+            await this.commit({ removed: snapName });
+            await this.removeLocked(snapName);
+          });
+        }).catch((err: Error) => {
+          dev.merge = { state: "failed", error: `merged, but removing failed: ${err.message}` };
+        }),
+      (err: Error) => {
+        if (dev.segments[0] !== target) return;
+        dev.merge = { state: "failed", error: err.message };
+        this.log.error({ device: snapName, err }, "merge failed");
+      },
+    );
   }
 
   /**
@@ -701,14 +779,16 @@ export class DeviceManager {
     orderByDependency(requests); // throws on a cycle
   }
 
-  /** Builds validated tables, `@NAME` dependencies first; all or nothing. */
-  private async buildAll(requests: TableRequest[]): Promise<void> {
+  /** Builds validated tables, `@NAME` dependencies first, and records them; all or nothing. */
+  private async buildAll(requests: TableRequest[], beforeCommit?: () => void): Promise<void> {
     const created: string[] = [];
     try {
       for (const r of orderByDependency(requests)) {
         await this.build(r);
         created.push(r.table.name);
       }
+      beforeCommit?.();
+      await this.commit();
     } catch (err) {
       for (const name of created.reverse()) {
         await this.removeLocked(name).catch((e: Error) =>
@@ -884,6 +964,14 @@ export class DeviceManager {
           this.log.warn({ device: name, err: dev.gate.lastFlushError }, "suspended, but the flush failed");
         }
         await preresumeAll(built.segments, request.table.lines, this.registry);
+        await this.commit({
+          device: {
+            name,
+            lines: request.table.lines.map((l) => formatTableLine(null, { ...l, args: l.args.join(" ") })),
+            baseDir: request.baseDir,
+            ...(options.merging && { merging: true }),
+          },
+        });
       });
     } catch (err) {
       await this.discard(built);

@@ -125,6 +125,10 @@ export class MetadataRecord {
     const dir = dirname(this.path);
     mkdirSync(dir, { recursive: true });
     const temp = join(dir, `.${basename(this.path)}.${process.pid}.tmp`);
+    // A temp file left by a writer killed before its rename is not the record: drop it.
+    for (const f of readdirSync(dir)) {
+      if (f.startsWith(`.${basename(this.path)}.`) && f.endsWith(".tmp")) unlinkSync(join(dir, f));
+    }
     const fd = openSync(temp, "w", 0o600);
     try {
       writeSync(fd, text);

@@ -1,8 +1,13 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { pino } from "pino";
 import { afterEach, beforeEach, describe, expect, test } from "vitest";
+import { DeviceManager } from "./device-manager.js";
 import { MetadataRecord, MetadataRecordError, parseRecord } from "./metadata-record.js";
+import { startFromRecord } from "./metadata-start.js";
+import { parseTableFile } from "./table-parser.js";
+import { allTargets } from "./targets.js";
 
 let dir: string;
 beforeEach(() => {
@@ -49,5 +54,72 @@ describe("MetadataRecord", () => {
     expect(() => new MetadataRecord(path).read()).toThrow(
       /no valid backup in .*udm\.meta\.json\.archive; move/,
     );
+  });
+});
+
+describe("startFromRecord", () => {
+  const log = pino({ level: "silent" });
+  const managers: DeviceManager[] = [];
+  afterEach(async () => {
+    for (const m of managers.splice(0)) await m.closeAll().catch(() => undefined);
+  });
+  function server(recordPath: string) {
+    const record = new MetadataRecord(recordPath);
+    const manager = new DeviceManager({ targets: allTargets(), log, record: (s) => record.write(s) });
+    managers.push(manager);
+    return { record, manager };
+  }
+  const start = (s: ReturnType<typeof server>, tableText: string) =>
+    startFromRecord(
+      s.manager,
+      s.record,
+      {
+        tableFile: join(dir, "t.table"),
+        tableText,
+        requests: parseTableFile(tableText, "t.table", s.manager.registry).map((table) => ({
+          table,
+          baseDir: dir,
+        })),
+      },
+      log,
+    );
+
+  test("a restart runs what the record says (a runtime snapshot included); an edited table file wins; a damaged record starts nothing", async () => {
+    writeFileSync(join(dir, "o.img"), Buffer.alloc(256 * 512));
+    const path = join(dir, "udm.meta.json");
+    const table = "o: 0 256 snapshot-origin o.img\n";
+    const first = server(path);
+    expect(await start(first, table)).toEqual({ from: "table", seqno: 0 });
+    await first.manager.device("o").write(0, Buffer.alloc(4096, 0xa1));
+    await first.manager.snapshotCreate("o", "s", {
+      cow: join(dir, "s.cow"),
+      createSizeBytes: 1 << 20,
+      chunkSectors: 8,
+      persistent: true,
+      overflowOk: false,
+    });
+    await first.manager.device("o").write(0, Buffer.alloc(4096, 0xb2)); // s keeps 0xa1
+    await first.manager.device("o").flush();
+    expect(first.record.read()?.seqno).toBe(2);
+    await first.manager.closeAll();
+
+    const second = server(path);
+    expect(await start(second, table)).toEqual({ from: "record", seqno: 2 });
+    expect(second.manager.names()).toEqual(["o", "s"]);
+    expect((await second.manager.device("s").read(0, 4096)).equals(Buffer.alloc(4096, 0xa1))).toBe(true);
+    expect((await second.manager.device("o").read(0, 4096)).equals(Buffer.alloc(4096, 0xb2))).toBe(true);
+    await second.manager.closeAll();
+
+    const edited = server(path);
+    expect(await start(edited, `${table}z: 0 8 zero\n`)).toEqual({ from: "table", seqno: 3 });
+    expect(edited.manager.names()).toEqual(["o", "z"]);
+    await edited.manager.closeAll();
+
+    writeFileSync(path, "{");
+    const damaged = server(path);
+    await expect(start(damaged, table)).rejects.toThrow(
+      /^metadata record .*udm\.meta\.json is unusable \(not JSON.*\): the newest valid backup is .*udm\.meta\.json\.00000003 \(seqno 3\)/,
+    );
+    expect(damaged.manager.names()).toEqual([]);
   });
 });

@@ -29,11 +29,18 @@ export interface MetadataState {
   devices: RecordedDevice[];
 }
 
+/** The table file a record was started from, to tell a hand-edited table from the record's own changes. */
+export interface RecordSource {
+  tableFile: string;
+  sha256: string;
+}
+
 /** A record as read back. */
 export interface MetadataVersion {
   seqno: number;
   written: string;
   state: MetadataState;
+  source?: RecordSource;
 }
 
 const FORMAT = "udm-metadata";
@@ -54,6 +61,11 @@ export type RecordStep = (typeof RECORD_STEPS)[number];
 /** Kills the process after `step` when `UDM_CRASH_AT` names it (`<scope>:<step>`). */
 export function crashPoint(scope: string, step: string): void {
   if (process.env.UDM_CRASH_AT === `${scope}:${step}`) process.kill(process.pid, "SIGKILL");
+}
+
+/** sha256 of a table file's text (how a record recognises the table it was started from). */
+export function tableChecksum(text: string): string {
+  return createHash("sha256").update(text).digest("hex");
 }
 
 function checksum(body: object): string {
@@ -86,6 +98,8 @@ function fsyncPath(path: string): void {
 export class MetadataRecord {
   readonly archiveDir: string;
   private seqno: number | undefined;
+  /** Written into every version (set by the server at start). */
+  source: RecordSource | undefined;
 
   constructor(
     readonly path: string,
@@ -120,7 +134,14 @@ export class MetadataRecord {
   async write(state: MetadataState): Promise<number> {
     if (this.seqno === undefined) this.read();
     const seqno = this.seqno! + 1;
-    const body = { format: FORMAT, version: VERSION, seqno, written: new Date().toISOString(), ...state };
+    const body = {
+      format: FORMAT,
+      version: VERSION,
+      seqno,
+      written: new Date().toISOString(),
+      ...(this.source && { source: this.source }),
+      ...state,
+    };
     const text = `${JSON.stringify({ ...body, sha256: checksum(body) }, null, 2)}\n`;
     const dir = dirname(this.path);
     mkdirSync(dir, { recursive: true });
@@ -195,7 +216,7 @@ export function parseRecord(text: string): MetadataVersion {
     throw new Error(`format is ${JSON.stringify(body.format)}, expected "${FORMAT}"`);
   if (body.version !== VERSION) throw new Error(`version ${JSON.stringify(body.version)} is not ${VERSION}`);
   if (sha256 !== checksum(body)) throw new Error("checksum mismatch: the file was changed or damaged");
-  const { seqno, written, devices } = body;
+  const { seqno, written, devices, source } = body as Record<string, unknown> & { source?: RecordSource };
   if (typeof seqno !== "number" || !Number.isSafeInteger(seqno) || seqno < 1) throw new Error("bad seqno");
   if (!Array.isArray(devices)) throw new Error("no device list");
   for (const d of devices as RecordedDevice[]) {
@@ -208,5 +229,10 @@ export function parseRecord(text: string): MetadataVersion {
       throw new Error(`bad device entry ${JSON.stringify(d).slice(0, 80)}`);
     }
   }
-  return { seqno, written: String(written), state: { devices: devices as RecordedDevice[] } };
+  return {
+    seqno,
+    written: String(written),
+    state: { devices: devices as RecordedDevice[] },
+    ...(source && typeof source.tableFile === "string" && typeof source.sha256 === "string" && { source }),
+  };
 }

@@ -13,7 +13,7 @@ import {
 } from "@udm/kcopyd";
 import { canonicalSpec, DevicePool } from "./device-pool.js";
 import { GateDevice, type GateState } from "./gate-device.js";
-import type { MetadataState, RecordedDevice } from "./metadata-record.js";
+import { crashPoint, type MetadataState, type RecordedDevice } from "./metadata-record.js";
 import { SegmentedDevice } from "./segmented-device.js";
 import {
   argIndexOf,
@@ -124,6 +124,21 @@ export interface DeviceManagerOptions {
   record?: (state: MetadataState) => Promise<unknown>;
 }
 
+/**
+ * The state-changing commands, as crash-point scopes (`UDM_CRASH_AT=<scope>:<step>`, steps
+ * `built` and `recorded`; snapshot create also `cow-zeroed`; `merged` is the removal of a
+ * snapshot whose merge finished).
+ */
+export const COMMAND_SCOPES = [
+  "create",
+  "remove",
+  "reload",
+  "snapshot-create",
+  "snapshot-merge",
+  "merged",
+] as const;
+export type CommandScope = (typeof COMMAND_SCOPES)[number];
+
 /** A change not applied yet that the record must already show. */
 type PendingChange = { device: RecordedDevice } | { removed: string };
 
@@ -212,8 +227,14 @@ export class DeviceManager {
     return { devices };
   }
 
-  private async commit(change?: PendingChange): Promise<void> {
+  /**
+   * Records the state (with `change` applied) for the command `scope`. Crash points for tests:
+   * `UDM_CRASH_AT=<scope>:built` dies before the record is written, `<scope>:recorded` after.
+   */
+  private async commit(change: PendingChange | undefined, scope: CommandScope): Promise<void> {
+    crashPoint(scope, "built");
     if (this.record) await this.record(this.recordedState(change));
+    crashPoint(scope, "recorded");
   }
 
   /**
@@ -229,7 +250,7 @@ export class DeviceManager {
       await this.validateCreate(requests);
       const lines = requests.flatMap((r) => r.table.lines.map((line) => ({ line, baseDir: r.baseDir })));
       await this.withSuspended(this.originsOfSnapshots(lines), () =>
-        this.buildAll(requests, () => {
+        this.buildAll(requests, "create", () => {
           for (const d of state.devices) {
             if (!d.merging) continue;
             this.armMerge(this.get(d.name));
@@ -262,7 +283,7 @@ export class DeviceManager {
     return this.exclusive(async () => {
       const lines = requests.flatMap((r) => r.table.lines.map((line) => ({ line, baseDir: r.baseDir })));
       await this.validateCreate(requests);
-      await this.withSuspended(this.originsOfSnapshots(lines), () => this.buildAll(requests));
+      await this.withSuspended(this.originsOfSnapshots(lines), () => this.buildAll(requests, "create"));
     });
   }
 
@@ -310,7 +331,7 @@ export class DeviceManager {
             });
             this.log.warn({ device: name }, "merging snapshot removed with --force: merge aborted");
           }
-          await this.commit({ removed: name });
+          await this.commit({ removed: name }, "remove");
           await this.removeLocked(name);
         },
       );
@@ -479,9 +500,10 @@ export class DeviceManager {
           this.log.info({ device: snapName, cow, sizeBytes: dev.sizeBytes }, "created COW file");
         }
         if (options.persistent && !options.reuseCow) await this.zeroCowHeader(cow, options.chunkSectors);
+        crashPoint("snapshot-create", "cow-zeroed");
         await this.withSuspended(
           this.originsOfSnapshots([{ line: table.lines[0]!, baseDir: origin.baseDir }]),
-          () => this.buildAll([request]),
+          () => this.buildAll([request], "snapshot-create"),
         );
       } catch (err) {
         if (created) {
@@ -652,7 +674,7 @@ export class DeviceManager {
           const origins = this.originDevicesOf(canonicalSpec(origin, dev.baseDir));
           this.finishedMerges.set(snapName, { state: "done" });
           await this.withSuspended(origins, async () => {
-            await this.commit({ removed: snapName });
+            await this.commit({ removed: snapName }, "merged");
             await this.removeLocked(snapName);
           });
         }).catch((err: Error) => {
@@ -780,7 +802,11 @@ export class DeviceManager {
   }
 
   /** Builds validated tables, `@NAME` dependencies first, and records them; all or nothing. */
-  private async buildAll(requests: TableRequest[], beforeCommit?: () => void): Promise<void> {
+  private async buildAll(
+    requests: TableRequest[],
+    scope: CommandScope,
+    beforeCommit?: () => void,
+  ): Promise<void> {
     const created: string[] = [];
     try {
       for (const r of orderByDependency(requests)) {
@@ -788,7 +814,7 @@ export class DeviceManager {
         created.push(r.table.name);
       }
       beforeCommit?.();
-      await this.commit();
+      await this.commit(undefined, scope);
     } catch (err) {
       for (const name of created.reverse()) {
         await this.removeLocked(name).catch((e: Error) =>
@@ -964,14 +990,17 @@ export class DeviceManager {
           this.log.warn({ device: name, err: dev.gate.lastFlushError }, "suspended, but the flush failed");
         }
         await preresumeAll(built.segments, request.table.lines, this.registry);
-        await this.commit({
-          device: {
-            name,
-            lines: request.table.lines.map((l) => formatTableLine(null, { ...l, args: l.args.join(" ") })),
-            baseDir: request.baseDir,
-            ...(options.merging && { merging: true }),
+        await this.commit(
+          {
+            device: {
+              name,
+              lines: request.table.lines.map((l) => formatTableLine(null, { ...l, args: l.args.join(" ") })),
+              baseDir: request.baseDir,
+              ...(options.merging && { merging: true }),
+            },
           },
-        });
+          options.merging ? "snapshot-merge" : "reload",
+        );
       });
     } catch (err) {
       await this.discard(built);

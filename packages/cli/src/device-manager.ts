@@ -144,8 +144,6 @@ type PendingChange = { device: RecordedDevice } | { removed: string };
 
 /** Options of `udm remove` and `udm reload` (dmsetup's `--force`). */
 export interface BusyOptions {
-  /** Record the reloaded device as an LVM-like merge in progress (`snapshotMerge`). */
-  merging?: boolean;
   /**
    * Remove a device with NBD clients connected (they are disconnected), or a snapshot in the
    * middle of a merge (the merge is reported aborted); reload to a smaller size although
@@ -958,7 +956,12 @@ export class DeviceManager {
     for (const spec of built.held) await this.pool.release(spec).catch(() => undefined);
   }
 
-  private async reloadLocked(name: string, request: TableRequest, options: BusyOptions = {}): Promise<void> {
+  private async reloadLocked(
+    name: string,
+    request: TableRequest,
+    /** `merging`: record the device as an LVM-like merge in progress (`snapshotMerge`). */
+    options: BusyOptions & { merging?: boolean } = {},
+  ): Promise<void> {
     const dev = this.get(name);
     if (request.table.name !== name) request = { ...request, table: { ...request.table, name } };
     const dependents = this.dependentsOf(name);

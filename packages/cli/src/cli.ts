@@ -559,10 +559,13 @@ export function buildProgram(): Command {
   example(
     program
       .command("remove")
-      .description("remove a device (refused while another device uses it); its clients are drained first")
+      .description(
+        "remove a device; refused (EBUSY, naming the holder) while another device uses it, NBD clients are connected or it is merging",
+      )
       .argument("<name>")
-      .action(async (name: string, _opts, cmd: Command) => {
-        await request(cmd, "remove", { name });
+      .option("--force", "disconnect connected NBD clients, abort a merge in progress (a used device stays)")
+      .action(async (name: string, opts, cmd: Command) => {
+        await request(cmd, "remove", { name, ...(opts.force && { force: true }) });
         print(`removed ${name}`);
       }),
     "udm remove lin",
@@ -726,8 +729,12 @@ export function buildProgram(): Command {
       .command("suspend")
       .description("drain in-flight I/O, hold new I/O (clients wait, they are not failed) and flush")
       .argument("<name>")
-      .action(async (name: string, _opts, cmd: Command) => {
-        await request(cmd, "suspend", { name });
+      .option(
+        "--noflush",
+        "do not flush the table after draining (a device stacked on a suspended one then suspends at once)",
+      )
+      .action(async (name: string, opts, cmd: Command) => {
+        await request(cmd, "suspend", { name, ...(opts.noflush && { noflush: true }) });
         print(`suspended ${name}`);
       }),
     "udm suspend origin && cp --sparse=always udm-data/origin.img backup.img && udm resume origin",
@@ -748,12 +755,15 @@ export function buildProgram(): Command {
   example(
     program
       .command("reload")
-      .description("load a new table and switch to it (suspend, swap, resume): clients stay connected")
+      .description(
+        "load a new table; an active device switches to it at once (suspend, swap, resume: clients stay connected), a suspended one on resume",
+      )
       .argument("<name>")
       .option("--table <line>", "table line (repeatable)", collect, [])
       .option("--table-file <file>", "file of table lines")
+      .option("--force", "reload to a smaller size although devices or NBD clients hold the device")
       .action(async (name: string, opts, cmd: Command) => {
-        await request(cmd, "reload", { name, ...tableArgs(opts) });
+        await request(cmd, "reload", { name, ...tableArgs(opts), ...(opts.force && { force: true }) });
         print(`reloaded ${name}`);
       }),
     "udm reload mirror0 --table '0 2097152 mirror core 1 1024 2 a.img 0 c.img 0'",

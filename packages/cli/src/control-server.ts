@@ -85,11 +85,18 @@ function serverVersion(): string {
 /** The verbs of the control protocol. */
 export function controlHandlers(manager: DeviceManager, listExports?: ExportLister): Record<string, Handler> {
   const names = (args: Record<string, unknown>) => {
+    if (args.name !== undefined && typeof args.name !== "string") {
+      throw new DeviceManagerError("EINVAL", `"name" must be a string, got ${JSON.stringify(args.name)}`);
+    }
     const name = optStr(args, "name");
     if (name) manager.device(name); // throws ENOENT
     return name ? [name] : manager.names();
   };
   const connections = (name: string) => listExports?.().find((e) => e.name === name)?.connections ?? 0;
+  const busyOptions = (name: string, args: Record<string, unknown>) => ({
+    force: args.force === true,
+    connections: () => connections(name),
+  });
   return {
     ping: async () => ({ pid: process.pid }),
     ls: async () => manager.names().map((n) => ({ ...manager.info(n), connections: connections(n) })),
@@ -105,15 +112,16 @@ export function controlHandlers(manager: DeviceManager, listExports?: ExportList
     reload: async (args) => {
       const name = str(args, "name");
       const [request] = tableRequests(manager, args, { single: true });
-      await manager.reload(name, request!);
+      await manager.reload(name, request!, busyOptions(name, args));
       return { reloaded: name };
     },
     remove: async (args) => {
-      await manager.remove(str(args, "name"));
+      const name = str(args, "name");
+      await manager.remove(name, busyOptions(name, args));
       return { removed: args.name };
     },
     suspend: async (args) => {
-      await manager.suspend(str(args, "name"));
+      await manager.suspend(str(args, "name"), { noflush: args.noflush === true });
       return { suspended: args.name };
     },
     resume: async (args) => {
@@ -226,11 +234,53 @@ function answers(path: string): Promise<boolean> {
   });
 }
 
+/** A request that is valid JSON but not a request object. */
+class ProtocolError extends Error {}
+
+/**
+ * Requests of one connection read but not answered yet, and reply bytes not yet taken by the
+ * client, beyond which the server stops reading from it (a client that sends without reading
+ * its replies is slowed down to its own pace instead of filling the server's memory).
+ */
+export const CONTROL_BACKLOG_REQUESTS = 64;
+export const CONTROL_BACKLOG_REPLY_BYTES = 1 << 20;
+
 function serveConnection(socket: Socket, handlers: Record<string, Handler>, log: Logger): void {
   let buffered = "";
   let chain = Promise.resolve();
+  let pending = 0;
   socket.setEncoding("utf8");
   socket.on("error", () => undefined);
+  const overBacklog = () =>
+    pending >= CONTROL_BACKLOG_REQUESTS || socket.writableLength >= CONTROL_BACKLOG_REPLY_BYTES;
+  const pauseOrResume = () => {
+    if (socket.destroyed) return;
+    if (overBacklog()) socket.pause();
+    else if (socket.isPaused()) {
+      socket.resume();
+      takeLines();
+    }
+  };
+  socket.on("drain", pauseOrResume);
+  // Lines are taken from `buffered` only while under the backlog; the rest waits there (at most
+  // one chunk read before the pause) until replies are taken.
+  const takeLines = () => {
+    let nl = buffered.indexOf("\n");
+    while (nl >= 0 && !overBacklog()) {
+      const line = buffered.slice(0, nl);
+      buffered = buffered.slice(nl + 1);
+      if (line.trim() !== "") {
+        pending++;
+        chain = chain.then(async () => {
+          await answer(line);
+          pending--;
+          pauseOrResume();
+        });
+      }
+      nl = buffered.indexOf("\n");
+    }
+    if (overBacklog()) socket.pause();
+  };
   socket.on("data", (chunk: string) => {
     buffered += chunk;
     if (buffered.length > MAX_CONTROL_LINE_BYTES && !buffered.includes("\n")) {
@@ -239,20 +289,20 @@ function serveConnection(socket: Socket, handlers: Record<string, Handler>, log:
       );
       return;
     }
-    let nl = buffered.indexOf("\n");
-    while (nl >= 0) {
-      const line = buffered.slice(0, nl);
-      buffered = buffered.slice(nl + 1);
-      if (line.trim() !== "") chain = chain.then(() => answer(line));
-      nl = buffered.indexOf("\n");
-    }
+    takeLines();
   });
 
   async function answer(line: string): Promise<void> {
     let id = 0;
     let response: ControlResponse;
     try {
-      const request = JSON.parse(line) as ControlRequest;
+      const parsed: unknown = JSON.parse(line);
+      if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
+        throw new ProtocolError(
+          `a request is a JSON object {"id":N,"verb":"...","args":{...}}, got ${line.slice(0, 80)}`,
+        );
+      }
+      const request = parsed as ControlRequest;
       id = typeof request.id === "number" ? request.id : 0;
       const handler = typeof request.verb === "string" ? handlers[request.verb] : undefined;
       if (!handler || !Object.hasOwn(handlers, request.verb)) {
@@ -268,7 +318,9 @@ function serveConnection(socket: Socket, handlers: Record<string, Handler>, log:
       const error =
         err instanceof SyntaxError
           ? { code: "EPROTO", message: `bad JSON request: ${err.message}` }
-          : errorReply(err);
+          : err instanceof ProtocolError
+            ? { code: "EPROTO", message: err.message }
+            : errorReply(err);
       // A typo (unknown device, bad table) is the client's mistake: one line, no stack.
       log.info({ code: error.code, reason: error.message }, "control request failed");
       response = { id, ok: false, error };

@@ -1,10 +1,11 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type LinearDevice, SECTOR_SIZE } from "@udm/kcopyd";
+import { type LinearDevice, SECTOR_SIZE, type TargetDevice, type TargetType } from "@udm/kcopyd";
 import { pino } from "pino";
 import { afterEach, beforeEach, describe, expect, test } from "vitest";
 import { DeviceManager, type TableRequest } from "./device-manager.js";
+import type { MetadataState } from "./metadata-record.js";
 import { parseDeviceTable, parseTableFile, TableParseError } from "./table-parser.js";
 import { allTargets } from "./targets.js";
 
@@ -268,5 +269,287 @@ describe("DeviceManager", () => {
     await manager.snapshotCreate("origin", "s3", { ...opts, reuseCow: true });
     expect((await manager.device("s3").read(0, 4096)).equals(Buffer.alloc(4096, 0xbb))).toBe(true);
     expect(manager.status("s3")[0]!.args).not.toBe(fresh);
+  });
+});
+
+/** What the fake target saw, in order: `build:T`, `suspend:T`, `preresume:T`, `resume:T`, `write:T`, `close:T`. */
+const events: string[] = [];
+/** Gates the fake's build and preresume wait on, by tag (set by a test, absent: no wait). */
+const waits = new Map<string, Promise<void>>();
+
+/**
+ * `fake <dev> <tag> [fail_preresume]`: a linear-like target over `<dev>` that records its
+ * lifecycle and I/O in `events` (dm's constructor, presuspend, preresume, resume, dtr).
+ */
+const fakeTarget: TargetType = {
+  name: "fake",
+  usage: "<dev> <tag> [fail_preresume]",
+  async create(args, lengthBytes, context) {
+    const [spec, tag, fail] = args;
+    const inner = await context.openDevice(spec!);
+    events.push(`build:${tag}`);
+    await waits.get(`build:${tag}`);
+    const dev: TargetDevice = {
+      name: `fake(${tag})`,
+      targetType: "fake",
+      sizeBytes: lengthBytes,
+      logicalBlockSize: 512,
+      readOnly: false,
+      table: () => args.join(" "),
+      status: () => "",
+      read: (o, l) => inner.read(o, l),
+      readInto: (o, b) => inner.readInto(o, b),
+      write: async (o, d) => {
+        events.push(`write:${tag}`);
+        await inner.write(o, d);
+      },
+      flush: () => inner.flush(),
+      discard: () => Promise.resolve(),
+      writeZeroes: (o, l) => inner.writeZeroes(o, l),
+      extents: (o, l) => Promise.resolve([{ offsetBytes: o, lengthBytes: l, kind: "data" }]),
+      suspend: async () => {
+        events.push(`suspend:${tag}`);
+      },
+      resume: async () => {
+        events.push(`resume:${tag}`);
+      },
+      preresume: async () => {
+        events.push(`preresume:${tag}`);
+        await waits.get(`preresume:${tag}`);
+        if (fail === "fail_preresume") throw new Error(`${tag} refuses to take over`);
+      },
+      close: async () => {
+        events.push(`close:${tag}`);
+      },
+    };
+    return dev;
+  },
+};
+
+function deferred(): { promise: Promise<void>; resolve: () => void } {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => {
+    resolve = r;
+  });
+  return { promise, resolve };
+}
+
+async function until(what: () => boolean): Promise<void> {
+  for (let i = 0; i < 2000 && !what(); i++) await new Promise((r) => setTimeout(r, 1));
+  expect(what()).toBe(true);
+}
+
+describe("DeviceManager reload, dm's way (a fake target with preresume)", () => {
+  beforeEach(async () => {
+    await manager.closeAll();
+    manager = new DeviceManager({ targets: [...allTargets(), fakeTarget], log });
+    events.length = 0;
+    waits.clear();
+  });
+
+  test("the new table is built while the old one serves; then suspend, preresume, swap, resume; held I/O goes to the new table", async () => {
+    const a = file("a.img", 64 * SECTOR_SIZE);
+    await manager.create([line("vol", "0 64 fake a.img A")]);
+    expect(events).toEqual(["build:A", "preresume:A"]); // create = load + resume: preresume too
+    events.length = 0;
+    const gate = manager.device("vol");
+    const build = deferred();
+    waits.set("build:B", build.promise);
+    const preresume = deferred();
+    waits.set("preresume:B", preresume.promise);
+    const reload = manager.reload("vol", line("vol", "0 64 fake a.img B"));
+    await until(() => events.includes("build:B"));
+    // Building: the old table serves writes, nothing of it was touched.
+    await gate.write(0, Buffer.alloc(512, 1));
+    expect(events).toEqual(["build:B", "write:A"]);
+    build.resolve();
+    await until(() => events.includes("preresume:B"));
+    expect(gate.state).toBe("suspended");
+    // Suspended for the switch: a write is held, not failed, and goes to the new table.
+    const held = gate.write(512, Buffer.alloc(512, 2));
+    await until(() => gate.heldRequests === 1);
+    preresume.resolve();
+    await reload;
+    await held;
+    // The held write and the old table's close race after the resume.
+    expect(events.filter((e) => e !== "close:A")).toEqual([
+      "build:B",
+      "write:A",
+      "suspend:A",
+      "preresume:B",
+      "resume:B",
+      "write:B",
+    ]);
+    expect(events.indexOf("close:A")).toBeGreaterThan(events.indexOf("resume:B"));
+    expect(gate.state).toBe("active");
+    expect(manager.pool.refs(a)).toBe(1);
+  });
+
+  test("a preresume that fails leaves the old table serving exactly as it was; the new one is closed and its devices released", async () => {
+    const a = file("a.img", 64 * SECTOR_SIZE);
+    const b = file("b.img", 64 * SECTOR_SIZE);
+    await manager.create([line("vol", "0 32 fake a.img A\n32 32 fake a.img A2")]);
+    events.length = 0;
+    const err = await manager
+      .reload("vol", line("vol", "0 32 fake b.img B\n32 32 fake b.img C fail_preresume"))
+      .catch((e: Error) => e);
+    expect(err).toBeInstanceOf(TableParseError);
+    expect((err as Error).message).toMatch(/^--table:2: fake: C refuses to take over/);
+    expect(events).toEqual([
+      "build:B",
+      "build:C",
+      "suspend:A",
+      "suspend:A2",
+      "preresume:B",
+      "preresume:C",
+      "resume:A",
+      "resume:A2",
+      "close:B",
+      "close:C",
+    ]);
+    expect(manager.pool.refs(b)).toBe(0);
+    expect(manager.pool.refs(a)).toBe(2);
+    const gate = manager.device("vol");
+    expect(gate.state).toBe("active");
+    expect(manager.table("vol").map((l) => l.args)).toEqual(["a.img A", "a.img A2"]);
+    events.length = 0;
+    await gate.write(0, Buffer.alloc(512, 3));
+    expect(events).toEqual(["write:A"]);
+    // A create whose preresume fails leaves nothing behind either.
+    await expect(manager.create([line("x", "0 8 fake b.img X fail_preresume")])).rejects.toThrow(
+      /X refuses to take over/,
+    );
+    expect(manager.has("x")).toBe(false);
+    expect(manager.pool.refs(b)).toBe(0);
+  });
+
+  test("reload of a suspended device loads the table and leaves it suspended; resume switches", async () => {
+    file("a.img", 64 * SECTOR_SIZE);
+    await manager.create([line("vol", "0 64 fake a.img A")]);
+    await manager.suspend("vol");
+    events.length = 0;
+    const gate = manager.device("vol");
+    const held = gate.write(0, Buffer.alloc(512, 4));
+    await until(() => gate.heldRequests === 1);
+    await manager.reload("vol", line("vol", "0 64 fake a.img B"));
+    expect(gate.state).toBe("suspended");
+    expect(gate.heldRequests).toBe(1);
+    expect(events).toEqual(["build:B", "preresume:B", "close:A"]);
+    await manager.resume("vol");
+    await held;
+    expect(events).toEqual(["build:B", "preresume:B", "close:A", "resume:B", "write:B"]);
+  });
+
+  test("suspend and resume do not wait for the table lock: resuming the device that holds a reload's drain lets it finish", async () => {
+    file("a.img", 64 * SECTOR_SIZE);
+    await manager.create(tables("lin: 0 64 linear a.img 0\ntop: 0 64 fake @lin A\nother: 0 8 zero\n"));
+    await manager.suspend("lin");
+    const write = manager.device("top").write(0, Buffer.alloc(512, 5)); // held below top, in lin
+    await until(() => manager.device("lin").heldRequests === 1);
+    let reloaded = false;
+    const reload = manager.reload("top", line("top", "0 64 fake @lin B")).then(() => {
+      reloaded = true;
+    });
+    await until(() => events.includes("suspend:A"));
+    await manager.suspend("other"); // an unrelated device
+    await manager.resume("other");
+    expect(reloaded).toBe(false);
+    await manager.resume("lin");
+    await reload;
+    await write;
+    expect(manager.device("top").state).toBe("active");
+  });
+});
+
+describe("DeviceManager and the metadata record", () => {
+  test("every state-changing command records the new state before it returns; a failed record fails the command and undoes it", async () => {
+    await manager.closeAll();
+    const records: MetadataState[] = [];
+    let failNext = false;
+    manager = new DeviceManager({
+      targets: allTargets(),
+      log,
+      record: async (state) => {
+        if (failNext) {
+          failNext = false;
+          throw new Error("disk full");
+        }
+        records.push(state);
+      },
+    });
+    const names = () => records[records.length - 1]!.devices.map((d) => `${d.name}: ${d.lines.join(" / ")}`);
+    file("o.img", 256 * SECTOR_SIZE);
+    await manager.create(tables("o: 0 256 snapshot-origin o.img\n"));
+    expect(names()).toEqual([`o: 0 256 snapshot-origin o.img`]);
+    await manager.reload("o", line("o", "0 256 snapshot-origin o.img"));
+    expect(records).toHaveLength(2);
+    await manager.snapshotCreate("o", "s", {
+      cow: join(dir, "s.cow"),
+      createSizeBytes: 1 << 20,
+      chunkSectors: 8,
+      persistent: true,
+      overflowOk: false,
+    });
+    expect(names()).toEqual([
+      `o: 0 256 snapshot-origin o.img`,
+      `s: 0 256 snapshot o.img ${join(dir, "s.cow")} P 8`,
+    ]);
+    await manager.suspend("o"); // not a change of what exists
+    await manager.resume("o");
+    expect(records).toHaveLength(3);
+
+    failNext = true;
+    await expect(manager.reload("o", line("o", "0 256 linear o.img 0"))).rejects.toThrow(/disk full/);
+    expect(manager.table("o")[0]!.targetType).toBe("snapshot-origin");
+    expect(manager.device("o").state).toBe("active");
+    failNext = true;
+    await expect(manager.create([line("z", "0 8 zero")])).rejects.toThrow(/disk full/);
+    expect(manager.has("z")).toBe(false);
+    failNext = true;
+    await expect(manager.remove("s")).rejects.toThrow(/disk full/);
+    expect(manager.has("s")).toBe(true);
+    expect(records).toHaveLength(3);
+
+    await manager.device("s").write(0, Buffer.alloc(4096, 0x5e)); // an exception to merge
+    await manager.suspend("o"); // the merge waits: it is recorded as in progress
+    await manager.snapshotMerge("s");
+    expect(records[records.length - 1]!.devices[1]).toMatchObject({
+      name: "s",
+      lines: [`0 256 snapshot-merge o.img ${join(dir, "s.cow")} P 8`],
+      merging: true,
+    });
+    await manager.resume("o");
+    await until(() => !manager.has("s"));
+    expect(names()).toEqual([`o: 0 256 snapshot-origin o.img`]);
+  });
+
+  test("activate starts what a record says; a merge that was in progress resumes and ends with the device removed", async () => {
+    file("o.img", 256 * SECTOR_SIZE);
+    const cow = join(dir, "s.cow");
+    await manager.create(tables("o: 0 256 snapshot-origin o.img\n"));
+    await manager.snapshotCreate("o", "s", {
+      cow,
+      createSizeBytes: 1 << 20,
+      chunkSectors: 8,
+      persistent: true,
+      overflowOk: false,
+    });
+    await manager.device("s").write(8192, Buffer.alloc(4096, 0x77));
+    await manager.device("s").flush();
+    await manager.suspend("o");
+    await manager.snapshotMerge("s");
+    const recorded = manager.recordedState();
+    expect(recorded.devices.map((d) => d.merging ?? false)).toEqual([false, true]);
+    await manager.resume("o");
+    await manager.closeAll();
+
+    // A new server: the record, not a table file, says what runs.
+    manager = new DeviceManager({ targets: allTargets(), log });
+    await manager.activate(recorded, "udm.meta.json");
+    expect(manager.names()).toEqual(["o", "s"]);
+    expect(manager.table("s")[0]!.targetType).toBe("snapshot-merge");
+    await until(() => !manager.has("s"));
+    expect(manager.mergeState("s").state).toBe("done");
+    expect((await manager.device("o").read(8192, 4096)).equals(Buffer.alloc(4096, 0x77))).toBe(true);
   });
 });

@@ -1,4 +1,4 @@
-import { existsSync } from "node:fs";
+import { existsSync, unlinkSync } from "node:fs";
 import {
   type BlockDevice,
   KcopydClient,
@@ -13,12 +13,14 @@ import {
 } from "@udm/kcopyd";
 import { canonicalSpec, DevicePool } from "./device-pool.js";
 import { GateDevice, type GateState } from "./gate-device.js";
+import { crashPoint, type MetadataState, type RecordedDevice } from "./metadata-record.js";
 import { SegmentedDevice } from "./segmented-device.js";
 import {
   argIndexOf,
   checkDeviceName,
   type DeviceTable,
   formatTableLine,
+  parseDeviceTable,
   probeTableLine,
   type TableLine,
   TableParseError,
@@ -51,7 +53,7 @@ export interface ExportAllowList {
 export class DeviceManagerError extends Error {
   override name = "DeviceManagerError";
   constructor(
-    readonly code: "ENOENT" | "EEXIST" | "EBUSY" | "EINVAL",
+    readonly code: "ENOENT" | "EEXIST" | "EBUSY" | "EINVAL" | "EIO",
     message: string,
   ) {
     super(message);
@@ -121,6 +123,43 @@ export interface DeviceManagerOptions {
    */
   exportAllow?: ReadonlyMap<string, ExportAllowList>;
   kcopyd?: KcopydClient;
+  /**
+   * Records what exists durably (`MetadataRecord.write`): called by every state-changing
+   * command after its tables are built and before it is acknowledged (for reload and snapshot
+   * create, while the devices are still suspended, before the switch). A rejection fails the
+   * command and undoes it.
+   */
+  record?: (state: MetadataState) => Promise<unknown>;
+}
+
+/**
+ * The state-changing commands, as crash-point scopes (`UDM_CRASH_AT=<scope>:<step>`, steps
+ * `built` and `recorded`; snapshot create also `cow-zeroed`; `merged` is the removal of a
+ * snapshot whose merge finished).
+ */
+export const COMMAND_SCOPES = [
+  "create",
+  "remove",
+  "reload",
+  "snapshot-create",
+  "snapshot-merge",
+  "merged",
+] as const;
+export type CommandScope = (typeof COMMAND_SCOPES)[number];
+
+/** A change not applied yet that the record must already show. */
+type PendingChange = { device: RecordedDevice } | { removed: string };
+
+/** Options of `udm remove` and `udm reload` (dmsetup's `--force`). */
+export interface BusyOptions {
+  /**
+   * Remove a device with NBD clients connected (they are disconnected), or a snapshot in the
+   * middle of a merge (the merge is reported aborted); reload to a smaller size although
+   * clients are connected. A device another device is stacked on is never removed.
+   */
+  force?: boolean;
+  /** NBD clients connected to the device's export (asked under the table lock). */
+  connections?: () => number;
 }
 
 /** Options of an LVM-like `udm snapshot create`. */
@@ -160,7 +199,10 @@ export class DeviceManager {
   private readonly log: DeviceManagerOptions["log"];
   private readonly exports: ExportTable | undefined;
   private readonly exportAllow: ReadonlyMap<string, ExportAllowList>;
+  private readonly record: DeviceManagerOptions["record"];
   private lock: Promise<unknown> = Promise.resolve();
+  /** How merges of devices that are gone ended (what `mergeState` answers for them). */
+  private readonly finishedMerges = new Map<string, { state: "done" | "failed"; error?: string }>();
 
   constructor(options: DeviceManagerOptions) {
     this.registry = new Map([...options.targets].map((t) => [t.name, t]));
@@ -168,6 +210,61 @@ export class DeviceManager {
     this.exports = options.exports;
     this.exportAllow = options.exportAllow ?? new Map();
     this.kcopyd = options.kcopyd ?? new KcopydClient();
+    this.record = options.record;
+  }
+
+  /** What the metadata record holds: every device, with `change` applied. */
+  recordedState(change?: PendingChange): MetadataState {
+    const devices: RecordedDevice[] = [];
+    for (const dev of this.devices.values()) {
+      if (change && "removed" in change && change.removed === dev.name) continue;
+      if (change && "device" in change && change.device.name === dev.name) {
+        devices.push(change.device);
+        continue;
+      }
+      devices.push({
+        name: dev.name,
+        lines: dev.lines.map((l) => formatTableLine(null, { ...l, args: l.args.join(" ") })),
+        baseDir: dev.baseDir,
+        ...(dev.merge?.state === "merging" && { merging: true }),
+      });
+    }
+    if (change && "device" in change && !this.devices.has(change.device.name)) devices.push(change.device);
+    return { devices };
+  }
+
+  /**
+   * Records the state (with `change` applied) for the command `scope`. Crash points for tests:
+   * `UDM_CRASH_AT=<scope>:built` dies before the record is written, `<scope>:recorded` after.
+   */
+  private async commit(change: PendingChange | undefined, scope: CommandScope): Promise<void> {
+    crashPoint(scope, "built");
+    if (this.record) await this.record(this.recordedState(change));
+    crashPoint(scope, "recorded");
+  }
+
+  /**
+   * Starts what a metadata record says (`udm serve` after a restart): creates every device and
+   * resumes the merges that were in progress.
+   */
+  activate(state: MetadataState, file: string): Promise<void> {
+    const requests = state.devices.map((d) => ({
+      table: parseDeviceTable(d.name, d.lines, file, this.registry),
+      baseDir: d.baseDir,
+    }));
+    return this.exclusive(async () => {
+      await this.validateCreate(requests);
+      const lines = requests.flatMap((r) => r.table.lines.map((line) => ({ line, baseDir: r.baseDir })));
+      await this.withSuspended(this.originsOfSnapshots(lines), () =>
+        this.buildAll(requests, "create", () => {
+          for (const d of state.devices) {
+            if (!d.merging) continue;
+            this.armMerge(this.get(d.name));
+            this.log.info({ device: d.name }, "merge resumed from the metadata record");
+          }
+        }),
+      );
+    });
   }
 
   /** Device names in creation order. */
@@ -189,24 +286,60 @@ export class DeviceManager {
    * then builds them so that `@NAME` dependencies come first.
    */
   create(requests: TableRequest[]): Promise<void> {
-    return this.exclusive(() =>
-      this.withSuspended(
-        this.originsOfSnapshots(
-          requests.flatMap((r) => r.table.lines.map((line) => ({ line, baseDir: r.baseDir }))),
-        ),
-        () => this.createLocked(requests),
-      ),
-    );
+    return this.exclusive(async () => {
+      const lines = requests.flatMap((r) => r.table.lines.map((line) => ({ line, baseDir: r.baseDir })));
+      await this.validateCreate(requests);
+      await this.withSuspended(this.originsOfSnapshots(lines), () => this.buildAll(requests, "create"));
+    });
   }
 
-  /** Removes a device nobody uses; its export is drained first. */
-  remove(name: string): Promise<void> {
+  /**
+   * Removes a device: refused (EBUSY, naming the holder) while another device is stacked on it,
+   * and, unless `force`, while NBD clients are connected or it is merging. Its export is drained
+   * first.
+   */
+  remove(name: string, options: BusyOptions = {}): Promise<void> {
     return this.exclusive(() => {
       const dev = this.get(name);
+      const users = this.usersOf(name);
+      if (users.length) {
+        throw new DeviceManagerError(
+          "EBUSY",
+          `${name} is in use by ${users.join(", ")}: remove those first${options.force ? " (--force does not remove a device another device uses)" : ""}`,
+        );
+      }
+      if (dev.merge?.state === "merging" && !options.force) {
+        throw new DeviceManagerError(
+          "EBUSY",
+          `${name} is merging into its origin: wait for the merge (udm snapshot merge ${name}), or --force to abort it`,
+        );
+      }
+      const clients = options.connections?.() ?? 0;
+      if (clients > 0 && !options.force) {
+        throw new DeviceManagerError(
+          "EBUSY",
+          `${name} is open by ${clients} NBD client(s): disconnect them first, or --force to disconnect them`,
+        );
+      }
       const origins = this.originsOfSnapshots(dev.lines.map((line) => ({ line, baseDir: dev.baseDir })));
       return this.withSuspended(
         origins.filter((o) => o !== name),
-        () => this.removeLocked(name),
+        async () => {
+          // Recorded first: `merge-status` asks while the device goes away.
+          if (dev.merge?.state === "merging") {
+            const progress = dev.gate.progress();
+            const left = progress
+              ? ` (${progress.totalBytes - progress.doneBytes} of ${progress.totalBytes} bytes not merged)`
+              : "";
+            this.finishedMerges.set(name, {
+              state: "failed",
+              error: `merge aborted: ${name} was removed with --force${left}`,
+            });
+            this.log.warn({ device: name }, "merging snapshot removed with --force: merge aborted");
+          }
+          await this.commit({ removed: name }, "remove");
+          await this.removeLocked(name);
+        },
       );
     });
   }
@@ -227,33 +360,38 @@ export class DeviceManager {
   }
 
   /**
-   * dmsetup suspend: drain and hold I/O, flush. The table lock is only held to start the suspend,
-   * not while in-flight I/O drains: I/O that waits on another suspended device (a stacked `@NAME`)
-   * completes once that one is resumed, and `udm resume` of it must not queue behind this drain.
+   * dmsetup suspend: drain and hold I/O, flush (`noflush`: do not flush). Like the kernel's
+   * per-device suspend lock, suspend and resume only serialise on the device itself, never on
+   * the table lock: a reload or create waiting for I/O to drain (I/O held by another suspended
+   * device) is unblocked by `udm resume` of that device.
    */
-  async suspend(name: string): Promise<void> {
-    const started = await this.exclusive(async () => ({ done: this.suspendGate(this.get(name).gate) }));
-    await started.done;
+  async suspend(name: string, options: { noflush?: boolean } = {}): Promise<void> {
+    await this.suspendGate(this.get(name).gate, !options.noflush);
   }
 
-  private async suspendGate(gate: GateDevice): Promise<void> {
-    await gate.suspend();
+  private async suspendGate(gate: GateDevice, flush = true): Promise<void> {
+    await gate.suspend({ flush });
     if (gate.lastFlushError) {
       this.log.warn({ device: gate.deviceName, err: gate.lastFlushError }, "suspended, but the flush failed");
     }
   }
 
-  /** dmsetup resume. */
+  /** dmsetup resume (does not wait for the table lock, see `suspend`). */
   resume(name: string): Promise<void> {
-    return this.exclusive(() => this.get(name).gate.resume());
+    return this.get(name).gate.resume();
   }
 
   /**
-   * dmsetup reload + resume: builds the new table (targets get the old device as
-   * `context.previous`), suspends, swaps, resumes, then closes the old table.
+   * dmsetup reload, dm's way: the new table is built while the old one keeps serving (targets
+   * get the old device as `context.previous` and must leave it untouched), then an active
+   * device is suspended (I/O held, never failed), each new segment's `preresume` runs, the
+   * tables are swapped and the device resumed. A suspended device stays suspended (dmsetup
+   * reload only loads; `udm resume` switches). A failure at any step leaves the old table
+   * exactly as it was. A reload to a smaller size is refused (EBUSY) while other devices or
+   * NBD clients hold the device, unless `force`.
    */
-  reload(name: string, request: TableRequest): Promise<void> {
-    return this.exclusive(() => this.reloadLocked(name, request));
+  reload(name: string, request: TableRequest, options: BusyOptions = {}): Promise<void> {
+    return this.exclusive(() => this.reloadLocked(name, request, options));
   }
 
   /** dmsetup message NAME SECTOR ARGV...: goes to the segment holding SECTOR. */
@@ -311,19 +449,25 @@ export class DeviceManager {
     progress: TargetProgress | null;
   } {
     const dev = this.devices.get(name);
-    if (!dev) return { state: "done", progress: null };
-    if (!dev.merge) throw new DeviceManagerError("EINVAL", `${name} is not merging`);
+    if (!dev) {
+      const finished = this.finishedMerges.get(name);
+      if (finished) return { ...finished, progress: null };
+      this.get(name); // throws ENOENT naming the devices
+    }
+    if (!dev?.merge) throw new DeviceManagerError("EINVAL", `${name} is not merging`);
     return { ...dev.merge, progress: dev.gate.progress() };
   }
 
   /**
-   * LVM-like `lvcreate -s`: suspends the snapshot-origin devices of ORIGIN's origin, creates a
+   * LVM-like `lvcreate -s`: suspends every snapshot-origin device of ORIGIN's origin, creates a
    * `snapshot` device on the same origin and the COW, resumes. No write is lost or torn: writes
-   * in flight finish before, held writes see the new snapshot.
+   * in flight finish before, held writes see the new snapshot. Everything that can be checked is
+   * checked before anything is written (the COW created or its header zeroed).
    */
   snapshotCreate(originName: string, snapName: string, options: SnapshotCreateOptions): Promise<void> {
     return this.exclusive(async () => {
-      checkDeviceName(snapName, { file: "snapshot create", line: 1 });
+      const source = { file: "snapshot create", line: 1 };
+      checkDeviceName(snapName, source);
       const origin = this.get(originName);
       const line = origin.lines[0]!;
       if (origin.lines.length !== 1 || line.targetType !== "snapshot-origin") {
@@ -332,15 +476,8 @@ export class DeviceManager {
           `${originName} is a ${origin.lines.map((l) => l.targetType).join("+")} device: a snapshot needs a snapshot-origin device (reload it as "0 ${origin.gate.sizeBytes / SECTOR_SIZE} snapshot-origin <dev>" first)`,
         );
       }
-      if (options.createSizeBytes !== undefined && isPathSpec(options.cow) && !existsSync(options.cow)) {
-        const dev = await this.pool.acquire(options.cow, { createSizeBytes: options.createSizeBytes });
-        await this.pool.release(options.cow);
-        this.log.info({ device: snapName, cow: options.cow, sizeBytes: dev.sizeBytes }, "created COW file");
-      }
-      if (options.persistent && !options.reuseCow)
-        await this.zeroCowHeader(options.cow, options.chunkSectors);
+      const { cow } = options;
       const store = options.persistent ? (options.overflowOk ? "PO" : "P") : "N";
-      const args = [line.args[0]!, options.cow, store, String(options.chunkSectors)];
       const table: DeviceTable = {
         name: snapName,
         lines: [
@@ -348,21 +485,47 @@ export class DeviceManager {
             startSectors: 0,
             lengthSectors: line.lengthSectors,
             targetType: "snapshot",
-            args,
-            source: { file: "snapshot create", line: 1 },
+            args: [line.args[0]!, cow, store, String(options.chunkSectors)],
+            source,
           },
         ],
       };
-      await this.withSuspended([originName], () => this.createLocked([{ table, baseDir: origin.baseDir }]));
+      const request = { table, baseDir: origin.baseDir };
+      await this.validateCreate([request]);
+      this.checkCowFree(cow);
+      const create =
+        options.createSizeBytes !== undefined && isPathSpec(cow) && !existsSync(cow)
+          ? options.createSizeBytes
+          : undefined;
+      if (create === undefined) await this.checkCowUsable(cow, options);
+      // Nothing written so far; from here on only an I/O error can fail the command.
+      let created = false;
+      try {
+        if (create !== undefined) {
+          const dev = await this.pool.acquire(cow, { createSizeBytes: create });
+          created = true;
+          await this.pool.release(cow);
+          this.log.info({ device: snapName, cow, sizeBytes: dev.sizeBytes }, "created COW file");
+        }
+        if (options.persistent && !options.reuseCow) await this.zeroCowHeader(cow, options.chunkSectors);
+        crashPoint("snapshot-create", "cow-zeroed");
+        await this.withSuspended(
+          this.originsOfSnapshots([{ line: table.lines[0]!, baseDir: origin.baseDir }]),
+          () => this.buildAll([request], "snapshot-create"),
+        );
+      } catch (err) {
+        if (created) {
+          try {
+            unlinkSync(cow);
+          } catch {}
+        }
+        throw err;
+      }
     });
   }
 
-  /**
-   * Zeroes the header chunk of a COW about to back a new snapshot (lvcreate zeroes the start of
-   * the COW volume): the store then writes a fresh header instead of loading old exceptions.
-   * Refused while a live device uses the same COW, whose exceptions this would destroy.
-   */
-  private async zeroCowHeader(cow: string, chunkSectors: number): Promise<void> {
+  /** A COW another live device uses would lose its exceptions: refused. */
+  private checkCowFree(cow: string): void {
     const users = [...this.devices.values()].filter((d) =>
       cow.startsWith("@") ? d.uses.has(cow.slice(1)) : d.held.includes(cow),
     );
@@ -372,7 +535,10 @@ export class DeviceManager {
         `COW ${cow} is in use${users.length ? ` by ${users.map((d) => d.name).join(", ")}` : ""}: a new snapshot needs a COW of its own`,
       );
     }
-    const bytes = Math.max(chunkSectors, 1) * SECTOR_SIZE;
+  }
+
+  /** Opens an existing COW to check it is writable and holds a header and a metadata chunk. */
+  private async checkCowUsable(cow: string, options: SnapshotCreateOptions): Promise<void> {
     let dev: BlockDevice;
     if (cow.startsWith("@")) {
       dev = this.get(cow.slice(1)).gate;
@@ -388,12 +554,74 @@ export class DeviceManager {
     }
     try {
       if (dev.readOnly) throw new DeviceManagerError("EINVAL", `COW ${cow} is read-only`);
+      const needed = 2 * options.chunkSectors * SECTOR_SIZE;
+      if (options.persistent && dev.sizeBytes < needed) {
+        throw new DeviceManagerError(
+          "EINVAL",
+          `COW ${cow} is ${dev.sizeBytes} bytes: a persistent COW needs at least a header and a metadata chunk (${needed} bytes)`,
+        );
+      }
+    } finally {
+      if (!cow.startsWith("@")) await this.pool.release(cow);
+    }
+  }
+
+  /**
+   * Zeroes the header chunk of a COW about to back a new snapshot (lvcreate zeroes the start of
+   * the COW volume): the store then writes a fresh header instead of loading old exceptions.
+   * Called once the COW was checked (`checkCowFree`, `checkCowUsable`).
+   */
+  private async zeroCowHeader(cow: string, chunkSectors: number): Promise<void> {
+    const bytes = Math.max(chunkSectors, 1) * SECTOR_SIZE;
+    const dev: BlockDevice = cow.startsWith("@") ? this.get(cow.slice(1)).gate : await this.pool.acquire(cow);
+    try {
       await dev.write(0, Buffer.alloc(Math.min(bytes, dev.sizeBytes)));
       await dev.flush();
     } finally {
       if (!cow.startsWith("@")) await this.pool.release(cow);
     }
     this.log.info({ cow, bytes }, "zeroed the COW header chunk for a new snapshot");
+  }
+
+  /**
+   * The devices a spec stands for, itself included: a pooled spec, or `@NAME` and everything
+   * that device's table uses, recursively.
+   */
+  private stackOf(spec: string): Set<string> {
+    const out = new Set<string>();
+    const visit = (s: string) => {
+      if (out.has(s)) return;
+      out.add(s);
+      const dev = s.startsWith("@") ? this.devices.get(s.slice(1)) : undefined;
+      if (!dev) return;
+      for (const held of dev.held) visit(held);
+      for (const used of dev.uses) visit(`@${used}`);
+    };
+    visit(spec);
+    return out;
+  }
+
+  /**
+   * A snapshot's COW may not be its origin (dm: "COW device cannot be the same as origin
+   * device"), nor a device stacked on the origin or on a snapshot-origin device of it: writing
+   * the COW would write the origin, and building the snapshot would wait forever on the origin
+   * devices suspended for it.
+   */
+  private checkCowNotOnOrigin(line: TableLine, baseDir: string): void {
+    if (line.targetType !== "snapshot" && line.targetType !== "snapshot-merge") return;
+    const [originArg, cowArg] = line.args;
+    if (originArg === undefined || cowArg === undefined) return;
+    const originSpec = canonicalSpec(originArg, baseDir);
+    const cowSpec = canonicalSpec(cowArg, baseDir);
+    const forbidden = new Set([originSpec, ...this.originDevicesOf(originSpec).map((n) => `@${n}`)]);
+    // The nearest offender: the stack is in visiting order, the COW itself first.
+    const hit = [...this.stackOf(cowSpec)].find((spec) => forbidden.has(spec));
+    if (hit === undefined) return;
+    const what = hit === originSpec ? `the origin ${hit}` : `${hit}, a snapshot-origin device of the origin`;
+    throw new TableParseError(
+      line.source,
+      `${line.targetType} argument 2 ("${cowArg}"): the COW ${hit === cowSpec ? "is" : "stacks on"} ${what}: a COW must be a device of its own`,
+    );
   }
 
   /**
@@ -421,39 +649,67 @@ export class DeviceManager {
         name: snapName,
         lines: [{ ...line, targetType: "snapshot-merge", args: [origin!, cow!, store, chunk!, ...features] }],
       };
+      // The snapshot hands its exceptions over while its table is built: hold its I/O meanwhile.
       const origins = this.originDevicesOf(canonicalSpec(origin!, dev.baseDir));
-      await this.withSuspended(origins, () => this.reloadLocked(snapName, { table, baseDir: dev.baseDir }));
-      const target = dev.segments[0] as TargetDevice & { whenMerged?: () => Promise<void> };
-      if (typeof target.whenMerged !== "function") {
-        throw new DeviceManagerError(
-          "EINVAL",
-          `${snapName}: the snapshot-merge target does not report completion`,
-        );
-      }
-      dev.merge = { state: "merging" };
-      target.whenMerged().then(
-        () =>
-          this.remove(snapName).catch((err: Error) => {
-            dev.merge = { state: "failed", error: `merged, but removing failed: ${err.message}` };
-          }),
-        (err: Error) => {
-          dev.merge = { state: "failed", error: err.message };
-          this.log.error({ device: snapName, err }, "merge failed");
-        },
+      await this.withSuspended([...origins, snapName], () =>
+        this.reloadLocked(snapName, { table, baseDir: dev.baseDir }, { merging: true }),
       );
+      this.armMerge(dev);
     });
   }
 
-  /** Resumes every suspended device, so held requests can finish before a shutdown drains them. */
-  resumeAll(): Promise<void> {
-    return this.exclusive(async () => {
-      for (const dev of this.devices.values()) {
-        if (dev.gate.state === "suspended") {
+  /**
+   * Follows the merge of a `snapshot-merge` device as LVM does: `merge-status` answers from
+   * `dev.merge`, and the device is removed (and recorded so) when the merge is done.
+   */
+  private armMerge(dev: UdmDevice): void {
+    const snapName = dev.name;
+    const target = dev.segments[0] as TargetDevice & { whenMerged?: () => Promise<void> };
+    if (dev.lines.length !== 1 || typeof target?.whenMerged !== "function") {
+      throw new DeviceManagerError(
+        "EINVAL",
+        `${snapName}: the snapshot-merge target does not report completion`,
+      );
+    }
+    const origin = dev.lines[0]!.args[0]!;
+    dev.merge = { state: "merging" };
+    this.finishedMerges.delete(snapName);
+    target.whenMerged().then(
+      () =>
+        this.exclusive(async () => {
+          // Reloaded or removed meanwhile: this merge is not the device's any more.
+          if (this.devices.get(snapName) !== dev || dev.segments[0] !== target) return;
+          const origins = this.originDevicesOf(canonicalSpec(origin, dev.baseDir));
+          this.finishedMerges.set(snapName, { state: "done" });
+          await this.withSuspended(origins, async () => {
+            await this.commit({ removed: snapName }, "merged");
+            await this.removeLocked(snapName);
+          });
+        }).catch((err: Error) => {
+          dev.merge = { state: "failed", error: `merged, but removing failed: ${err.message}` };
+        }),
+      (err: Error) => {
+        if (dev.segments[0] !== target) return;
+        dev.merge = { state: "failed", error: err.message };
+        this.log.error({ device: snapName, err }, "merge failed");
+      },
+    );
+  }
+
+  /**
+   * Resumes every suspended device, so held requests can finish before a shutdown drains them.
+   * All at once and without the table lock: a command waiting for a drain finishes once the
+   * device holding its I/O is resumed.
+   */
+  async resumeAll(): Promise<void> {
+    await Promise.all(
+      [...this.devices.values()]
+        .filter((dev) => dev.gate.state === "suspended")
+        .map((dev) => {
           this.log.info({ device: dev.name }, "resuming for shutdown");
-          await dev.gate.resume();
-        }
-      }
-    });
+          return dev.gate.resume();
+        }),
+    );
   }
 
   /** Removes every device, users before what they use (server shutdown). */
@@ -530,7 +786,8 @@ export class DeviceManager {
     return [...this.devices.values()].filter((d) => d.uses.has(name)).map((d) => d.name);
   }
 
-  private async createLocked(requests: TableRequest[]): Promise<void> {
+  /** Checks every table of a create (names, arguments, `@NAME`s, COWs) before anything is opened. */
+  private async validateCreate(requests: TableRequest[]): Promise<void> {
     const batch = new Map<string, TableRequest>();
     for (const r of requests) {
       const source = r.table.lines[0]?.source ?? { file: "table", line: 1 };
@@ -539,7 +796,6 @@ export class DeviceManager {
       }
       batch.set(r.table.name, r);
     }
-    // Validate everything before opening anything.
     for (const r of requests) {
       for (const line of r.table.lines) {
         await this.probe(
@@ -547,14 +803,26 @@ export class DeviceManager {
           r.table.name,
           (dep) => this.devices.has(dep) || (batch.has(dep) && dep !== r.table.name),
         );
+        this.checkCowNotOnOrigin(line, r.baseDir);
       }
     }
+    orderByDependency(requests); // throws on a cycle
+  }
+
+  /** Builds validated tables, `@NAME` dependencies first, and records them; all or nothing. */
+  private async buildAll(
+    requests: TableRequest[],
+    scope: CommandScope,
+    beforeCommit?: () => void,
+  ): Promise<void> {
     const created: string[] = [];
     try {
       for (const r of orderByDependency(requests)) {
         await this.build(r);
         created.push(r.table.name);
       }
+      beforeCommit?.();
+      await this.commit(undefined, scope);
     } catch (err) {
       for (const name of created.reverse()) {
         await this.removeLocked(name).catch((e: Error) =>
@@ -586,10 +854,17 @@ export class DeviceManager {
     );
   }
 
-  /** Builds the table of one device and publishes it. */
+  /** Builds the table of one device, runs its preresume (dm's create = load + resume) and publishes it. */
   private async build(request: TableRequest): Promise<void> {
     const { name } = request.table;
     const built = await this.buildTable(request, undefined);
+    try {
+      await preresumeAll(built.segments, request.table.lines, this.registry);
+    } catch (err) {
+      await this.discard(built);
+      throw err;
+    }
+    this.finishedMerges.delete(name);
     const gate = new GateDevice(name, built.device);
     this.devices.set(name, {
       name,
@@ -642,8 +917,7 @@ export class DeviceManager {
         }
       }
     } catch (err) {
-      await Promise.allSettled(segments.map((s) => s.close()));
-      for (const spec of held) await this.pool.release(spec).catch(() => undefined);
+      await this.discard({ segments, held });
       throw err;
     }
     let start = 0;
@@ -687,24 +961,65 @@ export class DeviceManager {
     }
   }
 
-  private async reloadLocked(name: string, request: TableRequest): Promise<void> {
+  /** Closes a table that was built but never served, and releases the devices it held. */
+  private async discard(built: { segments: TargetDevice[]; held: string[] }): Promise<void> {
+    await Promise.allSettled(built.segments.map((s) => s.close()));
+    for (const spec of built.held) await this.pool.release(spec).catch(() => undefined);
+  }
+
+  private async reloadLocked(
+    name: string,
+    request: TableRequest,
+    /** `merging`: record the device as an LVM-like merge in progress (`snapshotMerge`). */
+    options: BusyOptions & { merging?: boolean } = {},
+  ): Promise<void> {
     const dev = this.get(name);
     if (request.table.name !== name) request = { ...request, table: { ...request.table, name } };
     const dependents = this.dependentsOf(name);
     for (const line of request.table.lines) {
       await this.probe(line, name, (dep) => this.devices.has(dep) && !dependents.has(dep));
+      this.checkCowNotOnOrigin(line, request.baseDir);
     }
+    const last = request.table.lines[request.table.lines.length - 1];
+    const newSize = last ? (last.startSectors + last.lengthSectors) * SECTOR_SIZE : 0;
+    if (newSize < dev.gate.sizeBytes && !options.force) {
+      const users = this.usersOf(name);
+      const clients = options.connections?.() ?? 0;
+      if (users.length || clients) {
+        throw new DeviceManagerError(
+          "EBUSY",
+          `${name}: the new table is ${newSize / SECTOR_SIZE} sectors, smaller than the ${dev.gate.sizeBytes / SECTOR_SIZE} sectors ${[
+            ...(users.length ? [`${users.join(", ")} (stacked on it)`] : []),
+            ...(clients ? [`${clients} NBD client(s)`] : []),
+          ].join(" and ")} may address: --force to reload anyway`,
+        );
+      }
+    }
+    // Built while the old table keeps serving; the old one is only touched after the suspend.
     const built = await this.buildTable(request, dev);
-    const wasSuspended = dev.gate.state === "suspended";
+    let switched: Awaited<ReturnType<GateDevice["replace"]>>;
     try {
-      await this.suspendGate(dev.gate);
+      switched = await dev.gate.replace(built.device, async () => {
+        if (dev.gate.lastFlushError) {
+          this.log.warn({ device: name, err: dev.gate.lastFlushError }, "suspended, but the flush failed");
+        }
+        await preresumeAll(built.segments, request.table.lines, this.registry);
+        await this.commit(
+          {
+            device: {
+              name,
+              lines: request.table.lines.map((l) => formatTableLine(null, { ...l, args: l.args.join(" ") })),
+              baseDir: request.baseDir,
+              ...(options.merging && { merging: true }),
+            },
+          },
+          options.merging ? "snapshot-merge" : "reload",
+        );
+      });
     } catch (err) {
-      await Promise.allSettled(built.segments.map((s) => s.close()));
-      for (const spec of built.held) await this.pool.release(spec).catch(() => undefined);
-      if (!wasSuspended) await dev.gate.resume().catch(() => undefined);
+      await this.discard(built);
       throw err;
     }
-    const old = dev.gate.swap(built.device);
     const oldHeld = dev.held;
     Object.assign(dev, {
       lines: request.table.lines,
@@ -716,16 +1031,26 @@ export class DeviceManager {
     delete dev.merge;
     this.watchEvents(dev);
     this.exports?.replaceExportDevice(name, dev.gate);
-    await dev.gate.resume();
-    this.log.info({ device: name, targets: request.table.lines.length }, "table reloaded");
+    this.log.info(
+      { device: name, targets: request.table.lines.length, resumed: switched.resumed },
+      switched.resumed || switched.resumeError
+        ? "table reloaded"
+        : "table loaded; the device stays suspended until resume",
+    );
     // The reload has happened: a failure to close the old table is logged, not reported as failure.
-    await old
+    await switched.old
       .close()
       .catch((err: Error) => this.log.warn({ device: name, err }, "closing the old table failed"));
     for (const spec of oldHeld) {
       await this.pool
         .release(spec)
         .catch((err: Error) => this.log.warn({ device: name, spec, err }, "closing a device failed"));
+    }
+    if (switched.resumeError) {
+      throw new DeviceManagerError(
+        "EIO",
+        `${name}: the new table is loaded but resuming it failed (the device stays suspended): ${switched.resumeError.message}`,
+      );
     }
   }
 
@@ -809,6 +1134,24 @@ export class DeviceManager {
     } finally {
       for (const spec of dev.held) await this.pool.release(spec);
       this.log.info({ device: name }, "device removed");
+    }
+  }
+}
+
+/**
+ * dm's preresume of a new table, segment by segment; an error names the table line. The old
+ * table (if any) is suspended and drained when this runs.
+ */
+async function preresumeAll(
+  segments: TargetDevice[],
+  lines: TableLine[],
+  registry: ReadonlyMap<string, TargetType>,
+): Promise<void> {
+  for (const [i, segment] of segments.entries()) {
+    try {
+      await segment.preresume?.();
+    } catch (err) {
+      throw targetError(lines[i]!, err, registry);
     }
   }
 }

@@ -91,32 +91,75 @@ export class GateDevice implements TargetDevice {
 
   /**
    * dmsetup suspend: stop the target's background work, hold new I/O, wait for in-flight I/O,
-   * flush. Resolves when the device is quiescent. Suspending a suspended device does nothing.
+   * flush (unless `flush: false`, dmsetup's `--noflush`: a device stacked on a suspended one
+   * then suspends without waiting for it). Resolves when the device is quiescent. Suspending a
+   * suspended device does nothing.
    */
-  suspend(): Promise<void> {
-    return this.serialise(async () => {
-      if (this.stateValue !== "active") return;
-      await this.inner.suspend?.();
-      this.stateValue = "suspended";
-      await this.drained();
-      // A device that cannot flush (an `error` segment) still suspends; the caller logs why.
-      this.lastFlushError = null;
-      try {
-        await this.inner.flush();
-      } catch (err) {
-        this.lastFlushError = err as Error;
-      }
-    });
+  suspend(options: { flush?: boolean } = {}): Promise<void> {
+    return this.serialise(() => this.suspendNow(options.flush !== false));
   }
 
   /** dmsetup resume: restart the target's background work and release held I/O. */
   resume(): Promise<void> {
+    return this.serialise(() => this.resumeNow());
+  }
+
+  /**
+   * dm's table switch, as one transition (a `resume` or `suspend` arriving meanwhile waits for
+   * it): an active device is suspended (drained, flushed), then `prepare` runs (the new table's
+   * preresume), then `next` replaces the table and the device is resumed. A suspended device
+   * stays suspended (dmsetup reload loads the table; `resume` activates it). When `prepare`
+   * fails, the old table stays in place, resumed if it was active, and the error is thrown.
+   */
+  replace(
+    next: TargetDevice,
+    prepare: () => Promise<void>,
+  ): Promise<{ old: TargetDevice; resumed: boolean; resumeError?: Error }> {
     return this.serialise(async () => {
-      if (this.stateValue !== "suspended") return;
-      await this.inner.resume?.();
-      this.stateValue = "active";
-      for (const waiter of this.held.splice(0)) waiter.resolve();
+      if (this.stateValue === "closed") {
+        throw new IoError("ESHUTDOWN", this.deviceName, "device removed");
+      }
+      const wasActive = this.stateValue === "active";
+      if (wasActive) await this.suspendNow(true);
+      try {
+        await prepare();
+      } catch (err) {
+        if (wasActive) await this.resumeNow();
+        throw err;
+      }
+      const old = this.inner;
+      this.inner = next;
+      if (!wasActive) return { old, resumed: false };
+      try {
+        await this.resumeNow();
+        return { old, resumed: true };
+      } catch (err) {
+        // The new table is in place but its resume failed: the device stays suspended.
+        return { old, resumed: false, resumeError: err as Error };
+      }
     });
+  }
+
+  private async suspendNow(flush: boolean): Promise<void> {
+    if (this.stateValue !== "active") return;
+    await this.inner.suspend?.();
+    this.stateValue = "suspended";
+    await this.drained();
+    // A device that cannot flush (an `error` segment) still suspends; the caller logs why.
+    this.lastFlushError = null;
+    if (!flush) return;
+    try {
+      await this.inner.flush();
+    } catch (err) {
+      this.lastFlushError = err as Error;
+    }
+  }
+
+  private async resumeNow(): Promise<void> {
+    if (this.stateValue !== "suspended") return;
+    await this.inner.resume?.();
+    this.stateValue = "active";
+    for (const waiter of this.held.splice(0)) waiter.resolve();
   }
 
   /** Replaces the table device while suspended; returns the old one (the caller closes it). */
@@ -138,7 +181,7 @@ export class GateDevice implements TargetDevice {
     await this.drained();
   }
 
-  private serialise(fn: () => Promise<void>): Promise<void> {
+  private serialise<T>(fn: () => Promise<T>): Promise<T> {
     const run = this.transition.then(fn, fn);
     this.transition = run.catch(() => undefined);
     return run;

@@ -8,6 +8,8 @@ export * from "./device-pool.js";
 export * from "./embedded-default.js";
 export * from "./gate-device.js";
 export * from "./logger.js";
+export * from "./metadata-record.js";
+export * from "./metadata-start.js";
 export * from "./progress.js";
 export * from "./segmented-device.js";
 export * from "./serve.js";

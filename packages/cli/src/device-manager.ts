@@ -693,6 +693,16 @@ export class DeviceManager {
       if (!wasSuspended) await dev.gate.resume().catch(() => undefined);
       throw err;
     }
+    try {
+      // dm's preresume: the new table takes over from the drained old one (a mirror's log and
+      // per-leg state); a failure leaves the old table as it was.
+      for (const segment of built.segments) await segment.preresume?.();
+    } catch (err) {
+      await Promise.allSettled(built.segments.map((s) => s.close()));
+      for (const spec of built.held) await this.pool.release(spec).catch(() => undefined);
+      if (!wasSuspended) await dev.gate.resume().catch(() => undefined);
+      throw err;
+    }
     const old = dev.gate.swap(built.device);
     const oldHeld = dev.held;
     Object.assign(dev, {

@@ -1,6 +1,8 @@
 import { existsSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { mkdir, open, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { FileDevice, SECTOR_SIZE } from "@udm/kcopyd";
+import { DirtyRegionLog } from "@udm/mirror";
 
 /** Name of the table file `udm serve` reads from (and writes into) the data directory. */
 export const DEFAULT_TABLE_FILE = "udm.table";
@@ -31,9 +33,32 @@ origin: 0 ${originSectors} snapshot-origin origin.img
 # A persistent snapshot of origin (kernel-compatible COW, ${DEFAULT_CHUNK_SECTORS}-sector chunks).
 snap0: 0 ${originSectors} snapshot origin.img snap0.cow P ${DEFAULT_CHUNK_SECTORS}
 
-# A two-leg mirror with a disk log (${DEFAULT_REGION_SECTORS}-sector regions); both legs start empty, so nosync.
-mirror0: 0 ${mirrorSectors} mirror disk 3 mirror0.log ${DEFAULT_REGION_SECTORS} nosync 2 mirror0-a.img 0 mirror0-b.img 0
+# A two-leg mirror with a disk log (${DEFAULT_REGION_SECTORS}-sector regions). Both legs started empty, so the
+# log was created in sync; it keeps which regions are dirty across restarts (no "nosync" here:
+# that would trust the legs again after a crash).
+mirror0: 0 ${mirrorSectors} mirror disk 2 mirror0.log ${DEFAULT_REGION_SECTORS} 2 mirror0-a.img 0 mirror0-b.img 0
 `;
+}
+
+/**
+ * Writes a new dm-log into the embedded mirror's log, every region clean: the legs were just
+ * created empty, so they are identical (what `nosync` does at a first activation, done once
+ * here so the table never has to say `nosync`).
+ */
+async function initMirrorLogInSync(path: string): Promise<void> {
+  const device = await FileDevice.open(path);
+  try {
+    const log = new DirtyRegionLog({
+      regionSectors: DEFAULT_REGION_SECTORS,
+      targetSectors: DEFAULT_MIRROR_BYTES / SECTOR_SIZE,
+      sync: "nosync",
+      device,
+      legCount: 2,
+    });
+    await log.resume();
+  } finally {
+    await device.close();
+  }
 }
 
 async function sparseFile(path: string, sizeBytes: number): Promise<void> {
@@ -67,6 +92,7 @@ export async function ensureEmbeddedDefault(
   await sparseFile(join(dataDir, "mirror0-a.img"), DEFAULT_MIRROR_BYTES);
   await sparseFile(join(dataDir, "mirror0-b.img"), DEFAULT_MIRROR_BYTES);
   await sparseFile(join(dataDir, "mirror0.log"), DEFAULT_MIRROR_LOG_BYTES);
+  await initMirrorLogInSync(join(dataDir, "mirror0.log"));
   // Written last: its presence means the data files are complete.
   await writeFile(`${tableFile}.tmp`, defaultTableText(), { mode: 0o644 });
   await rename(`${tableFile}.tmp`, tableFile);

@@ -892,9 +892,12 @@ export class MirrorDevice implements TargetDevice {
       // Every current leg failed: the write fails, the legs keep one current copy (they may differ).
       if (this.markStale(r, failedMask)) noCurrentCopy = true;
     }
+    // A leg that reported its backend gone (watchHealth) is handled as an offline leg: stale where
+    // it missed writes and resynced when it is back, like writes to a region already out of sync.
+    const failedOnline = this.legs.some((l) => failedMask & (1 << l.index) && !l.offline);
     if (noCurrentCopy) {
       failures.push(`no current leg took it (${firstError})`);
-    } else if (this.handleErrors && !this.keepLog) {
+    } else if (this.handleErrors && !this.keepLog && failedOnline) {
       // The kernel holds such a write (hold_bio) until userspace reconfigures the mirror; udm has
       // no dmeventd to do that, so it fails it: never acknowledged with only some legs holding it.
       failures.push(`handle_errors: it reached only some legs, so it is not acknowledged (${firstError})`);

@@ -1052,9 +1052,10 @@ export class MirrorDevice implements TargetDevice {
   }
 
   /** Marks drained regions clean and writes the log (flushing the legs first). */
-  private async cleanPass(): Promise<void> {
+  /** `flushLegs`: flush the legs even with nothing to clean (suspend: settle every flush window). */
+  private async cleanPass(flushLegs = false): Promise<void> {
     const candidates = this.regionHash.cleanCandidates();
-    if (candidates.length || this.recoveredUnflushed > 0) {
+    if (candidates.length || this.recoveredUnflushed > 0 || flushLegs) {
       // Data first: only regions whose writes are flushed on every leg may be declared clean.
       this.recoveredUnflushed = 0;
       const { lost } = await this.flushLegs("flush");
@@ -1289,7 +1290,11 @@ export class MirrorDevice implements TargetDevice {
     this.startRecovery();
   }
 
-  /** Waits for in-flight writes, marks drained regions clean and flushes the log. */
+  /**
+   * Waits for in-flight writes, flushes every leg (what a leg took since its last flush is then
+   * durable, or the leg is stale there: nothing is left in a flush window for a successor table to
+   * inherit), marks drained regions clean and flushes the log.
+   */
   async settle(): Promise<void> {
     await this.waitOpsIdle();
     if (!this.activated || this.detached) return;
@@ -1298,7 +1303,7 @@ export class MirrorDevice implements TargetDevice {
       this.cleanTimer = undefined;
     }
     await this.resyncFlush;
-    await this.cleanPass();
+    await this.cleanPass(true);
   }
 
   /** Resolves once nothing is out of sync that the resync can reach (test and CLI helper). */

@@ -413,7 +413,9 @@ export class DirtyRegionLog {
 /** Bytes a udm disk log occupies: the kernel's area, then one stale bitset per leg. */
 export function udmLogBytes(regionCount: number, legCount: number, logicalBlockSize = 512): number {
   const legArea = legCount * bitsetBytes(regionCount);
-  return diskLogBytes(regionCount, logicalBlockSize) + Math.ceil(legArea / logicalBlockSize) * logicalBlockSize;
+  return (
+    diskLogBytes(regionCount, logicalBlockSize) + Math.ceil(legArea / logicalBlockSize) * logicalBlockSize
+  );
 }
 
 /** Bytes a disk log occupies: header sector(s) + bitmap, rounded up to the logical block size. */

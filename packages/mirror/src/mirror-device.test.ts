@@ -464,7 +464,9 @@ describe("leg failure", () => {
     const m = await mirror("core 2 128 nosync 2 a 0 b 0 1 handle_errors", { a, b });
     await m.write(0, fill(1, 2 * REGION));
     a.setMode("down"); // reads and writes fail
-    await expect(m.write(REGION, fill(2, REGION))).rejects.toThrow(/handle_errors: it reached only some legs/);
+    await expect(m.write(REGION, fill(2, REGION))).rejects.toThrow(
+      /handle_errors: it reached only some legs/,
+    );
     expect(m.defaultLegIndex).toBe(1);
     expect(m.status()).toBe("2 a b 63/64 1 DA 1 core");
     // Region 1 is out of sync with b current: a write there needs b only, and is acknowledged.

@@ -71,6 +71,11 @@ interface MirrorLeg {
   unwatch: (() => void) | undefined;
   /** What a failed flush or a lost connection may lose on this leg (flush accounting by generation). */
   window: FlushWindow;
+  /**
+   * The leg's flushes run one at a time: a failed flush may have lost what a concurrent one
+   * would claim durable, so its failure is accounted before the next flush is issued.
+   */
+  flushChain: Promise<unknown>;
 }
 
 export interface MirrorDeviceOptions {
@@ -235,6 +240,7 @@ export class MirrorDevice implements TargetDevice {
         offline: false,
         unwatch: undefined,
         window: new FlushWindow(),
+        flushChain: Promise.resolve(),
       };
     });
     this.allLegsMask = (1 << legs.length) - 1;
@@ -315,13 +321,15 @@ export class MirrorDevice implements TargetDevice {
     const oldIndex = handover ? this.legs.map((leg) => handover.legKeys.indexOf(this.legKey(leg))) : [];
     const newLegs = oldIndex.reduce((mask, old, i) => (old < 0 ? mask | (1 << i) : mask), 0);
     if (handover) {
-      for (const [i, old] of oldIndex.entries()) if (old >= 0 && handover.offline[old]) this.legs[i]!.offline = true;
+      for (const [i, old] of oldIndex.entries())
+        if (old >= 0 && handover.offline[old]) this.legs[i]!.offline = true;
     }
     // The leg copied from where nothing better is known: the old default, else a leg the log
     // never called stale (the kernel: leg 0).
     const legacy = this.log.storedLegBits ? 0 : (this.log.storedStaleLegs ?? 0);
     let truth = handover ? this.legs.findIndex((l) => this.legKey(l) === handover.defaultLegKey) : -1;
-    if (truth < 0) truth = this.legs.findIndex((l) => !(legacy & (1 << l.index)) && !(newLegs & (1 << l.index)));
+    if (truth < 0)
+      truth = this.legs.findIndex((l) => !(legacy & (1 << l.index)) && !(newLegs & (1 << l.index)));
     if (truth < 0) {
       if (legacy === this.allLegsMask && this.log.sync !== "sync" && !carry) {
         throw new Error(
@@ -353,7 +361,8 @@ export class MirrorDevice implements TargetDevice {
         this.initRegion(r, stored || notTruth, notTruth);
       }
       // Geometry changed on reload: legs that are new get a full resync.
-      if (handover && newLegs) for (let r = 0; r < this.regionCount; r++) this.initRegion(r, newLegs, notTruth);
+      if (handover && newLegs)
+        for (let r = 0; r < this.regionCount; r++) this.initRegion(r, newLegs, notTruth);
     }
     if (newLegs && handover) {
       this.logger?.info(
@@ -837,7 +846,8 @@ export class MirrorDevice implements TargetDevice {
         } catch (err) {
           this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log write failed");
           // keep_log: the kernel fails a write it cannot record (do_failures with log_failure).
-          if (this.keepLog) failures.push(`the mirror log cannot record the failed leg: ${(err as Error).message}`);
+          if (this.keepLog)
+            failures.push(`the mirror log cannot record the failed leg: ${(err as Error).message}`);
         }
       }
       if (failures.length) {
@@ -951,25 +961,27 @@ export class MirrorDevice implements TargetDevice {
    */
   private async flushLegs(kind: LegErrorKind): Promise<{ flushed: boolean; lost: number[] }> {
     const legs = this.legs.filter((l) => !l.offline);
+    const lost: number[] = [];
     const results = await Promise.all(
       legs.map((leg) => {
-        const k = leg.window.beginFlush();
-        return leg.dev.flush().then(
-          () => {
-            for (const region of leg.window.flushSucceeded(k)) this.copyDurable(leg, region);
-            return true;
-          },
-          (err: unknown) => {
-            this.failLeg(leg, kind, err ?? new Error("flush failed"));
-            return false;
-          },
-        );
+        const run = leg.flushChain.then(() => {
+          const k = leg.window.beginFlush();
+          return leg.dev.flush().then(
+            () => {
+              for (const region of leg.window.flushSucceeded(k)) this.copyDurable(leg, region);
+              return true;
+            },
+            (err: unknown) => {
+              this.failLeg(leg, kind, err ?? new Error("flush failed"));
+              lost.push(...this.legLostUnflushed(leg));
+              return false;
+            },
+          );
+        });
+        leg.flushChain = run;
+        return run;
       }),
     );
-    const lost: number[] = [];
-    results.forEach((ok, i) => {
-      if (!ok) lost.push(...this.legLostUnflushed(legs[i]!));
-    });
     return { flushed: results.some(Boolean), lost };
   }
 

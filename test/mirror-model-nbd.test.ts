@@ -45,7 +45,6 @@ function prng(seed: number) {
     chance: (p: number) => next() < p,
   };
 }
-type Rng = ReturnType<typeof prng>;
 
 /** A disk with a volatile write cache: a crash or a failed flush loses what was not flushed. */
 class VolatileDisk implements BlockDevice {

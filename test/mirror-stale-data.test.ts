@@ -13,7 +13,6 @@ import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { buildCli, startServe, udmAsync } from "./cli-helpers.js";
 
 const KIB = 1024;
-const MIB = 2 ** 20;
 
 let dir: string;
 beforeAll(() => {

@@ -169,6 +169,12 @@ export class MirrorDevice implements TargetDevice {
   readonly currency: LegCurrency;
   private readonly legs: MirrorLeg[];
   private readonly allLegsMask: number;
+  /**
+   * Regions whose only current leg lost data in a flush the user did not ask for (the mirror's
+   * own, or a lost connection): the next user flush fails with EIO, as the next fsync reports a
+   * writeback error.
+   */
+  private lostSinceUserFlush = new Set<number>();
   /** The table this one replaces, until `preresume()` takes over from it. */
   private previous: MirrorDevice | undefined;
   /** The log was resumed and the mirror is serving (`preresume`). */
@@ -927,7 +933,10 @@ export class MirrorDevice implements TargetDevice {
     }
     const mark = this.log.dirtyMark;
     const candidates = this.regionHash.cleanCandidates();
+    const earlierLost = this.lostSinceUserFlush;
+    this.lostSinceUserFlush = new Set();
     const { flushed, lost } = await this.flushLegs("write");
+    lost.push(...earlierLost);
     if (!flushed) throw new IoError("EIO", this.name, "flush failed on every leg");
     // Regions drained before this flush are durable on every leg: clean (written with the next log write).
     if (candidates.length) this.regionHash.commitClean(candidates);
@@ -1071,6 +1080,7 @@ export class MirrorDevice implements TargetDevice {
       // Data first: only regions whose writes are flushed on every leg may be declared clean.
       this.recoveredUnflushed = 0;
       const { lost } = await this.flushLegs("flush");
+      for (const r of lost) this.lostSinceUserFlush.add(r);
       if (lost.length) {
         this.logger?.error(
           { device: this.name, regions: lost.slice(0, 16) },
@@ -1248,6 +1258,7 @@ export class MirrorDevice implements TargetDevice {
           this.failLeg(leg, "write", new Error("connection lost"));
           // Writes it took since its last good flush may be gone with the connection.
           const lost = this.legLostUnflushed(leg);
+          for (const r of lost) this.lostSinceUserFlush.add(r);
           if (lost.length) {
             this.logger?.error(
               { device: this.name, leg: leg.dev.name, regions: lost.slice(0, 16) },

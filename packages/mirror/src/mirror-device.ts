@@ -17,8 +17,8 @@ import {
   type WriteZeroesOptions,
 } from "@udm/kcopyd";
 import type { DirtyRegionLog } from "./dirty-log.js";
-import { FlushWindow } from "./flush-window.js";
 import { LegCurrency } from "./leg-currency.js";
+import { type LegErrorKind, type MirrorLeg, type MirrorLegSpec, MirrorLegs } from "./mirror-legs.js";
 import { RegionHash } from "./region-hash.js";
 
 /** Regions resynced at once by default; the kernel's `MAX_RECOVERY` is 1. */
@@ -49,34 +49,6 @@ const WRITE_BATCH_REGIONS = 256;
  * destinations are flushed after this many copied regions (and when the pass runs out of work).
  */
 const RECOVERY_FLUSH_REGIONS = 64;
-
-/** Sticky per-leg error kinds of dm-raid1 (`enum dm_raid1_error`). */
-export type LegErrorKind = "write" | "flush" | "sync" | "read";
-
-/** One leg of a mirror: a device and the sector where the mirror starts on it. */
-export interface MirrorLegSpec {
-  dev: BlockDevice;
-  offsetSectors: number;
-}
-
-interface MirrorLeg {
-  index: number;
-  dev: BlockDevice;
-  offsetSectors: number;
-  offsetBytes: number;
-  errors: Set<LegErrorKind>;
-  errorCount: number;
-  /** The device reported its backend gone (watchHealth): no I/O is sent to it. */
-  offline: boolean;
-  unwatch: (() => void) | undefined;
-  /** What a failed flush or a lost connection may lose on this leg (flush accounting by generation). */
-  window: FlushWindow;
-  /**
-   * The leg's flushes run one at a time: a failed flush may have lost what a concurrent one
-   * would claim durable, so its failure is accounted before the next flush is issued.
-   */
-  flushChain: Promise<unknown>;
-}
 
 export interface MirrorDeviceOptions {
   legs: MirrorLegSpec[];
@@ -167,6 +139,8 @@ export class MirrorDevice implements TargetDevice {
   readonly keepLog: boolean;
   /** Which legs hold current data in each region: the one owner every path asks. */
   readonly currency: LegCurrency;
+  /** The legs, their health and the default leg. */
+  private readonly legSet: MirrorLegs;
   private readonly legs: MirrorLeg[];
   private readonly allLegsMask: number;
   /**
@@ -188,11 +162,8 @@ export class MirrorDevice implements TargetDevice {
   private readonly sharedKcopyd: KcopydClient;
   private ownKcopyd: KcopydClient | undefined;
   private readonly throttle = new KcopydThrottle(100);
-  private defaultLeg = 0;
   private inSyncFlag = false;
   private regionsInFlightLimit: number;
-  private readBalance: boolean;
-  private readCursor = 0;
   private recoveryRunning = false;
   private recoveriesActive = 0;
   private recoveryIdleWaiters: Array<() => void> = [];
@@ -234,21 +205,6 @@ export class MirrorDevice implements TargetDevice {
     this.regionCount = log.regionCount;
     this.handleErrors = !!options.handleErrors;
     this.keepLog = !!options.keepLog;
-    this.legs = legs.map((l, index) => {
-      checkRange(l.dev, l.offsetSectors * SECTOR_SIZE, lengthBytes);
-      return {
-        index,
-        dev: l.dev,
-        offsetSectors: l.offsetSectors,
-        offsetBytes: l.offsetSectors * SECTOR_SIZE,
-        errors: new Set<LegErrorKind>(),
-        errorCount: 0,
-        offline: false,
-        unwatch: undefined,
-        window: new FlushWindow(),
-        flushChain: Promise.resolve(),
-      };
-    });
     this.allLegsMask = (1 << legs.length) - 1;
     this.previous = options.previous;
     this.logicalBlockSize = Math.max(...legs.map((l) => l.dev.logicalBlockSize));
@@ -256,8 +212,16 @@ export class MirrorDevice implements TargetDevice {
     this.logger = options.logger;
     this.sharedKcopyd = options.kcopyd;
     this.regionsInFlightLimit = options.regionsInFlight ?? DEFAULT_REGIONS_IN_FLIGHT;
-    this.readBalance = !!options.readBalance;
     this.currency = new LegCurrency(log, legs.length);
+    this.legSet = new MirrorLegs(legs, lengthBytes, {
+      currency: this.currency,
+      handleErrors: this.handleErrors,
+      keepLog: this.keepLog,
+      name: this.name,
+      logger: this.logger,
+      readBalance: !!options.readBalance,
+    });
+    this.legs = this.legSet.all;
     this.regionHash = new RegionHash(log);
     this.regionHash.onCleanable = () => this.scheduleCleanPass();
     // The mirror flushes the legs itself before it sets clean bits (cleanPass), outside the log.
@@ -313,7 +277,7 @@ export class MirrorDevice implements TargetDevice {
   // ---- state helpers ------------------------------------------------------------------------
 
   private legKey(leg: { dev: BlockDevice; offsetSectors: number }): string {
-    return `${leg.dev.name} ${leg.offsetSectors}`;
+    return MirrorLegs.key(leg);
   }
 
   /**
@@ -344,7 +308,7 @@ export class MirrorDevice implements TargetDevice {
       }
       truth = 0;
     }
-    this.defaultLeg = truth;
+    this.legSet.defaultLeg = truth;
     const notTruth = this.allLegsMask & ~(1 << truth);
     if (carry) {
       // Map old leg bits to new leg bits by spec; legs without an old counterpart are stale everywhere.
@@ -439,9 +403,7 @@ export class MirrorDevice implements TargetDevice {
   }
 
   private onlineMask(): number {
-    let m = 0;
-    for (const leg of this.legs) if (!leg.offline) m |= 1 << leg.index;
-    return m;
+    return this.legSet.onlineMask();
   }
 
   /** Legs holding current data in `region`. */
@@ -454,59 +416,19 @@ export class MirrorDevice implements TargetDevice {
     if (!this.inSyncFlag) {
       this.inSyncFlag = true;
       this.pass = null;
-      // reset_ms_flags: a fully synced set forgets old errors (except legs still unreachable).
-      for (const leg of this.legs) {
-        if (leg.offline) continue;
-        leg.errors.clear();
-        leg.errorCount = 0;
-      }
+      this.legSet.resetErrors();
     }
   }
 
-  /** `fail_mirror`: records the error; with handle_errors a failed default leg is replaced. */
   private failLeg(leg: MirrorLeg, kind: LegErrorKind, err?: unknown): void {
-    leg.errorCount++;
-    if (leg.errors.has(kind)) return;
-    leg.errors.add(kind);
-    this.logger?.warn(
-      { device: this.name, leg: leg.dev.name, kind, err: err instanceof Error ? err.message : err },
-      "mirror leg failed",
-    );
-    if (!this.handleErrors || leg.index !== this.defaultLeg) return;
-    const healthy = this.legs.filter((l) => l.errorCount === 0 && !l.offline);
-    // Prefer a leg that is current in every region; the kernel only switches when in sync.
-    const everywhere = healthy.find((l) => this.isCurrentEverywhere(l.index));
-    const next = everywhere ?? (this.keepLog ? healthy[0] : undefined);
-    if (next) {
-      this.defaultLeg = next.index;
-      this.logger?.warn(
-        { device: this.name, from: leg.dev.name, to: next.dev.name },
-        "default mirror leg changed",
-      );
-    } else {
-      this.logger?.error(
-        { device: this.name, leg: leg.dev.name },
-        "default leg failed, no current healthy leg",
-      );
-    }
-  }
-
-  private isCurrentEverywhere(index: number): boolean {
-    return this.currency.currentEverywhere(index);
+    this.legSet.fail(leg, kind, err);
   }
 
   // ---- status and table ----------------------------------------------------------------------
 
   /** Health character of a leg, most severe first: F, D, S, R, U, A. */
   legHealth(index: number): string {
-    const leg = this.legs[index];
-    if (!leg) throw new RangeError(`no leg ${index}`);
-    if (leg.errorCount === 0) return "A";
-    if (leg.errors.has("flush")) return "F";
-    if (leg.errors.has("write")) return "D";
-    if (leg.errors.has("sync")) return "S";
-    if (leg.errors.has("read")) return "R";
-    return "U";
+    return this.legSet.health(index);
   }
 
   table(): string {
@@ -524,7 +446,7 @@ export class MirrorDevice implements TargetDevice {
 
   /** Index of the leg reads prefer and resync copies from. */
   get defaultLegIndex(): number {
-    return this.defaultLeg;
+    return this.legSet.defaultLeg;
   }
 
   get regionsInFlight(): number {
@@ -589,7 +511,7 @@ export class MirrorDevice implements TargetDevice {
       case "resync": {
         if (rest.length) throw new RangeError(`mirror message "resync" takes no arguments`);
         this.checkActive("resync");
-        const notDefault = this.allLegsMask & ~(1 << this.defaultLeg);
+        const notDefault = this.allLegsMask & ~(1 << this.legSet.defaultLeg);
         for (let r = 0; r < this.regionCount; r++) {
           if (this.currency.inSync(r)) this.markStale(r, notDefault);
         }
@@ -613,7 +535,7 @@ export class MirrorDevice implements TargetDevice {
         if (rest.length !== 1 || (rest[0] !== "on" && rest[0] !== "off")) {
           throw new RangeError(`usage: read_balance on|off, got "${rest.join(" ")}"`);
         }
-        this.readBalance = rest[0] === "on";
+        this.legSet.readBalance = rest[0] === "on";
         return undefined;
       }
       case "resync_throttle": {
@@ -644,7 +566,7 @@ export class MirrorDevice implements TargetDevice {
     if (target.length === 0) return;
     const end = offsetBytes + target.length;
     const runs: Array<{ start: number; end: number; leg: number }> = [];
-    const balanceLeg = this.readBalance ? this.readCursor++ : 0;
+    const balanceLeg = this.legSet.nextBalance();
     for (let pos = offsetBytes; pos < end; ) {
       const r = this.regionOf(pos);
       const stop = Math.min(end, (r + 1) * this.regionBytes);
@@ -657,20 +579,8 @@ export class MirrorDevice implements TargetDevice {
     await settleAll(runs.map((run) => this.readRun(run.start, run.end, run.leg, offsetBytes, target)));
   }
 
-  /** A current, online leg for `region`, avoiding `excluded`: default first, then backwards, as choose_mirror. */
   private chooseReadLeg(region: number, excluded: number, balance: number): number {
-    const candidates = this.currentMask(region) & this.onlineMask() & ~excluded;
-    if (!candidates) return -1;
-    const healthy = this.legs.filter((l) => candidates & (1 << l.index) && l.errorCount === 0);
-    if (this.readBalance && healthy.length > 1) return healthy[balance % healthy.length]!.index;
-    const n = this.legs.length;
-    for (let i = 0; i < n; i++) {
-      const leg = this.legs[(this.defaultLeg - i + n) % n]!;
-      if (candidates & (1 << leg.index) && leg.errorCount === 0) return leg.index;
-    }
-    // Every candidate has had errors: still better to try one than to fail outright.
-    for (const leg of this.legs) if (candidates & (1 << leg.index)) return leg.index;
-    return -1;
+    return this.legSet.chooseReadLeg(region, excluded, balance);
   }
 
   private async readRun(
@@ -1168,15 +1078,8 @@ export class MirrorDevice implements TargetDevice {
     this.resyncFlush = run;
   }
 
-  /** The leg a region is copied from: the default leg if current there, else another current one. */
   private recoverySource(region: number): MirrorLeg | undefined {
-    const current = this.currentMask(region) & this.onlineMask();
-    const def = this.legs[this.defaultLeg]!;
-    if (current & (1 << def.index) && def.errorCount === 0) return def;
-    return (
-      this.legs.find((l) => current & (1 << l.index) && l.errorCount === 0) ??
-      this.legs.find((l) => current & (1 << l.index))
-    );
+    return this.legSet.recoverySource(region);
   }
 
   /** Stale legs of `region` that are reachable and do not hold a copy yet. */
@@ -1375,7 +1278,7 @@ export class MirrorDevice implements TargetDevice {
       regionCount: this.regionCount,
       stale: Uint16Array.from({ length: this.regionCount }, (_, r) => this.currency.staleMask(r)),
       offline: this.legs.map((l) => l.offline),
-      defaultLegKey: this.legKey(this.legs[this.defaultLeg]!),
+      defaultLegKey: this.legKey(this.legs[this.legSet.defaultLeg]!),
       recoveryWasRunning,
     };
   }

@@ -253,6 +253,8 @@ interface RunResult {
 }
 
 const TRACE = process.env.MIRROR_MODEL_TRACE === "1";
+/** With TRACE: a byte whose model state is printed after every batch. */
+const WATCH = Number(process.env.MIRROR_MODEL_WATCH ?? -1);
 const trace = (...args: unknown[]) => {
   if (TRACE) console.log(...args);
 };
@@ -408,8 +410,9 @@ async function runSeed(seed: number, opsCount: number): Promise<RunResult> {
               afterWrites.push(async () => model.flushed(writes));
             } catch (err) {
               trace("flush failed", (err as Error).message, mirror.status());
-              // EIO: what was not yet flushed may be gone (as after a failed fsync).
-              afterWrites.push(async () => model.flushFailed(writes));
+              // EIO: what was not yet flushed may be gone (as after a failed fsync), including
+              // writes of this batch, acknowledged while the failing leg was losing its cache.
+              afterWrites.push(async () => model.flushFailed([]));
               // EIO: nothing is known durable.
             }
           });
@@ -445,6 +448,12 @@ async function runSeed(seed: number, opsCount: number): Promise<RunResult> {
       }
       await Promise.all(jobs.map((j) => j()));
       for (const f of afterWrites) await f();
+      if (WATCH >= 0) {
+        const legBytes = await Promise.all(disks.map(async (d) => (await d.live.read(WATCH, 1))[0]));
+        trace(
+          `  watch ${WATCH}: known ${model.known[WATCH]} value ${model.bytes[WATCH]} dirty ${model.dirty[WATCH]} legs ${legBytes.join(",")} stale ${mirror.currency.staleMask(Math.floor(WATCH / REGION))} receiving ${mirror.currency.receivingMask(Math.floor(WATCH / REGION))}`,
+        );
+      }
       result.ops += batch;
     }
     // The end: every leg back, a full resync, then all reads checked and the legs identical.

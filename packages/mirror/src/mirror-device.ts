@@ -149,6 +149,9 @@ export class MirrorDevice implements TargetDevice {
    * writeback error.
    */
   private lostSinceUserFlush = new Set<number>();
+  /** Per region, the loss count (`lossEpoch`) when its only current leg last lost data. */
+  private readonly lostAt = new Map<number, number>();
+  private lossEpoch = 0;
   /** The table this one replaces, until `preresume()` takes over from it. */
   private previous: MirrorDevice | undefined;
   /** The log was resumed and the mirror is serving (`preresume`). */
@@ -705,6 +708,7 @@ export class MirrorDevice implements TargetDevice {
       await this.regionHash.waitRecovered(waitFor);
     }
     // Classify and count pending synchronously: recovery cannot slip in between.
+    const epoch = this.lossEpoch;
     const online = this.onlineMask();
     const targets: number[] = [];
     for (let r = first; r <= last; r++) {
@@ -765,6 +769,11 @@ export class MirrorDevice implements TargetDevice {
           if (this.keepLog)
             failures.push(`the mirror log cannot record the failed leg: ${(err as Error).message}`);
         }
+      }
+      for (let r = first; r <= last && this.lossEpoch > epoch; r++) {
+        // Its only current leg lost unflushed data while this was in flight: it may be gone.
+        if ((this.lostAt.get(r) ?? 0) > epoch)
+          failures.push(`a flush failure lost region ${r} on its only current leg`);
       }
       if (failures.length) {
         throw new IoError("EIO", this.name, `write at ${start}+${end - start} failed: ${failures[0]}`);
@@ -846,6 +855,8 @@ export class MirrorDevice implements TargetDevice {
     const earlierLost = this.lostSinceUserFlush;
     this.lostSinceUserFlush = new Set();
     const { flushed, lost } = await this.flushLegs("write");
+    this.noteLost(lost);
+    this.lostSinceUserFlush.clear();
     lost.push(...earlierLost);
     if (!flushed) throw new IoError("EIO", this.name, "flush failed on every leg");
     // Regions drained before this flush are durable on every leg: clean (written with the next log write).
@@ -925,6 +936,14 @@ export class MirrorDevice implements TargetDevice {
     return lost;
   }
 
+  /** Regions whose only current leg lost data: a user flush and writes in flight there fail. */
+  private noteLost(regions: number[]): void {
+    for (const r of regions) {
+      this.lostSinceUserFlush.add(r);
+      this.lostAt.set(r, ++this.lossEpoch);
+    }
+  }
+
   /**
    * Allocation of the range, asked of a leg that holds current data in each region (a region
    * where no reachable leg does is reported as data: never a hole that is not one).
@@ -990,7 +1009,7 @@ export class MirrorDevice implements TargetDevice {
       // Data first: only regions whose writes are flushed on every leg may be declared clean.
       this.recoveredUnflushed = 0;
       const { lost } = await this.flushLegs("flush");
-      for (const r of lost) this.lostSinceUserFlush.add(r);
+      this.noteLost(lost);
       if (lost.length) {
         this.logger?.error(
           { device: this.name, regions: lost.slice(0, 16) },
@@ -1161,7 +1180,7 @@ export class MirrorDevice implements TargetDevice {
           this.failLeg(leg, "write", new Error("connection lost"));
           // Writes it took since its last good flush may be gone with the connection.
           const lost = this.legLostUnflushed(leg);
-          for (const r of lost) this.lostSinceUserFlush.add(r);
+          this.noteLost(lost);
           if (lost.length) {
             this.logger?.error(
               { device: this.name, leg: leg.dev.name, regions: lost.slice(0, 16) },

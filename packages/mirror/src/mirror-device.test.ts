@@ -797,6 +797,7 @@ describe("errors around the log and flushes", () => {
     )) as MirrorDevice;
     await expect(m2.preresume()).rejects.toThrow(/dm-log version 9/);
     await m2.close();
+    expect((await bad.read(0, 16)).equals(header)).toBe(true); // never written
     await m1.write(0, fill(3));
     expect((await b.read(0, 4096)).equals(fill(3))).toBe(true);
   });

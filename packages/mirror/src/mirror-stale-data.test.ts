@@ -279,3 +279,47 @@ describe("issue 12 defect 5: two legs missing different acknowledged writes", ()
     expect(m1.status()).toBe("2 a b 63/64 1 DA 3 disk log A");
   });
 });
+
+describe("issue 19 items 1-2, the mirror's side: the reload handover happens at preresume", () => {
+  test("building a reload leaves the old mirror serving; closing the unused new one never touches the log", async () => {
+    const a = new MemoryDevice(SIZE, { name: "a" });
+    const b = new MemoryDevice(SIZE, { name: "b" });
+    const log = new MemoryDevice(1 << 20, { name: "log" });
+    const m1 = await mirror("disk 3 log 128 nosync 2 a 0 b 0", { a, b, log });
+    await m1.settle();
+    const before = await log.read(0, 4096);
+    const m2 = await mirror("disk 2 log 128 2 a 0 b 0", { a, b, log }, { previous: m1 });
+    await m1.write(REGION, fill(5)); // the old table still serves while the new one is built
+    await m1.settle();
+    const written = await log.read(0, 4096);
+    await m2.close(); // a reload abandoned before preresume
+    expect((await log.read(0, 4096)).equals(written)).toBe(true);
+    expect(written.equals(before)).toBe(true); // settled: the same clean log
+    await m1.write(2 * REGION, fill(6));
+    expect((await b.read(2 * REGION, 4096)).equals(fill(6))).toBe(true);
+  });
+
+  test("a preresume that fails re-attaches the old mirror, which goes on resyncing and writing its log", async () => {
+    const a = new MemoryDevice(SIZE, { name: "a" });
+    const bDisk = new MemoryDevice(SIZE, { name: "bdisk" });
+    const b = flakey(bDisk, "b");
+    const log = new MemoryDevice(1 << 20, { name: "log" });
+    const bad = new MemoryDevice(1 << 20, { name: "bad" });
+    const header = Buffer.alloc(16);
+    header.writeUInt32LE(0x4d695272, 0);
+    header.writeUInt32LE(9, 4);
+    await bad.write(0, header);
+    const m1 = await mirror("disk 3 log 128 nosync 2 a 0 b 0", { a, b, log });
+    b.setMode("down");
+    await m1.write(3 * REGION, fill(3)); // b misses it
+    b.setMode("up");
+    await m1.suspend(); // what the device manager does before preresume
+    const m2 = await mirror("disk 2 bad 128 2 a 0 b 0", { a, b, bad }, { previous: m1 });
+    await expect(m2.preresume()).rejects.toThrow(/dm-log version 9/);
+    await m2.close();
+    await m1.resume(); // the device manager resumes the old table
+    await m1.waitForSync();
+    expect((await bDisk.read(3 * REGION, 4096)).equals(fill(3))).toBe(true);
+    expect(m1.status()).toBe("2 a b 64/64 1 AA 3 disk log A");
+  });
+});

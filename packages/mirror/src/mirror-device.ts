@@ -856,7 +856,7 @@ export class MirrorDevice implements TargetDevice {
     this.lostSinceUserFlush = new Set();
     const { flushed, lost } = await this.flushLegs("write");
     this.noteLost(lost);
-    this.lostSinceUserFlush.clear();
+    for (const r of lost) this.lostSinceUserFlush.delete(r); // reported by this flush
     lost.push(...earlierLost);
     if (!flushed) throw new IoError("EIO", this.name, "flush failed on every leg");
     // Regions drained before this flush are durable on every leg: clean (written with the next log write).

@@ -40,6 +40,14 @@ export class FlushWindow {
     this.copies.set(region, this.issued);
   }
 
+  /** The copy now counts as written data (the leg became current before its flush). */
+  copyToWritten(region: number): void {
+    const gen = this.copies.get(region);
+    if (gen === undefined) return;
+    this.copies.delete(region);
+    this.completed.set(region, Math.min(gen, this.completed.get(region) ?? gen));
+  }
+
   /** A resync copy to this leg is abandoned (the region is stale there again). */
   forgetCopy(region: number): void {
     this.copies.delete(region);

@@ -924,16 +924,24 @@ export class MirrorDevice implements TargetDevice {
     const { written, copies } = leg.window.lost();
     const bit = 1 << leg.index;
     for (const r of copies) this.currency.stopReceiving(r, bit);
-    const lost: number[] = [];
+    const lost = new Set<number>();
     for (const r of written) {
       if (!(this.currentMask(r) & bit)) {
         leg.window.forget(r);
         continue;
       }
-      if (this.markStale(r, bit)) lost.push(r);
+      const receiving = this.currency.receivingMask(r) & ~bit;
+      if (receiving && this.currentMask(r) === bit) {
+        // It held the only current copy, but legs that took the resync copy and every write since
+        // hold the data (not yet durable): they become current, and this leg stale.
+        for (const other of this.legs) if (receiving & (1 << other.index)) other.window.copyToWritten(r);
+        this.currency.clearStale(r, receiving);
+        lost.add(r); // durable nowhere yet
+      }
+      if (this.markStale(r, bit)) lost.add(r);
     }
     if (written.length) this.scheduleCleanPass();
-    return lost;
+    return [...lost];
   }
 
   /** Regions whose only current leg lost data: a user flush and writes in flight there fail. */

@@ -608,7 +608,7 @@ export function buildProgram(): Command {
           print(verb === "status" ? formatStatus(entries, !name) : formatSegments(entries, !name));
         }),
       verb === "table"
-        ? "udm table mirror0      # 0 2097152 mirror disk 3 /srv/mirror0.log 1024 nosync 2 ..."
+        ? "udm table mirror0      # 0 2097152 mirror disk 2 /srv/mirror0.log 1024 2 ..."
         : "udm status            # snap0: 0 2097152 snapshot 16/2228224 16",
     );
   }

@@ -1,7 +1,7 @@
 import { existsSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { mkdir, open, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { FileDevice } from "@udm/kcopyd";
+import { FileDevice, SECTOR_SIZE } from "@udm/kcopyd";
 import { DirtyRegionLog } from "@udm/mirror";
 
 /** Name of the table file `udm serve` reads from (and writes into) the data directory. */
@@ -33,10 +33,33 @@ origin: 0 ${originSectors} snapshot-origin origin.img
 # A persistent snapshot of origin (kernel-compatible COW, ${DEFAULT_CHUNK_SECTORS}-sector chunks).
 snap0: 0 ${originSectors} snapshot origin.img snap0.cow P ${DEFAULT_CHUNK_SECTORS}
 
-# A two-leg mirror with a disk log (${DEFAULT_REGION_SECTORS}-sector regions). Both legs started empty, so
-# the log was written all in sync; after a crash only the regions it marks dirty resync.
+# A two-leg mirror with a disk log (${DEFAULT_REGION_SECTORS}-sector regions). Both legs started empty, so the
+# log was created in sync; it keeps which regions are dirty across restarts (no "nosync" here:
+# that would trust the legs again after a crash).
 mirror0: 0 ${mirrorSectors} mirror disk 2 mirror0.log ${DEFAULT_REGION_SECTORS} 2 mirror0-a.img 0 mirror0-b.img 0
 `;
+}
+
+/**
+ * Writes a new dm-log into the embedded mirror's log, every region clean: the legs were just
+ * created empty, so they are identical (what `nosync` does at a first activation, done once
+ * here so the table never has to say `nosync`).
+ */
+async function initMirrorLogInSync(path: string): Promise<void> {
+  const device = await FileDevice.open(path);
+  try {
+    const log = new DirtyRegionLog({
+      regionSectors: DEFAULT_REGION_SECTORS,
+      targetSectors: DEFAULT_MIRROR_BYTES / SECTOR_SIZE,
+      sync: "nosync",
+      device,
+      legCount: 2,
+    });
+    await log.resume();
+    await device.flush();
+  } finally {
+    await device.close();
+  }
 }
 
 async function sparseFile(path: string, sizeBytes: number): Promise<void> {
@@ -46,27 +69,6 @@ async function sparseFile(path: string, sizeBytes: number): Promise<void> {
     await handle.truncate(sizeBytes);
   } finally {
     await handle.close();
-  }
-}
-
-/**
- * Writes a dm-log header whose regions are all clean, as `nosync` would on the first activation:
- * the table then has no `nosync`, which (as in the kernel) would discard the log's dirty regions
- * on every later start, crash or not.
- */
-async function writeCleanMirrorLog(path: string): Promise<void> {
-  const device = await FileDevice.open(path);
-  try {
-    const log = new DirtyRegionLog({
-      regionSectors: DEFAULT_REGION_SECTORS,
-      targetSectors: DEFAULT_MIRROR_BYTES / 512,
-      sync: "nosync",
-      device,
-    });
-    await log.resume();
-    await device.flush();
-  } finally {
-    await device.close();
   }
 }
 
@@ -91,7 +93,7 @@ export async function ensureEmbeddedDefault(
   await sparseFile(join(dataDir, "mirror0-a.img"), DEFAULT_MIRROR_BYTES);
   await sparseFile(join(dataDir, "mirror0-b.img"), DEFAULT_MIRROR_BYTES);
   await sparseFile(join(dataDir, "mirror0.log"), DEFAULT_MIRROR_LOG_BYTES);
-  await writeCleanMirrorLog(join(dataDir, "mirror0.log"));
+  await initMirrorLogInSync(join(dataDir, "mirror0.log"));
   // Written last: its presence means the data files are complete.
   await writeFile(`${tableFile}.tmp`, defaultTableText(), { mode: 0o644 });
   await rename(`${tableFile}.tmp`, tableFile);

@@ -8,10 +8,15 @@ export const MIRROR_LOG_VERSION = 2;
 /** Byte offset of the clean bitmap (`LOG_OFFSET` = sector 2). */
 export const MIRROR_LOG_BITMAP_OFFSET = 1024;
 /**
- * udm extension in the header's unused bytes 16..27: le32 `udmR`, le32 region size in sectors,
- * le32 mask of legs (by table position) that lack current data somewhere, so a restart copies
- * from a leg that has it. The kernel reads and rewrites the whole buffer, so it keeps these
- * bytes; it never looks at them.
+ * udm extension in the header's unused bytes 16..31: le32 `udmR`, le32 region size in sectors,
+ * le32 mask of legs (by table position) that lack current data somewhere, le32 number of legs
+ * in the per-leg area (0: none). The kernel reads and rewrites the whole buffer, so it keeps
+ * these bytes; it never looks at them.
+ *
+ * The per-leg area follows the kernel's I/O area (at `diskLogBytes`, which the kernel never
+ * reads or writes): one bitset per leg, `bitsetBytes(regionCount)` each, bit r set if that leg
+ * lacks current data in region r. It is written with the header in the same I/O, so a restart
+ * knows per region which leg to copy from.
  */
 export const UDM_LOG_EXTENSION_MAGIC = 0x526d6475;
 const UDM_LOG_EXTENSION_OFFSET = 16;
@@ -39,6 +44,8 @@ export interface DirtyRegionLogOptions {
   sync?: LogSyncMode;
   /** The log device of a `disk` log; absent for `core`. */
   device?: BlockDevice;
+  /** Legs of the mirror: a disk log keeps one stale bitset per leg after the kernel's area. */
+  legCount?: number;
 }
 
 /**
@@ -75,8 +82,14 @@ export class DirtyRegionLog {
   deviceFlushFailed = false;
   /** Legs lacking current data in some region (udm header extension); set by the mirror. */
   private staleLegsMask = 0;
-  /** The stale-legs mask a udm-written log held at resume, if any (not with `sync`/`nosync`). */
+  /** The stale-legs mask a udm-written log held at resume, if any (not with `sync`). */
   storedStaleLegs: number | undefined;
+  /** Per leg: regions where it lacks current data (the per-leg area of a disk log). */
+  readonly legStaleBits: RegionBitset[] | undefined;
+  /** Whether resume found per-leg bits written for this many legs (else only `storedStaleLegs`). */
+  storedLegBits = false;
+  /** Resumed once: `nosync` has done its job and is no longer printed in the table. */
+  private initialised = false;
   /** Called before clean bits are written: flush every leg; false if that failed. */
   flushLegs: (() => Promise<boolean>) | undefined;
   /** Bumped whenever a clean bit is cleared; flushes record up to which value is durable. */
@@ -97,22 +110,28 @@ export class DirtyRegionLog {
     this.sync = options.sync ?? "default";
     this.device = options.device;
     if (this.device) {
-      const size = diskLogBytes(this.regionCount, this.device.logicalBlockSize);
+      const legCount = options.legCount ?? 0;
+      const size = udmLogBytes(this.regionCount, legCount, this.device.logicalBlockSize);
       if (size > this.device.sizeBytes) {
         throw new RangeError(
-          `log device ${this.device.name} too small: ${this.regionCount} regions need ${size} bytes, it has ${this.device.sizeBytes}`,
+          `log device ${this.device.name} too small: ${this.regionCount} regions and ${legCount} legs need ${size} bytes, it has ${this.device.sizeBytes}`,
         );
       }
       this.buffer = Buffer.alloc(size);
+      const bytes = bitsetBytes(this.regionCount);
       this.clean = new RegionBitset(
         this.regionCount,
-        this.buffer.subarray(
-          MIRROR_LOG_BITMAP_OFFSET,
-          MIRROR_LOG_BITMAP_OFFSET + bitsetBytes(this.regionCount),
-        ),
+        this.buffer.subarray(MIRROR_LOG_BITMAP_OFFSET, MIRROR_LOG_BITMAP_OFFSET + bytes),
+      );
+      const area = diskLogBytes(this.regionCount, this.device.logicalBlockSize);
+      this.legStaleBits = Array.from(
+        { length: legCount },
+        (_, i) =>
+          new RegionBitset(this.regionCount, this.buffer!.subarray(area + i * bytes, area + (i + 1) * bytes)),
       );
     } else {
       this.clean = new RegionBitset(this.regionCount);
+      this.legStaleBits = undefined;
     }
     // As create_log_context: all clean; in sync only with nosync.
     this.clean.fill(true);
@@ -124,19 +143,25 @@ export class DirtyRegionLog {
 
   /**
    * Activates the log (`core_resume` / `disk_resume`): a disk log reads its header and bitmap,
-   * starts a new log when the magic is missing or `sync`/`nosync` was given, sets the in-sync bits
-   * from the clean bits and writes the header back. An unreadable log means nothing is in sync.
+   * starts a new log when the magic is missing or `sync` was given, sets the in-sync bits from
+   * the clean bits and writes the header back. An unreadable log means nothing is in sync.
+   * `nosync` only applies to a new log (first activation): a log that holds a header already
+   * keeps its bits, so a restart after a crash still resyncs what was dirty.
    */
   async resume(): Promise<void> {
     this.syncSearch = 0;
+    const firstActivation = !this.initialised;
+    this.initialised = true;
     if (!this.device || !this.buffer) return;
+    if (!firstActivation) throw new Error(`${this.device.name}: mirror log resumed twice`);
     let storedRegions = 0;
     try {
       await this.device.readInto(0, this.buffer);
       const magic = this.buffer.readUInt32LE(0);
       const version = this.buffer.readUInt32LE(4);
-      if (this.sync === "default" && magic === MIRROR_LOG_MAGIC) {
-        if (version !== 1 && version !== MIRROR_LOG_VERSION) {
+      const knownVersion = version === 1 || version === MIRROR_LOG_VERSION;
+      if (magic === MIRROR_LOG_MAGIC && (knownVersion || this.sync !== "sync")) {
+        if (!knownVersion) {
           throw new MirrorLogFormatError(
             this.device.name,
             `dm-log version ${version}, expected ${MIRROR_LOG_VERSION} (use the "sync" log argument to start a new log)`,
@@ -149,8 +174,15 @@ export class DirtyRegionLog {
             storedRegions = 0;
           } else {
             this.storedStaleLegs = this.buffer.readUInt32LE(UDM_LOG_EXTENSION_OFFSET + 8);
+            const legs = this.buffer.readUInt32LE(UDM_LOG_EXTENSION_OFFSET + 12);
+            this.storedLegBits =
+              legs > 0 &&
+              legs === this.legStaleBits?.length &&
+              Number(this.buffer.readBigUInt64LE(8)) === this.regionCount;
           }
         }
+        // `sync` resyncs every region, but still from a leg the per-leg bits call current.
+        if (this.sync === "sync") storedRegions = 0;
       }
     } catch (err) {
       if (err instanceof MirrorLogFormatError) throw err;
@@ -158,6 +190,7 @@ export class DirtyRegionLog {
       this.deviceFailed = true;
       storedRegions = 0;
     }
+    if (!this.storedLegBits) for (const bits of this.legStaleBits ?? []) bits.fill(false);
     for (let r = storedRegions; r < this.regionCount; r++) {
       if (this.sync === "nosync") this.clean.set(r);
       else this.clean.clear(r);
@@ -190,6 +223,17 @@ export class DirtyRegionLog {
   clearRegion(region: number): void {
     if (this.flushFailed) return;
     if (this.clean.set(region)) this.touchedCleaned = true;
+  }
+
+  /** A leg became stale somewhere (per-leg bits set): durable with the next dirty mark. */
+  noteStaleAdded(): void {
+    this.touchedDirtied = true;
+    this.dirtySeq++;
+  }
+
+  /** Stale bits were cleared (after a leg flush): written with the next log write. */
+  noteStaleCleared(): void {
+    this.touchedCleaned = true;
   }
 
   /** Legs lacking current data somewhere; a change is written (and waited for) like a dirty bit. */
@@ -334,9 +378,14 @@ export class DirtyRegionLog {
     this.durableDirtySeq = Math.max(this.durableDirtySeq, mark);
   }
 
-  /** Log part of `dmsetup table`: `core 1 1024`, `disk 3 log.img 1024 nosync`. */
+  /**
+   * Log part of `dmsetup table`: `core 1 1024`, `disk 3 log.img 1024 sync`. `nosync` is printed
+   * only until the log is initialised, so a table written back (`udm table`) never asks a later
+   * activation to trust the legs.
+   */
   tableArgs(): string {
-    const syncArg = this.sync === "default" ? [] : [this.sync];
+    const syncArg =
+      this.sync === "default" || (this.sync === "nosync" && this.initialised) ? [] : [this.sync];
     const args = this.device
       ? [this.device.name, String(this.regionSectors), ...syncArg]
       : [String(this.regionSectors), ...syncArg];
@@ -357,7 +406,16 @@ export class DirtyRegionLog {
     this.buffer.writeBigUInt64LE(BigInt(this.regionCount), 8);
     this.buffer.writeUInt32LE(UDM_LOG_EXTENSION_MAGIC, UDM_LOG_EXTENSION_OFFSET);
     this.buffer.writeUInt32LE(this.regionSectors, UDM_LOG_EXTENSION_OFFSET + 4);
+    this.buffer.writeUInt32LE(this.legStaleBits?.length ?? 0, UDM_LOG_EXTENSION_OFFSET + 12);
   }
+}
+
+/** Bytes a udm disk log occupies: the kernel's area, then one stale bitset per leg. */
+export function udmLogBytes(regionCount: number, legCount: number, logicalBlockSize = 512): number {
+  const legArea = legCount * bitsetBytes(regionCount);
+  return (
+    diskLogBytes(regionCount, logicalBlockSize) + Math.ceil(legArea / logicalBlockSize) * logicalBlockSize
+  );
 }
 
 /** Bytes a disk log occupies: header sector(s) + bitmap, rounded up to the logical block size. */

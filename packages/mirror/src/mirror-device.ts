@@ -6,6 +6,7 @@ import {
   KcopydClient,
   KcopydFlags,
   KcopydThrottle,
+  mergeExtents,
   SECTOR_SHIFT,
   SECTOR_SIZE,
   type StatusContext,
@@ -16,6 +17,8 @@ import {
   type WriteZeroesOptions,
 } from "@udm/kcopyd";
 import type { DirtyRegionLog } from "./dirty-log.js";
+import { LegCurrency } from "./leg-currency.js";
+import { type LegErrorKind, type MirrorLeg, type MirrorLegSpec, MirrorLegs } from "./mirror-legs.js";
 import { RegionHash } from "./region-hash.js";
 
 /** Regions resynced at once by default; the kernel's `MAX_RECOVERY` is 1. */
@@ -41,29 +44,11 @@ export const DIRTY_AHEAD_REGIONS = 8;
 export const DIRTY_AHEAD_MAX_BYTES = 128 * 2 ** 20;
 /** Large writes are handled in batches of this many regions, bounding per-request state. */
 const WRITE_BATCH_REGIONS = 256;
-
-/** Sticky per-leg error kinds of dm-raid1 (`enum dm_raid1_error`). */
-export type LegErrorKind = "write" | "flush" | "sync" | "read";
-
-/** One leg of a mirror: a device and the sector where the mirror starts on it. */
-export interface MirrorLegSpec {
-  dev: BlockDevice;
-  offsetSectors: number;
-}
-
-interface MirrorLeg {
-  index: number;
-  dev: BlockDevice;
-  offsetSectors: number;
-  offsetBytes: number;
-  errors: Set<LegErrorKind>;
-  errorCount: number;
-  /** The device reported its backend gone (watchHealth): no I/O is sent to it. */
-  offline: boolean;
-  unwatch: (() => void) | undefined;
-  /** Regions written on this leg since its last flush began: what a failed flush or a lost connection may lose. */
-  unflushed: Set<number>;
-}
+/**
+ * A resync copy makes its destination current only once a flush of it covers the copy; the
+ * destinations are flushed after this many copied regions (and when the pass runs out of work).
+ */
+const RECOVERY_FLUSH_REGIONS = 64;
 
 export interface MirrorDeviceOptions {
   legs: MirrorLegSpec[];
@@ -77,7 +62,10 @@ export interface MirrorDeviceOptions {
   logger?: TargetLogger;
   regionsInFlight?: number;
   readBalance?: boolean;
-  /** On reload: the mirror this one replaces; its per-leg sync state is carried over by leg spec. */
+  /**
+   * On reload: the mirror this one replaces. Building leaves it untouched and serving; at
+   * `preresume()` its log and per-leg sync state (by leg spec) are handed over.
+   */
   previous?: MirrorDevice;
 }
 
@@ -88,6 +76,11 @@ export interface MirrorHandover {
   regionCount: number;
   /** Per region: bit i set if leg i lacks current data (0 = in sync). */
   stale: Uint16Array;
+  /** Per leg: its backend was gone (watchHealth) when the handover happened. */
+  offline: boolean[];
+  defaultLegKey: string;
+  /** Whether the resync was running before the handover (restored if the reload fails). */
+  recoveryWasRunning: boolean;
 }
 
 /** A write-like request in flight: its byte range, and a promise that settles when it ends. */
@@ -119,7 +112,7 @@ async function settleAll(parts: Promise<void>[]): Promise<void> {
  * which regions may differ, and kcopyd resyncs out-of-sync regions from a current leg to the
  * others in the background.
  *
- * Beyond the kernel, each region knows WHICH legs are stale (`stale`), so a replaced or
+ * Beyond the kernel, each region knows WHICH legs are stale (`currency`), so a replaced or
  * reconnected leg is resynced alone, writes to an out-of-sync region still reach every leg that
  * is current there, reads never come from a stale leg, and several regions recover at once.
  *
@@ -144,22 +137,37 @@ export class MirrorDevice implements TargetDevice {
   readonly regionCount: number;
   readonly handleErrors: boolean;
   readonly keepLog: boolean;
-  /** Per region: bit i set if leg i lacks the current data. Zero exactly for in-sync regions. */
-  readonly stale: Uint16Array;
+  /** Which legs hold current data in each region: the one owner every path asks. */
+  readonly currency: LegCurrency;
+  /** The legs, their health and the default leg. */
+  private readonly legSet: MirrorLegs;
   private readonly legs: MirrorLeg[];
-  /** Per leg: regions where it lacks current data (feeds the log's stale-legs mask). */
-  private readonly staleCounts: number[];
   private readonly allLegsMask: number;
+  /**
+   * Regions whose only current leg lost data in a flush the user did not ask for (the mirror's
+   * own, or a lost connection): the next user flush fails with EIO, as the next fsync reports a
+   * writeback error.
+   */
+  private lostSinceUserFlush = new Set<number>();
+  /** Per region, the loss count (`lossEpoch`) when its only current leg last lost data. */
+  private readonly lostAt = new Map<number, number>();
+  private lossEpoch = 0;
+  /** The table this one replaces, until `preresume()` takes over from it. */
+  private previous: MirrorDevice | undefined;
+  /** The log was resumed and the mirror is serving (`preresume`). */
+  private activated = false;
+  /**
+   * Taken over from `previous` at preresume but not yet in service (no resume, no I/O): closing
+   * now (a reload rolled back) gives the log back to it.
+   */
+  private handedOverFrom: { previous: MirrorDevice; handover: MirrorHandover } | undefined;
   private readonly logger: TargetLogger | undefined;
   private readonly sharedKcopyd: KcopydClient;
   private ownKcopyd: KcopydClient | undefined;
   private readonly throttle = new KcopydThrottle(100);
-  private defaultLeg = 0;
   private inSyncFlag = false;
   private readonly eventListeners = new Set<() => void>();
   private regionsInFlightLimit: number;
-  private readBalance: boolean;
-  private readCursor = 0;
   private recoveryRunning = false;
   private recoveriesActive = 0;
   private recoveryIdleWaiters: Array<() => void> = [];
@@ -201,29 +209,24 @@ export class MirrorDevice implements TargetDevice {
     this.regionCount = log.regionCount;
     this.handleErrors = !!options.handleErrors;
     this.keepLog = !!options.keepLog;
-    this.legs = legs.map((l, index) => {
-      checkRange(l.dev, l.offsetSectors * SECTOR_SIZE, lengthBytes);
-      return {
-        index,
-        dev: l.dev,
-        offsetSectors: l.offsetSectors,
-        offsetBytes: l.offsetSectors * SECTOR_SIZE,
-        errors: new Set<LegErrorKind>(),
-        errorCount: 0,
-        offline: false,
-        unwatch: undefined,
-        unflushed: new Set<number>(),
-      };
-    });
     this.allLegsMask = (1 << legs.length) - 1;
-    this.staleCounts = legs.map(() => 0);
+    this.previous = options.previous;
     this.logicalBlockSize = Math.max(...legs.map((l) => l.dev.logicalBlockSize));
     this.name = options.name ?? `mirror(${legs.map((l) => l.dev.name).join(",")})`;
     this.logger = options.logger;
     this.sharedKcopyd = options.kcopyd;
     this.regionsInFlightLimit = options.regionsInFlight ?? DEFAULT_REGIONS_IN_FLIGHT;
-    this.readBalance = !!options.readBalance;
-    this.stale = new Uint16Array(this.regionCount);
+    this.currency = new LegCurrency(log, legs.length);
+    this.legSet = new MirrorLegs(legs, lengthBytes, {
+      currency: this.currency,
+      handleErrors: this.handleErrors,
+      keepLog: this.keepLog,
+      name: this.name,
+      logger: this.logger,
+      readBalance: !!options.readBalance,
+      onFirstError: () => this.raiseEvent(),
+    });
+    this.legs = this.legSet.all;
     this.regionHash = new RegionHash(log);
     this.regionHash.onCleanable = () => this.scheduleCleanPass();
     // The mirror flushes the legs itself before it sets clean bits (cleanPass), outside the log.
@@ -235,87 +238,116 @@ export class MirrorDevice implements TargetDevice {
    * legs that are new out of sync, makes that durable, and starts the background resync.
    */
   static async open(options: MirrorDeviceOptions): Promise<MirrorDevice> {
-    const mirror = new MirrorDevice(options);
-    // The old table lets go of the log first: it flushes it, then never writes it again.
-    const handover = options.previous ? await options.previous.detachForReload() : null;
+    const mirror = MirrorDevice.build(options);
+    if (!options.previous) await mirror.preresume();
+    return mirror;
+  }
+
+  /**
+   * Builds a mirror without touching its log or `previous` (which keeps serving): a reload's new
+   * table is built while the old one runs. `preresume()` activates it.
+   */
+  static build(options: MirrorDeviceOptions): MirrorDevice {
+    return new MirrorDevice(options);
+  }
+
+  /**
+   * dm's preresume: the handover point of a reload, called after the table this one replaces was
+   * suspended. The previous mirror lets go of the log (it flushes it, then never writes it again),
+   * this one resumes the log, carries the per-leg state over, makes it durable and starts the
+   * resync. On failure the previous mirror is re-attached exactly as it was. Idempotent.
+   */
+  async preresume(): Promise<void> {
+    if (this.activated) return;
+    if (this.closed) throw new IoError("EIO", this.name, "preresume: mirror is closed");
+    const previous = this.previous;
+    const handover = previous ? await previous.detachForReload() : null;
     try {
-      await mirror.log.resume();
-      mirror.initStale(handover);
-      await mirror.log.flush();
+      await this.log.resume();
+      this.initState(handover);
+      await this.log.flush();
     } catch (err) {
       // The reload failed: the old table stays in charge.
-      if (handover) options.previous!.reattachAfterFailedReload();
+      if (handover) previous!.reattachAfterFailedReload(handover);
       throw err;
     }
-    mirror.watchLegs();
-    mirror.updateInSync();
-    const outOfSync = mirror.regionCount - mirror.log.syncCount;
+    this.previous = undefined;
+    this.activated = true;
+    if (handover) this.handedOverFrom = { previous: previous!, handover };
+    this.watchLegs();
+    this.updateInSync();
+    const outOfSync = this.regionCount - this.log.syncCount;
     if (!handover && outOfSync > 0) {
       // After a crash: the regions the log still had dirty (a new mirror without nosync: all).
-      mirror.logger?.info(
-        { device: mirror.name, regionsToResync: outOfSync, regions: mirror.regionCount },
+      this.logger?.info(
+        { device: this.name, regionsToResync: outOfSync, regions: this.regionCount },
         "mirror regions out of sync at activation: resyncing them",
       );
     }
-    mirror.startRecovery();
-    return mirror;
+    this.startRecovery();
   }
 
   // ---- state helpers ------------------------------------------------------------------------
 
   private legKey(leg: { dev: BlockDevice; offsetSectors: number }): string {
-    return `${leg.dev.name} ${leg.offsetSectors}`;
+    return MirrorLegs.key(leg);
   }
 
-  private initStale(handover: MirrorHandover | null): void {
-    // A udm log remembers which legs missed writes: copy from one that did not (the kernel: leg 0).
-    const untrusted = this.log.storedStaleLegs ?? 0;
-    const truth = this.legs.find((l) => !(untrusted & (1 << l.index)))?.index ?? 0;
-    const notDefault = this.allLegsMask & ~(1 << truth);
+  /**
+   * Per-leg currency at activation: from the previous table on reload (by leg spec), else from
+   * the log (its per-leg area, or for older logs the stale-legs mask). Out-of-sync regions with
+   * nothing better known are copied from the default leg, as the kernel does.
+   */
+  private initState(handover: MirrorHandover | null): void {
     const carry =
-      handover &&
-      this.log.sync === "default" &&
-      handover.regionSectors === this.regionSectors &&
-      handover.regionCount === this.regionCount;
-    if (!handover || !carry) {
-      // The log says which regions are out of sync; the truth leg is current there.
-      this.defaultLeg = truth;
-      const bits = this.log.inSyncBits;
-      for (let r = bits.findNext(false, 0); r >= 0; r = bits.findNext(false, r + 1))
-        this.setStale(r, notDefault);
-      if (handover && this.log.sync === "default") {
-        // Geometry changed: legs that are new get a full resync, the rest follow the log.
-        const oldKeys = new Set(handover.legKeys);
-        let newLegs = 0;
-        for (const leg of this.legs) if (!oldKeys.has(this.legKey(leg))) newLegs |= 1 << leg.index;
-        const mask = newLegs & notDefault || newLegs;
-        if (newLegs) for (let r = 0; r < this.regionCount; r++) this.markStale(r, mask);
-      }
-      return;
-    }
-    // Map old leg bits to new leg bits by spec; legs without an old counterpart are stale everywhere.
-    const oldIndex = this.legs.map((leg) => handover.legKeys.indexOf(this.legKey(leg)));
+      handover && handover.regionSectors === this.regionSectors && handover.regionCount === this.regionCount;
+    const oldIndex = handover ? this.legs.map((leg) => handover.legKeys.indexOf(this.legKey(leg))) : [];
     const newLegs = oldIndex.reduce((mask, old, i) => (old < 0 ? mask | (1 << i) : mask), 0);
-    for (let r = 0; r < this.regionCount; r++) {
-      const old = handover.stale[r]!;
-      let mask = newLegs;
-      if (old)
-        for (let i = 0; i < oldIndex.length; i++)
-          if (oldIndex[i]! >= 0 && old & (1 << oldIndex[i]!)) mask |= 1 << i;
-      if (mask === this.allLegsMask) mask = notDefault; // nobody current: leg 0 is the truth, as the kernel
-      if (mask === 0) {
-        if (!this.log.inSync(r)) {
-          // The old mirror knew better (it resynced the region); the clean bit follows a leg flush.
-          this.log.setRegionSync(r, true);
-          this.regionHash.queueClean(r);
-        }
-        this.setStale(r, 0);
-      } else {
-        this.setStale(r, 0);
-        this.markStale(r, mask);
-      }
+    if (handover) {
+      for (const [i, old] of oldIndex.entries())
+        if (old >= 0 && handover.offline[old]) this.legs[i]!.offline = true;
     }
-    if (newLegs) {
+    // The leg copied from where nothing better is known: the old default, else a leg the log
+    // never called stale (the kernel: leg 0).
+    const legacy = this.log.storedLegBits ? 0 : (this.log.storedStaleLegs ?? 0);
+    let truth = handover ? this.legs.findIndex((l) => this.legKey(l) === handover.defaultLegKey) : -1;
+    if (truth < 0)
+      truth = this.legs.findIndex((l) => !(legacy & (1 << l.index)) && !(newLegs & (1 << l.index)));
+    if (truth < 0) {
+      if (legacy === this.allLegsMask && this.log.sync !== "sync" && !carry) {
+        throw new Error(
+          `${this.name}: the mirror log says every leg missed writes somewhere, but not where (written by an older udm); reload with the "sync" log argument to resync from leg 0 deliberately`,
+        );
+      }
+      truth = 0;
+    }
+    this.legSet.defaultLeg = truth;
+    const notTruth = this.allLegsMask & ~(1 << truth);
+    if (carry) {
+      // Map old leg bits to new leg bits by spec; legs without an old counterpart are stale everywhere.
+      for (let r = 0; r < this.regionCount; r++) {
+        const old = handover.stale[r]!;
+        let mask = newLegs;
+        if (old)
+          for (let i = 0; i < oldIndex.length; i++)
+            if (oldIndex[i]! >= 0 && old & (1 << oldIndex[i]!)) mask |= 1 << i;
+        if (this.log.sync === "sync" && mask === 0) mask = notTruth; // a full resync was asked for
+        this.initRegion(r, mask, notTruth);
+      }
+    } else {
+      const bits = this.log.inSyncBits;
+      for (let r = bits.findNext(false, 0); r >= 0; r = bits.findNext(false, r + 1)) {
+        const stored = this.currency.storedStaleMask(r);
+        if (stored === this.allLegsMask) {
+          throw new Error(`${this.name}: the mirror log marks every leg stale in region ${r}; it is corrupt`);
+        }
+        this.initRegion(r, stored || notTruth, notTruth);
+      }
+      // Geometry changed on reload: legs that are new get a full resync.
+      if (handover && newLegs)
+        for (let r = 0; r < this.regionCount; r++) this.initRegion(r, newLegs, notTruth);
+    }
+    if (newLegs && handover) {
       this.logger?.info(
         { device: this.name, legs: this.legs.filter((l) => newLegs & (1 << l.index)).map((l) => l.dev.name) },
         "new mirror legs: resyncing them",
@@ -323,28 +355,55 @@ export class MirrorDevice implements TargetDevice {
     }
   }
 
-  /** Sets a region's stale mask, keeping the per-leg counts and the log's stale-legs mask. */
-  private setStale(region: number, mask: number): void {
-    const old = this.stale[region]!;
-    if (old === mask) return;
-    const changed = old ^ mask;
-    for (let i = 0; i < this.legs.length; i++) {
-      if (changed & (1 << i)) this.staleCounts[i]! += mask & (1 << i) ? 1 : -1;
+  /** Sets a region's stale legs at activation (`mask` 0: in sync); never every leg. */
+  private initRegion(region: number, mask: number, notTruth: number): void {
+    let stale = mask | this.currency.staleMask(region);
+    if (stale === this.allLegsMask) stale = notTruth;
+    if (stale === 0) {
+      if (!this.log.inSync(region)) {
+        // The old mirror knew better (it resynced the region); the clean bit follows a leg flush.
+        this.log.setRegionSync(region, true);
+        this.regionHash.queueClean(region);
+      }
+      return;
     }
-    this.stale[region] = mask;
-    this.log.staleLegs = this.staleCounts.reduce((m, n, i) => (n > 0 ? m | (1 << i) : m), 0);
+    this.currency.clearStale(region, this.currency.staleMask(region) & ~stale);
+    this.markStale(region, stale);
   }
 
-  /** Records that the legs in `mask` lack current data in `region`; durable at the next log flush. */
-  private markStale(region: number, mask: number): void {
-    if (!mask) return;
-    const wasInSync = this.stale[region] === 0;
-    this.setStale(region, this.stale[region]! | mask);
+  /**
+   * Records that the legs in `mask` lack current data in `region` (durable at the next log
+   * flush). Never marks the region's last current leg: returns the bits it could not mark.
+   */
+  private markStale(region: number, mask: number): number {
+    const current = this.currency.currentMask(region);
+    let add = mask & current;
+    let refused = 0;
+    if (add && add === current) {
+      // Keep one current copy: the lowest leg among them (the caller fails the I/O instead).
+      refused = add & -add;
+      add &= ~refused;
+    }
+    if (!add) return refused;
+    const wasInSync = this.currency.inSync(region);
+    for (const leg of this.legs) if (add & (1 << leg.index)) leg.window.forget(region);
+    this.currency.addStale(region, add);
     this.log.markRegion(region);
     if (this.log.inSync(region)) this.regionHash.markNosync(region);
     if (wasInSync) {
       this.inSyncFlag = false;
       if (this.pass) this.pass.totalBytes += this.regionLength(region);
+    }
+    return refused;
+  }
+
+  /** A flush of `leg` covered its resync copy of `region`: it is current there now. */
+  private copyDurable(leg: MirrorLeg, region: number): void {
+    if (!(this.currency.receivingMask(region) & (1 << leg.index))) return;
+    this.currency.clearStale(region, 1 << leg.index);
+    if (this.currency.inSync(region)) {
+      if (this.pass) this.pass.doneBytes += this.regionLength(region);
+      this.regionHash.markInSync(region);
     }
   }
 
@@ -357,14 +416,12 @@ export class MirrorDevice implements TargetDevice {
   }
 
   private onlineMask(): number {
-    let m = 0;
-    for (const leg of this.legs) if (!leg.offline) m |= 1 << leg.index;
-    return m;
+    return this.legSet.onlineMask();
   }
 
   /** Legs holding current data in `region`. */
   private currentMask(region: number): number {
-    return this.allLegsMask & ~this.stale[region]!;
+    return this.currency.currentMask(region);
   }
 
   private updateInSync(): void {
@@ -373,12 +430,7 @@ export class MirrorDevice implements TargetDevice {
       this.inSyncFlag = true;
       this.raiseEvent();
       this.pass = null;
-      // reset_ms_flags: a fully synced set forgets old errors (except legs still unreachable).
-      for (const leg of this.legs) {
-        if (leg.offline) continue;
-        leg.errors.clear();
-        leg.errorCount = 0;
-      }
+      this.legSet.resetErrors();
     }
   }
 
@@ -392,54 +444,15 @@ export class MirrorDevice implements TargetDevice {
     for (const listener of this.eventListeners) listener();
   }
 
-  /** `fail_mirror`: records the error; with handle_errors a failed default leg is replaced. */
   private failLeg(leg: MirrorLeg, kind: LegErrorKind, err?: unknown): void {
-    leg.errorCount++;
-    if (leg.errors.has(kind)) return;
-    leg.errors.add(kind);
-    this.raiseEvent();
-    this.logger?.warn(
-      { device: this.name, leg: leg.dev.name, kind, err: err instanceof Error ? err.message : err },
-      "mirror leg failed",
-    );
-    if (!this.handleErrors || leg.index !== this.defaultLeg) return;
-    const healthy = this.legs.filter((l) => l.errorCount === 0 && !l.offline);
-    // Prefer a leg that is current in every region; the kernel only switches when in sync.
-    const everywhere = healthy.find((l) => this.isCurrentEverywhere(l.index));
-    const next = everywhere ?? (this.keepLog ? healthy[0] : undefined);
-    if (next) {
-      this.defaultLeg = next.index;
-      this.logger?.warn(
-        { device: this.name, from: leg.dev.name, to: next.dev.name },
-        "default mirror leg changed",
-      );
-    } else {
-      this.logger?.error(
-        { device: this.name, leg: leg.dev.name },
-        "default leg failed, no current healthy leg",
-      );
-    }
-  }
-
-  private isCurrentEverywhere(index: number): boolean {
-    if (this.log.syncCount === this.regionCount) return true;
-    const bit = 1 << index;
-    for (let r = 0; r < this.regionCount; r++) if (this.stale[r]! & bit) return false;
-    return true;
+    this.legSet.fail(leg, kind, err);
   }
 
   // ---- status and table ----------------------------------------------------------------------
 
   /** Health character of a leg, most severe first: F, D, S, R, U, A. */
   legHealth(index: number): string {
-    const leg = this.legs[index];
-    if (!leg) throw new RangeError(`no leg ${index}`);
-    if (leg.errorCount === 0) return "A";
-    if (leg.errors.has("flush")) return "F";
-    if (leg.errors.has("write")) return "D";
-    if (leg.errors.has("sync")) return "S";
-    if (leg.errors.has("read")) return "R";
-    return "U";
+    return this.legSet.health(index);
   }
 
   table(): string {
@@ -457,7 +470,7 @@ export class MirrorDevice implements TargetDevice {
 
   /** Index of the leg reads prefer and resync copies from. */
   get defaultLegIndex(): number {
-    return this.defaultLeg;
+    return this.legSet.defaultLeg;
   }
 
   get regionsInFlight(): number {
@@ -521,9 +534,10 @@ export class MirrorDevice implements TargetDevice {
     switch (cmd) {
       case "resync": {
         if (rest.length) throw new RangeError(`mirror message "resync" takes no arguments`);
-        const notDefault = this.allLegsMask & ~(1 << this.defaultLeg);
+        this.checkActive("resync");
+        const notDefault = this.allLegsMask & ~(1 << this.legSet.defaultLeg);
         for (let r = 0; r < this.regionCount; r++) {
-          if (this.stale[r] === 0) this.markStale(r, notDefault);
+          if (this.currency.inSync(r)) this.markStale(r, notDefault);
         }
         await this.log.flush();
         this.log.restartResyncSearch();
@@ -545,7 +559,7 @@ export class MirrorDevice implements TargetDevice {
         if (rest.length !== 1 || (rest[0] !== "on" && rest[0] !== "off")) {
           throw new RangeError(`usage: read_balance on|off, got "${rest.join(" ")}"`);
         }
-        this.readBalance = rest[0] === "on";
+        this.legSet.readBalance = rest[0] === "on";
         return undefined;
       }
       case "resync_throttle": {
@@ -576,7 +590,7 @@ export class MirrorDevice implements TargetDevice {
     if (target.length === 0) return;
     const end = offsetBytes + target.length;
     const runs: Array<{ start: number; end: number; leg: number }> = [];
-    const balanceLeg = this.readBalance ? this.readCursor++ : 0;
+    const balanceLeg = this.legSet.nextBalance();
     for (let pos = offsetBytes; pos < end; ) {
       const r = this.regionOf(pos);
       const stop = Math.min(end, (r + 1) * this.regionBytes);
@@ -589,20 +603,8 @@ export class MirrorDevice implements TargetDevice {
     await settleAll(runs.map((run) => this.readRun(run.start, run.end, run.leg, offsetBytes, target)));
   }
 
-  /** A current, online leg for `region`, avoiding `excluded`: default first, then backwards, as choose_mirror. */
   private chooseReadLeg(region: number, excluded: number, balance: number): number {
-    const candidates = this.currentMask(region) & this.onlineMask() & ~excluded;
-    if (!candidates) return -1;
-    const healthy = this.legs.filter((l) => candidates & (1 << l.index) && l.errorCount === 0);
-    if (this.readBalance && healthy.length > 1) return healthy[balance % healthy.length]!.index;
-    const n = this.legs.length;
-    for (let i = 0; i < n; i++) {
-      const leg = this.legs[(this.defaultLeg - i + n) % n]!;
-      if (candidates & (1 << leg.index) && leg.errorCount === 0) return leg.index;
-    }
-    // Every candidate has had errors: still better to try one than to fail outright.
-    for (const leg of this.legs) if (candidates & (1 << leg.index)) return leg.index;
-    return -1;
+    return this.legSet.chooseReadLeg(region, excluded, balance);
   }
 
   private async readRun(
@@ -668,6 +670,8 @@ export class MirrorDevice implements TargetDevice {
   private checkActive(what: string): void {
     if (this.closed) throw new IoError("EIO", this.name, `${what}: mirror is closed`);
     if (this.detached) throw new IoError("EIO", this.name, `${what}: mirror was replaced by a reload`);
+    if (!this.activated) throw new IoError("EIO", this.name, `${what}: mirror is not active yet (preresume)`);
+    this.handedOverFrom = undefined; // in service: a reload can no longer be rolled back to the old table
   }
 
   private async mirroredWrite(offsetBytes: number, lengthBytes: number, op: LegOp): Promise<void> {
@@ -725,14 +729,15 @@ export class MirrorDevice implements TargetDevice {
       await this.regionHash.waitRecovered(waitFor);
     }
     // Classify and count pending synchronously: recovery cannot slip in between.
+    const epoch = this.lossEpoch;
     const online = this.onlineMask();
     const targets: number[] = [];
     for (let r = first; r <= last; r++) {
       this.regionHash.incPending(r);
-      const current = this.currentMask(r);
       // Legs that are current but unreachable miss this write: they become stale first.
-      this.markStale(r, current & ~online);
-      targets.push(current & online);
+      this.markStale(r, this.currentMask(r) & ~online);
+      // Current legs and those catching up after a resync copy; none if no current leg is reachable.
+      targets.push(this.currentMask(r) & online ? this.currency.writeMask(r) & online : 0);
     }
     // A sequential stream (this write continues a recent one): mark the next regions dirty in
     // the same log write (a window that grows while the stream lasts).
@@ -777,18 +782,22 @@ export class MirrorDevice implements TargetDevice {
       const missed = await Promise.all(runs.map((run) => this.writeRun(run, start, end, base, op, failures)));
       if (missed.some(Boolean)) {
         // A leg missed this write: which legs are stale must survive a crash before we acknowledge.
-        await this.log
-          .waitDirtyDurable(this.log.dirtyMark)
-          .catch((err: unknown) =>
-            this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log write failed"),
-          );
+        try {
+          await this.log.waitDirtyDurable(this.log.dirtyMark);
+        } catch (err) {
+          this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log write failed");
+          // keep_log: the kernel fails a write it cannot record (do_failures with log_failure).
+          if (this.keepLog)
+            failures.push(`the mirror log cannot record the failed leg: ${(err as Error).message}`);
+        }
+      }
+      for (let r = first; r <= last && this.lossEpoch > epoch; r++) {
+        // Its only current leg lost unflushed data while this was in flight: it may be gone.
+        if ((this.lostAt.get(r) ?? 0) > epoch)
+          failures.push(`a flush failure lost region ${r} on its only current leg`);
       }
       if (failures.length) {
-        throw new IoError(
-          "EIO",
-          this.name,
-          `write at ${start}+${end - start} failed on every leg: ${failures[0]}`,
-        );
+        throw new IoError("EIO", this.name, `write at ${start}+${end - start} failed: ${failures[0]}`);
       }
     } finally {
       for (let r = first; r <= last; r++) this.regionHash.decPending(r);
@@ -810,7 +819,8 @@ export class MirrorDevice implements TargetDevice {
       return false;
     }
     const legs = this.legs.filter((l) => run.mask & (1 << l.index));
-    for (const leg of legs) for (let r = run.first; r <= run.last; r++) leg.unflushed.add(r);
+    // In every flush window from now on: a flush issued before this completes does not cover it.
+    for (const leg of legs) for (let r = run.first; r <= run.last; r++) leg.window.writeStarted(r);
     const results = await Promise.all(
       legs.map((leg) =>
         op(leg, leg.offsetBytes + s, s - base, e - s).then(
@@ -819,28 +829,43 @@ export class MirrorDevice implements TargetDevice {
         ),
       ),
     );
+    for (const leg of legs) for (let r = run.first; r <= run.last; r++) leg.window.writeEnded(r);
     let failedMask = 0;
+    let firstError = "";
     results.forEach((err, i) => {
       if (err) {
         failedMask |= 1 << legs[i]!.index;
+        firstError ||= `${legs[i]!.dev.name}: ${(err as Error)?.message ?? err}`;
         this.failLeg(legs[i]!, "write", err);
       }
     });
     if (!failedMask) return false;
-    if (failedMask === run.mask) {
-      // Nobody took the write: it fails, and the legs keep one current copy (they may now differ).
-      failedMask &= ~(1 << legs[0]!.index);
-      failures.push(String((results[0] as Error)?.message ?? results[0]));
+    let noCurrentCopy = false;
+    for (let r = run.first; r <= run.last; r++) {
+      // A leg catching up after a copy that failed this write keeps no trustworthy copy.
+      this.currency.stopReceiving(r, failedMask);
+      for (const leg of legs) if (failedMask & (1 << leg.index)) leg.window.forgetCopy(r);
+      // Every current leg failed: the write fails, the legs keep one current copy (they may differ).
+      if (this.markStale(r, failedMask)) noCurrentCopy = true;
     }
-    for (let r = run.first; r <= run.last; r++) this.markStale(r, failedMask);
+    // A leg that reported its backend gone (watchHealth) is handled as an offline leg: stale where
+    // it missed writes and resynced when it is back, like writes to a region already out of sync.
+    const failedOnline = this.legs.some((l) => failedMask & (1 << l.index) && !l.offline);
+    if (noCurrentCopy) {
+      failures.push(`no current leg took it (${firstError})`);
+    } else if (this.handleErrors && !this.keepLog && failedOnline) {
+      // The kernel holds such a write (hold_bio) until userspace reconfigures the mirror; udm has
+      // no dmeventd to do that, so it fails it: never acknowledged with only some legs holding it.
+      failures.push(`handle_errors: it reached only some legs, so it is not acknowledged (${firstError})`);
+    }
     this.scheduleCleanPass();
     return true;
   }
 
   async flush(): Promise<void> {
     if (this.closed) throw new IoError("EIO", this.name, "flush: mirror is closed");
-    if (this.detached) {
-      // Replaced by a reload: the legs can still be flushed, the log belongs to the new table.
+    if (!this.activated || this.detached) {
+      // Replaced by a reload (or not yet in charge): the legs can still be flushed, the log is not ours.
       const results = await Promise.allSettled(this.legs.filter((l) => !l.offline).map((l) => l.dev.flush()));
       if (!results.some((r) => r.status === "fulfilled"))
         throw new IoError("EIO", this.name, "flush failed on every leg");
@@ -848,8 +873,13 @@ export class MirrorDevice implements TargetDevice {
     }
     const mark = this.log.dirtyMark;
     const candidates = this.regionHash.cleanCandidates();
-    const ok = await this.flushLegs();
-    if (!ok) throw new IoError("EIO", this.name, "flush failed on every leg");
+    const earlierLost = this.lostSinceUserFlush;
+    this.lostSinceUserFlush = new Set();
+    const { flushed, lost } = await this.flushLegs("write");
+    this.noteLost(lost);
+    for (const r of lost) this.lostSinceUserFlush.delete(r); // reported by this flush
+    lost.push(...earlierLost);
+    if (!flushed) throw new IoError("EIO", this.name, "flush failed on every leg");
     // Regions drained before this flush are durable on every leg: clean (written with the next log write).
     if (candidates.length) this.regionHash.commitClean(candidates);
     // A leg that failed its flush is now stale: that must be durable before the flush completes.
@@ -863,59 +893,118 @@ export class MirrorDevice implements TargetDevice {
         if (this.handleErrors) throw err;
       }
     }
-  }
-
-  /**
-   * PREFLUSH to every reachable leg. A leg whose flush fails may have lost what it acknowledged
-   * since its last flush: it becomes stale in those regions (where another leg is current).
-   * True if at least one leg flushed.
-   */
-  private async flushLegs(): Promise<boolean> {
-    const legs = this.legs.filter((l) => !l.offline);
-    const written = legs.map((leg) => {
-      const regions = leg.unflushed;
-      leg.unflushed = new Set();
-      return regions;
-    });
-    const results = await Promise.all(
-      legs.map((leg) =>
-        leg.dev.flush().then(
-          () => null,
-          (err: unknown) => err ?? new Error("flush failed"),
-        ),
-      ),
-    );
-    let okCount = 0;
-    results.forEach((err, i) => {
-      const leg = legs[i]!;
-      if (!err) {
-        okCount++;
-        return;
-      }
-      this.failLeg(leg, "flush", err);
-      // (The kernel sets the region hash's flush_failure; marking the leg stale where it may have
-      // lost writes is exact and lets it be resynced.)
-      this.markLegUnflushedStale(leg, written[i]!);
-    });
-    return okCount > 0;
-  }
-
-  /** Marks `leg` stale in `regions` wherever another leg holds current data. */
-  private markLegUnflushedStale(leg: MirrorLeg, regions: Iterable<number>): void {
-    const bit = 1 << leg.index;
-    for (const r of regions) {
-      if (this.currentMask(r) & ~bit) this.markStale(r, this.currentMask(r) & bit);
+    if (lost.length) {
+      // do_failures: no valid mirror holds these regions durably.
+      throw new IoError(
+        "EIO",
+        this.name,
+        `flush failed: no leg holds a durable current copy of region(s) ${lost.slice(0, 8).join(", ")}${lost.length > 8 ? ", ..." : ""}`,
+      );
     }
   }
 
+  /**
+   * PREFLUSH to every reachable leg, accounted by generation (`FlushWindow`). A leg whose flush
+   * fails may have lost what it took since its last good flush: it becomes stale in those
+   * regions, and resync copies to it are not trusted. `kind` is the error it is failed with
+   * (`write` for a user flush, `D` as write_callback; `flush` for the mirror's own, `F`).
+   * Returns whether any leg flushed, and the regions left without a durable current copy.
+   */
+  private async flushLegs(kind: LegErrorKind): Promise<{ flushed: boolean; lost: number[] }> {
+    const legs = this.legs.filter((l) => !l.offline);
+    const lost: number[] = [];
+    const results = await Promise.all(
+      legs.map((leg) => {
+        const run = leg.flushChain.then(() => {
+          const k = leg.window.beginFlush();
+          return leg.dev.flush().then(
+            () => {
+              for (const region of leg.window.flushSucceeded(k)) this.copyDurable(leg, region);
+              return true;
+            },
+            (err: unknown) => {
+              this.failLeg(leg, kind, err ?? new Error("flush failed"));
+              lost.push(...this.legLostUnflushed(leg));
+              return false;
+            },
+          );
+        });
+        leg.flushChain = run;
+        return run;
+      }),
+    );
+    return { flushed: results.some(Boolean), lost };
+  }
+
+  /**
+   * `leg` may have lost everything since its last good flush (failed flush, lost connection):
+   * stale there wherever another leg is current. Returns the regions where it held the only
+   * current copy (the caller fails the flush: no durable current copy).
+   */
+  private legLostUnflushed(leg: MirrorLeg): number[] {
+    const { written, copies } = leg.window.lost();
+    const bit = 1 << leg.index;
+    for (const r of copies) this.currency.stopReceiving(r, bit);
+    const lost = new Set<number>();
+    for (const r of written) {
+      if (!(this.currentMask(r) & bit)) {
+        leg.window.forget(r);
+        continue;
+      }
+      const receiving = this.currency.receivingMask(r) & ~bit;
+      if (receiving && this.currentMask(r) === bit) {
+        // It held the only current copy, but legs that took the resync copy and every write since
+        // hold the data (not yet durable): they become current, and this leg stale.
+        for (const other of this.legs) if (receiving & (1 << other.index)) other.window.copyToWritten(r);
+        this.currency.clearStale(r, receiving);
+        lost.add(r); // durable nowhere yet
+      }
+      if (this.markStale(r, bit)) lost.add(r);
+    }
+    if (written.length) this.scheduleCleanPass();
+    return [...lost];
+  }
+
+  /** Regions whose only current leg lost data: a user flush and writes in flight there fail. */
+  private noteLost(regions: number[]): void {
+    for (const r of regions) {
+      this.lostSinceUserFlush.add(r);
+      this.lostAt.set(r, ++this.lossEpoch);
+    }
+  }
+
+  /**
+   * Allocation of the range, asked of a leg that holds current data in each region (a region
+   * where no reachable leg does is reported as data: never a hole that is not one).
+   */
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     checkRange(this, offsetBytes, lengthBytes);
-    const leg =
-      this.legs.find((l) => l.index === this.defaultLeg && !l.offline && l.errorCount === 0) ??
-      this.legs.find((l) => !l.offline) ??
-      this.legs[0]!;
-    const inner = await leg.dev.extents(leg.offsetBytes + offsetBytes, lengthBytes);
-    return inner.map((e) => ({ ...e, offsetBytes: e.offsetBytes - leg.offsetBytes }));
+    if (lengthBytes === 0) return [];
+    const end = offsetBytes + lengthBytes;
+    const runs: Array<{ start: number; end: number; leg: number }> = [];
+    for (let pos = offsetBytes; pos < end; ) {
+      const r = this.regionOf(pos);
+      const stop = Math.min(end, (r + 1) * this.regionBytes);
+      const leg = this.chooseReadLeg(r, 0, 0);
+      const last = runs[runs.length - 1];
+      if (last && last.leg === leg) last.end = stop;
+      else runs.push({ start: pos, end: stop, leg });
+      pos = stop;
+    }
+    const parts = await Promise.all(
+      runs.map(async (run): Promise<Extent[]> => {
+        const leg = this.legs[run.leg];
+        if (!leg) return [{ offsetBytes: run.start, lengthBytes: run.end - run.start, kind: "data" }];
+        try {
+          const inner = await leg.dev.extents(leg.offsetBytes + run.start, run.end - run.start);
+          return inner.map((e) => ({ ...e, offsetBytes: e.offsetBytes - leg.offsetBytes }));
+        } catch {
+          // Advisory: a leg that cannot tell means data.
+          return [{ offsetBytes: run.start, lengthBytes: run.end - run.start, kind: "data" }];
+        }
+      }),
+    );
+    return mergeExtents(parts.flat());
   }
 
   // ---- lazy cleaning -----------------------------------------------------------------------
@@ -942,12 +1031,22 @@ export class MirrorDevice implements TargetDevice {
   }
 
   /** Marks drained regions clean and writes the log (flushing the legs first). */
-  private async cleanPass(): Promise<void> {
+  /** `flushLegs`: flush the legs even with nothing to clean (suspend: settle every flush window). */
+  private async cleanPass(flushLegs = false): Promise<void> {
     const candidates = this.regionHash.cleanCandidates();
-    if (candidates.length) {
+    if (candidates.length || this.recoveredUnflushed > 0 || flushLegs) {
       // Data first: only regions whose writes are flushed on every leg may be declared clean.
-      const ok = await this.flushLegs();
-      if (ok && !this.regionHash.flushFailure) this.regionHash.commitClean(candidates);
+      this.recoveredUnflushed = 0;
+      const { lost } = await this.flushLegs("flush");
+      this.noteLost(lost);
+      if (lost.length) {
+        this.logger?.error(
+          { device: this.name, regions: lost.slice(0, 16) },
+          "leg flush failed where it held the only current copy",
+        );
+      }
+      // A leg whose flush failed is stale where it wrote; those regions left the clean list.
+      this.regionHash.commitClean(candidates);
     }
     await this.log.flush();
   }
@@ -967,7 +1066,12 @@ export class MirrorDevice implements TargetDevice {
   }
 
   private kickRecovery(): void {
-    while (this.recoveryRunning && !this.closed && this.recoveriesActive < this.regionsInFlightLimit) {
+    while (
+      this.recoveryRunning &&
+      !this.closed &&
+      !this.detached &&
+      this.recoveriesActive < this.regionsInFlightLimit
+    ) {
       const region = this.log.nextResyncWork();
       if (region < 0) break;
       if (!this.pass) this.startPass();
@@ -986,6 +1090,7 @@ export class MirrorDevice implements TargetDevice {
             this.recoveryIdleWaiters = [];
             for (const wake of waiters) wake();
           }
+          if (this.recoveredUnflushed >= RECOVERY_FLUSH_REGIONS) this.finishResyncPass();
           this.kickRecovery();
         });
     }
@@ -996,58 +1101,58 @@ export class MirrorDevice implements TargetDevice {
   }
 
   /**
-   * The resync ran out of work: flush the legs it copied to and set the clean bits now, rather
-   * than after the lazy clean delay. Until a destination is flushed, a copy it acknowledged may
-   * still sit in a volatile cache, so a flush failure in that window must (and does) make the leg
-   * stale there again; this closes the window as soon as the pass ends, so a leg that fails later
-   * is not blamed for copies it already made durable. `waitForSync` waits for it.
+   * Makes the resync's copies durable: flushes the legs, which turns the copied regions current
+   * on their destinations (in sync), then cleans them with a second pass. Runs when the resync
+   * runs out of work and every RECOVERY_FLUSH_REGIONS copies. Until then a destination is not
+   * read from and stays stale in the log, so a crash or a failed flush never trusts a copy that
+   * may still sit in a volatile cache. `waitForSync` waits for it.
    */
   private finishResyncPass(): void {
     if (this.recoveredUnflushed === 0 || this.resyncFlush || this.closed || this.detached) return;
-    this.recoveredUnflushed = 0;
-    const run = this.cleanPass()
+    const run = (async () => {
+      await this.cleanPass();
+      await this.cleanPass();
+    })()
       .catch((err: unknown) =>
         this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log flush failed"),
       )
       .finally(() => {
         if (this.resyncFlush === run) this.resyncFlush = null;
+        this.updateInSync();
+        // Copies made while this ran wait for the next flush. (Copies whose flush failed stay
+        // out of sync until the leg comes back or a `resync` message, like a failed copy.)
+        if (this.recoveredUnflushed > 0 && this.recoveriesActive === 0) this.finishResyncPass();
       });
     this.resyncFlush = run;
   }
 
-  /** The leg a region is copied from: the default leg if current there, else another current one. */
   private recoverySource(region: number): MirrorLeg | undefined {
-    const current = this.currentMask(region) & this.onlineMask();
-    const def = this.legs[this.defaultLeg]!;
-    if (current & (1 << def.index) && def.errorCount === 0) return def;
-    return (
-      this.legs.find((l) => current & (1 << l.index) && l.errorCount === 0) ??
-      this.legs.find((l) => current & (1 << l.index))
-    );
+    return this.legSet.recoverySource(region);
+  }
+
+  /** Stale legs of `region` that are reachable and do not hold a copy yet. */
+  private recoveryDestinations(region: number): number {
+    return this.currency.staleMask(region) & ~this.currency.receivingMask(region) & this.onlineMask();
   }
 
   private async recoverRegion(region: number): Promise<void> {
-    const online = this.onlineMask();
-    if (this.stale[region] === 0) {
+    if (this.currency.inSync(region)) {
       // No leg lacks anything: nothing to copy.
       this.log.setRegionSync(region, true);
       this.regionHash.queueClean(region);
       return;
     }
-    if (!this.recoverySource(region) || !(this.stale[region]! & online)) {
-      // Nothing reachable to copy from or to (e.g. the stale leg is offline): try again later.
+    if (!this.recoverySource(region) || !this.recoveryDestinations(region)) {
+      // Nothing reachable to copy from or to (the stale leg is offline, or its copy awaits a flush).
       this.log.abandonResyncWork(region);
       return;
     }
     await this.regionHash.beginRecovery(region);
-    let success = false;
-    let destMask = 0;
     try {
       const source = this.recoverySource(region);
-      destMask = this.stale[region]! & this.onlineMask() & ~(source ? 1 << source.index : 0);
+      const destMask = this.recoveryDestinations(region) & ~(source ? 1 << source.index : 0);
       if (!source || !destMask) return;
       const dests = this.legs.filter((l) => destMask & (1 << l.index));
-      for (const d of dests) d.unflushed.add(region);
       const sector = region * this.regionSectors;
       const count = this.regionLength(region) >> SECTOR_SHIFT;
       const kc = this.kcopydClient();
@@ -1060,25 +1165,24 @@ export class MirrorDevice implements TargetDevice {
       dests.forEach((d, i) => {
         if (writeErr & (1 << i)) this.failLeg(d, "sync");
       });
-      success = !readErr && writeErr === 0;
-      if (success) {
-        this.resyncedBytes += count * SECTOR_SIZE * dests.length;
+      if (readErr) return;
+      let copied = 0;
+      dests.forEach((d, i) => {
+        if (writeErr & (1 << i)) return;
+        // Current once a flush of it covers the copy; until then it takes writes, not reads.
+        this.currency.startReceiving(region, 1 << d.index);
+        d.window.copyDone(region);
+        copied++;
+      });
+      if (copied) {
+        this.resyncedBytes += count * SECTOR_SIZE * copied;
         this.resyncedRegions++;
         this.recoveredUnflushed++;
       }
     } finally {
-      if (success) {
-        this.setStale(region, this.stale[region]! & ~destMask);
-        if (this.pass && this.stale[region] === 0) this.pass.doneBytes += this.regionLength(region);
-      }
-      if (this.stale[region] === 0) {
-        // In sync now; the clean bit follows in the next clean pass, after a leg flush.
-        this.log.setRegionSync(region, true);
-      } else {
-        // Failed, or a stale leg was unreachable: stays out of sync (the kernel without
-        // handle_errors would call it in sync; we never report a divergent region as in sync).
-        this.log.setRegionSync(region, false);
-      }
+      // Out of sync until the copies are flushed (or for good, if the copy failed: the kernel
+      // without handle_errors would call it in sync; we never report a divergent region as in sync).
+      this.log.setRegionSync(region, this.currency.inSync(region));
       this.regionHash.endRecovery(region);
       this.scheduleCleanPass();
     }
@@ -1103,9 +1207,15 @@ export class MirrorDevice implements TargetDevice {
         if (!healthy && !leg.offline) {
           leg.offline = true;
           this.failLeg(leg, "write", new Error("connection lost"));
-          // Writes it acknowledged but never flushed may be gone with the connection.
-          this.markLegUnflushedStale(leg, leg.unflushed);
-          leg.unflushed = new Set();
+          // Writes it took since its last good flush may be gone with the connection.
+          const lost = this.legLostUnflushed(leg);
+          this.noteLost(lost);
+          if (lost.length) {
+            this.logger?.error(
+              { device: this.name, leg: leg.dev.name, regions: lost.slice(0, 16) },
+              "leg lost with the only current copy of some regions",
+            );
+          }
           void this.log
             .flush()
             .catch((err: unknown) =>
@@ -1142,24 +1252,32 @@ export class MirrorDevice implements TargetDevice {
 
   /** Stops the resync (in-flight regions finish) and writes the log with every drained region clean. */
   async suspend(): Promise<void> {
+    if (!this.activated || this.detached) return;
     await this.stopRecovery();
     await this.settle();
   }
 
   /** Restarts the resync from the first out-of-sync region. */
   async resume(): Promise<void> {
-    if (this.closed || this.detached) return;
+    if (this.closed || this.detached || !this.activated) return;
+    this.handedOverFrom = undefined;
     this.startRecovery();
   }
 
-  /** Waits for in-flight writes, marks drained regions clean and flushes the log. */
+  /**
+   * Waits for in-flight writes, flushes every leg (what a leg took since its last flush is then
+   * durable, or the leg is stale there: nothing is left in a flush window for a successor table to
+   * inherit), marks drained regions clean and flushes the log.
+   */
   async settle(): Promise<void> {
     await this.waitOpsIdle();
+    if (!this.activated || this.detached) return;
     if (this.cleanTimer) {
       clearTimeout(this.cleanTimer);
       this.cleanTimer = undefined;
     }
-    await this.cleanPass();
+    await this.resyncFlush;
+    await this.cleanPass(true);
   }
 
   /** Resolves once nothing is out of sync that the resync can reach (test and CLI helper). */
@@ -1171,8 +1289,12 @@ export class MirrorDevice implements TargetDevice {
         await this.resyncFlush; // a leg whose flush failed is stale again: look again
         continue;
       }
+      if (this.resyncFlush) {
+        await this.resyncFlush; // copies become current when their flush is done
+        continue;
+      }
       if (!this.recoveryRunning) throw new Error(`${this.name}: resync is suspended`);
-      if (this.recoveriesActive === 0 && this.log.resyncSearchExhausted) {
+      if (this.recoveriesActive === 0 && this.log.resyncSearchExhausted && this.recoveredUnflushed === 0) {
         throw new Error(
           `${this.name}: ${this.regionCount - this.log.syncCount} region(s) cannot be resynced now (failed or unreachable legs)`,
         );
@@ -1187,32 +1309,62 @@ export class MirrorDevice implements TargetDevice {
   /**
    * Hands this mirror's per-leg state to a reloaded table and retires this one: recovery stops,
    * in-flight writes drain, the log is flushed, and further writes are refused (the new table owns
-   * the log device now).
+   * the log device now). Called by the new table's `preresume()`, after the suspend.
    */
   async detachForReload(): Promise<MirrorHandover> {
+    if (this.detached || !this.activated) throw new Error(`${this.name}: not the active table`);
+    const recoveryWasRunning = this.recoveryRunning;
     await this.suspend();
     this.detached = true;
-    for (const leg of this.legs) leg.unwatch?.();
+    for (const leg of this.legs) {
+      leg.unwatch?.();
+      leg.unwatch = undefined;
+    }
     return {
       legKeys: this.legs.map((l) => this.legKey(l)),
       regionSectors: this.regionSectors,
       regionCount: this.regionCount,
-      stale: Uint16Array.from(this.stale),
+      stale: Uint16Array.from({ length: this.regionCount }, (_, r) => this.currency.staleMask(r)),
+      offline: this.legs.map((l) => l.offline),
+      defaultLegKey: this.legKey(this.legs[this.legSet.defaultLeg]!),
+      recoveryWasRunning,
     };
   }
 
-  /** Undoes `detachForReload` when the new table could not be activated. */
-  reattachAfterFailedReload(): void {
+  /** Undoes `detachForReload` when the new table could not be activated: exactly as it was. */
+  reattachAfterFailedReload(handover: MirrorHandover): void {
     if (!this.detached || this.closed) return;
     this.detached = false;
     this.watchLegs();
-    this.startRecovery();
+    // The new table may have written the log: ours is the truth again, on the next flush.
+    this.log.noteStaleAdded();
+    void this.log
+      .flush()
+      .catch((err: unknown) =>
+        this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log write failed"),
+      );
+    if (handover.recoveryWasRunning) this.startRecovery();
   }
 
-  /** Stops the resync and writes the log; the legs and log device belong to the table and stay open. */
+  /**
+   * Stops the resync and writes the log; the legs and log device belong to the table and stay
+   * open. A mirror that was built but never activated (a failed reload) never touches the log.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
-    if (!this.detached) await this.suspend();
+    const giveBack = this.handedOverFrom;
+    if (giveBack) {
+      // A reload rolled back after this took over: stop, and let the old table own the log again.
+      await this.stopRecovery();
+      await this.resyncFlush;
+      this.closed = true;
+      if (this.cleanTimer) clearTimeout(this.cleanTimer);
+      for (const leg of this.legs) leg.unwatch?.();
+      await this.ownKcopyd?.destroy();
+      giveBack.previous.reattachAfterFailedReload(giveBack.handover);
+      return;
+    }
+    if (this.activated && !this.detached) await this.suspend();
     this.closed = true;
     if (this.cleanTimer) clearTimeout(this.cleanTimer);
     for (const leg of this.legs) leg.unwatch?.();

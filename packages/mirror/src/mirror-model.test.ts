@@ -184,9 +184,10 @@ async function run(cmds: Cmd[], features: string): Promise<void> {
             data.copy(model, c.offset);
             known.fill(1, c.offset, c.offset + c.length);
           } catch (err) {
-            // Only when the one leg holding current data there is the failed one.
+            // Only when the one leg holding current data there is the failed one, or with
+            // handle_errors when a leg missed it (never acknowledged without every current leg).
             expect(down).toBeGreaterThanOrEqual(0);
-            expect(String(err)).toMatch(/failed on every leg/);
+            expect(String(err)).toMatch(/no current leg took it|not acknowledged|no reachable leg/);
             known.fill(0, c.offset, c.offset + c.length);
           }
           break;

@@ -1,12 +1,13 @@
 import { type BlockDevice, SECTOR_SIZE, TargetArgError, type TargetType } from "@udm/kcopyd";
-import { DirtyRegionLog, diskLogBytes, MirrorLogFormatError } from "./dirty-log.js";
+import { DirtyRegionLog, MirrorLogFormatError, udmLogBytes } from "./dirty-log.js";
 import { MirrorDevice } from "./mirror-device.js";
 import { checkLegFits, MIRROR_USAGE, parseMirrorTable } from "./mirror-table.js";
 
 /**
  * dm `mirror`: `<core|disk> <#log_args> <log_args> <#legs> <dev> <offset>... [<#features> handle_errors [keep_log]]`.
- * On `udm reload` (`context.previous` is a mirror) the per-leg sync state carries over, so only
- * legs whose spec is new are resynced.
+ * On `udm reload` (`context.previous` is a mirror) the new mirror is only built: the previous one
+ * keeps serving until `preresume()` hands its log and per-leg sync state over, so only legs whose
+ * spec is new are resynced. Without a previous mirror, `create` activates it at once.
  *
  * @example
  * ```ts
@@ -37,11 +38,11 @@ export const mirrorTarget: TargetType = {
       const argIndex = table.logDeviceArg!;
       logDevice = await openArg(context.openDevice, table.logDevice, argIndex, "log device");
       const regionCount = Math.ceil(lengthBytes / SECTOR_SIZE / table.regionSectors);
-      const needed = diskLogBytes(regionCount, logDevice.logicalBlockSize);
+      const needed = udmLogBytes(regionCount, legs.length, logDevice.logicalBlockSize);
       if (needed > logDevice.sizeBytes) {
         throw new TargetArgError(
           argIndex,
-          `log device ${table.logDevice} is ${logDevice.sizeBytes} bytes; ${regionCount} regions need ${needed}`,
+          `log device ${table.logDevice} is ${logDevice.sizeBytes} bytes; ${regionCount} regions of ${legs.length} legs need ${needed} (the kernel's log and udm's per-leg bits)`,
         );
       }
     }
@@ -50,6 +51,7 @@ export const mirrorTarget: TargetType = {
       targetSectors: lengthBytes / SECTOR_SIZE,
       sync: table.sync,
       ...(logDevice && { device: logDevice }),
+      legCount: legs.length,
     });
     const previous = context.previous instanceof MirrorDevice ? context.previous : undefined;
     try {

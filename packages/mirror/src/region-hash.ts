@@ -45,8 +45,6 @@ interface RegionEntry {
 export class RegionHash {
   private readonly entries = new Map<number, RegionEntry>();
   private cleanList = new Set<number>();
-  /** A leg flush failed: regions whose writes drain become NOSYNC instead of CLEAN (`flush_failure`). */
-  flushFailure = false;
   /** Called when a region joins the clean list (schedule a worker pass). */
   onCleanable: (() => void) | undefined;
 
@@ -106,11 +104,6 @@ export class RegionHash {
       return;
     }
     if (e.state === RegionState.DIRTY) {
-      if (this.flushFailure) {
-        this.log.setRegionSync(region, false);
-        this.entries.delete(region);
-        return;
-      }
       e.state = RegionState.CLEAN;
       this.cleanList.add(region);
       this.onCleanable?.();
@@ -132,6 +125,28 @@ export class RegionHash {
     }
     if (e.pending === 0) this.entries.delete(region);
     else e.state = RegionState.NOSYNC;
+  }
+
+  /**
+   * Every leg holds current data in `region` again (a resync copy became durable): in sync, and
+   * cleaned like a drained region once its writes (if any) drain.
+   */
+  markInSync(region: number): void {
+    this.log.setRegionSync(region, true);
+    const e = this.entries.get(region);
+    if (!e) {
+      this.queueClean(region);
+      return;
+    }
+    if (e.state !== RegionState.NOSYNC) return; // RECOVERING: endRecovery sees the log in sync
+    e.gen++;
+    if (e.pending > 0) {
+      e.state = RegionState.DIRTY;
+      return;
+    }
+    e.state = RegionState.CLEAN;
+    this.cleanList.add(region);
+    this.onCleanable?.();
   }
 
   /**

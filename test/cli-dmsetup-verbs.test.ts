@@ -66,14 +66,15 @@ describe("dmsetup verbs", () => {
       await dev.close();
     }
     expect((await waited2).status).toBe(0);
-    // One event per kind of error of the leg (dm-raid1's error_type bits): the write, the flush.
-    expect(events("m2")).toBe(2);
-    expect(run("status", "m2").stdout).toMatch(/ 2 \S+a\.img @bad \d+\/32 1 AF /);
-    expect(run("info", "m2").stdout).toMatch(/^Event number: +2$/m);
+    // One event per kind of error of the leg (dm-raid1's error_type bits): a failed user flush is
+    // a write error too (write_callback), so the write and the flush make one event and `D`.
+    expect(events("m2")).toBe(1);
+    expect(run("status", "m2").stdout).toMatch(/ 2 \S+a\.img @bad \d+\/32 1 AD /);
+    expect(run("info", "m2").stdout).toMatch(/^Event number: +1$/m);
 
     const cols = run("info", "-c", "--noheadings", "-o", "name,open,segments,events");
-    expect(cols.stdout).toBe("disk:0:1:0\nleg:0:1:0\nm:0:1:1\nbad:0:1:0\nm2:0:1:2\n");
-    expect(run("info", "-c", "-o", "name,events", "m2").stdout).toBe("Name Event\nm2   2\n");
+    expect(cols.stdout).toBe("disk:0:1:0\nleg:0:1:0\nm:0:1:1\nbad:0:1:0\nm2:0:1:1\n");
+    expect(run("info", "-c", "-o", "name,events", "m2").stdout).toBe("Name Event\nm2   1\n");
     expect(run("info", "-c", "--separator", ",", "-o", "name,targets", "m2").stdout).toBe(
       "Name,Targets\nm2,mirror\n",
     );

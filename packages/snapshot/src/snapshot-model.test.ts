@@ -264,8 +264,10 @@ describe("snapshot model: large requests, zeroing, trim, invalidation, path alia
           const ctx: TargetContext = {
             openDevice: async (spec) => {
               if (cows[spec]) return cows[spec]!;
-              // Every open is a new object, as two processes or two names would have.
-              const dev = await FileDevice.open(spec);
+              // Every open is a new object, as two names would have. The image lock would refuse
+              // the second (udm's device pool shares one open per file): this checks the origin
+              // protection underneath it.
+              const dev = await FileDevice.open(spec, { lock: false });
               opened.push(dev);
               return dev;
             },

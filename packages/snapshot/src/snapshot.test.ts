@@ -631,7 +631,8 @@ describe("path aliases", () => {
       const opened: BlockDevice[] = [];
       const ctx: TargetContext = {
         openDevice: async (spec) => {
-          const dev = await FileDevice.open(join(dir, spec));
+          // Without image locks, which would refuse the second open: the origin protection underneath.
+          const dev = await FileDevice.open(join(dir, spec), { lock: false });
           opened.push(dev);
           return dev;
         },

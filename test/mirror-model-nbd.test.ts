@@ -69,7 +69,7 @@ class VolatileDisk implements BlockDevice {
     this.durable = Buffer.alloc(sizeBytes);
   }
   async crash() {
-    await this.live.write(0, this.durable);
+    await this.live.write(0, Buffer.from(this.durable));
   }
   read(o: number, n: number) {
     return this.live.read(o, n);
@@ -78,12 +78,13 @@ class VolatileDisk implements BlockDevice {
     return this.live.readInto(o, b);
   }
   async write(o: number, d: Buffer, opts?: WriteOptions) {
-    await this.live.write(o, d);
+    // FUA: durable first, so a cache loss racing this write never leaves it only in `durable`.
     if (opts?.fua) d.copy(this.durable, o);
+    await this.live.write(o, d);
   }
   async writeZeroes(o: number, n: number, opts?: WriteZeroesOptions) {
-    await this.live.writeZeroes(o, n, opts);
     if (opts?.fua) this.durable.fill(0, o, o + n);
+    await this.live.writeZeroes(o, n, opts);
   }
   async discard(o: number, n: number) {
     await this.live.discard(o, n);

@@ -846,7 +846,13 @@ export class MirrorDevice implements TargetDevice {
       this.currency.stopReceiving(r, failedMask);
       for (const leg of legs) if (failedMask & (1 << leg.index)) leg.window.forgetCopy(r);
       // Every current leg failed: the write fails, the legs keep one current copy (they may differ).
-      if (this.markStale(r, failedMask)) noCurrentCopy = true;
+      if (this.markStale(r, failedMask)) {
+        noCurrentCopy = true;
+        // Legs catching up took the write the current leg missed: their copy differs now.
+        const diverged = this.currency.receivingMask(r);
+        this.currency.stopReceiving(r, diverged);
+        for (const leg of legs) if (diverged & (1 << leg.index)) leg.window.forgetCopy(r);
+      }
     }
     // A leg that reported its backend gone (watchHealth) is handled as an offline leg: stale where
     // it missed writes and resynced when it is back, like writes to a region already out of sync.

@@ -44,7 +44,7 @@ class VolatileDisk implements BlockDevice {
     if (this.dead) throw new IoError("EIO", this.name, "host is gone");
   }
   async crash() {
-    await this.live.write(0, this.durable);
+    await this.live.write(0, Buffer.from(this.durable));
   }
   async read(o: number, n: number) {
     this.check();
@@ -57,14 +57,15 @@ class VolatileDisk implements BlockDevice {
   async write(o: number, d: Buffer, opts?: WriteOptions) {
     this.check();
     if (this.holdWrites) await this.holdWrites;
-    await this.live.write(o, d);
+    // FUA: durable first, so a cache loss racing this write never leaves it only in `durable`.
     if (opts?.fua) d.copy(this.durable, o);
+    await this.live.write(o, d);
   }
   async writeZeroes(o: number, n: number, opts?: WriteZeroesOptions) {
     this.check();
     if (this.holdWrites) await this.holdWrites;
-    await this.live.writeZeroes(o, n);
     if (opts?.fua) this.durable.fill(0, o, o + n);
+    await this.live.writeZeroes(o, n);
   }
   async discard(o: number, n: number) {
     return this.writeZeroes(o, n);

@@ -786,8 +786,9 @@ export class MirrorDevice implements TargetDevice {
           await this.log.waitDirtyDurable(this.log.dirtyMark);
         } catch (err) {
           this.logger?.error({ device: this.name, err: (err as Error).message }, "mirror log write failed");
-          // keep_log: the kernel fails a write it cannot record (do_failures with log_failure).
-          if (this.keepLog)
+          // keep_log: the kernel fails a write it cannot record (do_failures with log_failure); with
+          // handle_errors it would hold it: an unrecorded stale leg is never acknowledged here.
+          if (this.keepLog || this.handleErrors)
             failures.push(`the mirror log cannot record the failed leg: ${(err as Error).message}`);
         }
       }
@@ -854,16 +855,12 @@ export class MirrorDevice implements TargetDevice {
         for (const leg of legs) if (diverged & (1 << leg.index)) leg.window.forgetCopy(r);
       }
     }
-    // A leg that reported its backend gone (watchHealth) is handled as an offline leg: stale where
-    // it missed writes and resynced when it is back, like writes to a region already out of sync.
-    const failedOnline = this.legs.some((l) => failedMask & (1 << l.index) && !l.offline);
-    if (noCurrentCopy) {
-      failures.push(`no current leg took it (${firstError})`);
-    } else if (this.handleErrors && !this.keepLog && failedOnline) {
-      // The kernel holds such a write (hold_bio) until userspace reconfigures the mirror; udm has
-      // no dmeventd to do that, so it fails it: never acknowledged with only some legs holding it.
-      failures.push(`handle_errors: it reached only some legs, so it is not acknowledged (${firstError})`);
-    }
+    if (noCurrentCopy) failures.push(`no current leg took it (${firstError})`);
+    // Otherwise, with or without handle_errors, the write is acknowledged once the legs that missed
+    // it are recorded stale in its regions (writeBatch waits for that log write; with handle_errors
+    // a log that cannot record it fails the write). The kernel holds such a write with handle_errors
+    // (hold_bio) until dmeventd takes the failed leg out of the mirror and requeues it; udm does
+    // what that repair does, per region: the leg that failed is out of date there and is resynced.
     this.scheduleCleanPass();
     return true;
   }

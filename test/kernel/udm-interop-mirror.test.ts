@@ -153,9 +153,10 @@ describe("dm-mirror disk log: udm <-> the kernel", () => {
       cleanRegions: REGIONS - 1,
       outOfSync: [{ first: 5, last: 5 }],
     });
-    const ka = await FileDevice.open(img("ka.img"));
-    const kb = await FileDevice.open(img("kb.img"));
-    const kl = await FileDevice.open(img("kl.img"));
+    // The NBD exports of these files (the guest is done with them) still hold their image locks.
+    const ka = await FileDevice.open(img("ka.img"), { lock: false });
+    const kb = await FileDevice.open(img("kb.img"), { lock: false });
+    const kl = await FileDevice.open(img("kl.img"), { lock: false });
     const ctx = tableContext({ "ka.img": ka, "kb.img": kb, "kl.img": kl }, kcopyd, "kmirror");
     const mirror = (await mirrorTarget.create(
       ["disk", "2", "kl.img", String(REGION_SECTORS), "2", "ka.img", "0", "kb.img", "0"],

@@ -86,8 +86,9 @@ function writeRandomFile(path, bytes) {
 }
 
 const UDM_SERVER_SCRIPT = `
-const { FileDevice } = await import(process.env.UDM_KCOPYD);
+const { FileDevice, tuneMallocForDataPath } = await import(process.env.UDM_KCOPYD);
 const { NbdServer } = await import(process.env.UDM_NBD);
+tuneMallocForDataPath?.(); // as udm serve does
 const device = await FileDevice.open(process.env.UDM_DISK);
 const server = new NbdServer();
 server.addExport("", device);
@@ -366,7 +367,8 @@ export function notes(_rows, { quick }) {
   return [
     `Medians of ${quick ? 1 : 3} round(s) (server order rotated each round); ratios are medians of per-round ratios.`,
     'One random-filled file (page cache warm) served in turn by `udm serve --export disk=FILE` ("udm serve"),',
-    'NbdServer over FileDevice in a child node process ("udm lib"), `nbdkit -f file`, `qemu-nbd -f raw -t -e 16`,',
+    'NbdServer over FileDevice in a child node process, malloc tuned as udm serve does ("udm lib"), `nbdkit -f file`,',
+    "`qemu-nbd -f raw -t -e 16`,",
     'and `udm serve --table` with `mirror core 2 1024 nosync 2 A 0 B 0` over two copies of it ("udm mirror",',
     "two writes per byte, compared with nbdkit serving one file). Each server is warmed up first (64 MiB",
     "written at 256 KiB and 1 MiB, the file read once, 1 s of fio randrw QD16). Clients: nbdcopy",

@@ -1,6 +1,12 @@
 import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { type BlockDevice, formatSize, SECTOR_SIZE, type TargetProgress } from "@udm/kcopyd";
+import {
+  type BlockDevice,
+  formatSize,
+  SECTOR_SIZE,
+  type TargetProgress,
+  tuneMallocForDataPath,
+} from "@udm/kcopyd";
 import { compileAllowList } from "@udm/nbd-server";
 import { controlHandlers, startControlServer } from "./control-server.js";
 import {
@@ -327,6 +333,8 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   }
 
   registerDeviceSchemes();
+  // Freed socket chunks and payloads stay in the heap for the next requests (issue 16).
+  tuneMallocForDataPath();
   const tls = options.tls && {
     cert: readOptionFile(options.tls.certFile, "--tls-cert", null),
     key: readOptionFile(options.tls.keyFile, "--tls-key", null),

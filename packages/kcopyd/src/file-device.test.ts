@@ -9,7 +9,7 @@ import type { Extent } from "./block-device.js";
 import { FileDevice, SYNC_READ_STREAK_READS } from "./file-device.js";
 import { KcopydClient, KcopydFlags } from "./kcopyd.js";
 import { MemoryDevice } from "./memory-device.js";
-import { NO_NATIVE_ENV, nativeFileOps, nativeFileOpsLoadError } from "./native.js";
+import { NO_NATIVE_ENV, nativeFileOps, nativeFileOpsLoadError, tuneMallocForDataPath } from "./native.js";
 
 const CI = process.env.CI === "true";
 const KiB = 1024;
@@ -49,6 +49,16 @@ describe("native addon", () => {
   it.skipIf(!CI && !nativeBuilt)("is built by pnpm install (required under CI)", () => {
     expect(nativeBuilt, `addon did not load: ${String(nativeFileOpsLoadError())}`).toBe(true);
   });
+
+  it.skipIf(!nativeBuilt)(
+    "tunes glibc's malloc for the data path (both thresholds taken); not without the addon",
+    () => {
+      expect(withNative(true, () => tuneMallocForDataPath())).toBe(true);
+      const native = withNative(true, () => nativeFileOps())!;
+      expect(() => native.tuneMalloc!(4 * GiB, MiB)).toThrow(/below 2 GiB/);
+      expect(withNative(false, () => tuneMallocForDataPath())).toBe(false);
+    },
+  );
 
   it.skipIf(!nativeBuilt)("reports ENXIO as -1 and other errors with their errno name", async () => {
     const native = withNative(true, () => nativeFileOps())!;

@@ -1,6 +1,5 @@
 import type { Duplex } from "node:stream";
 import {
-  allocData,
   type BlockDevice,
   poisonEnabled,
   poisonViolation,
@@ -62,6 +61,12 @@ export const HOLE_DETECT_MIN_BYTES = 64 * 1024;
 export const MIN_HOLE_BYTES = 4096;
 /** Idle READ reply buffers kept for reuse, shared by every connection of the process. */
 const replyBuffers = new BufferPool(64 * 1024 * 1024);
+/**
+ * Idle WRITE payload buffers kept for reuse, shared by every connection: a payload that arrives in
+ * several socket chunks is gathered into one of these, which goes back once the device's write
+ * has resolved (a fresh 256 KiB buffer per WRITE cost a malloc, first-touch page faults and GC).
+ */
+const payloadBuffers = new BufferPool(64 * 1024 * 1024, { what: "WRITE payload" });
 /** OFFSET_DATA chunk overhead: chunk header plus the u64 offset. */
 const DATA_CHUNK_HEADER_BYTES = STRUCTURED_REPLY_BYTES + 8;
 const ZERO_PAGE = Buffer.alloc(64 * 1024);
@@ -108,6 +113,8 @@ export class TransmissionSession {
   private readonly headerScratch = Buffer.allocUnsafe(REQUEST_BYTES);
   private payloadRequest: NbdRequest | null = null;
   private payload: Buffer | null = null;
+  /** Whether `payload` came from `payloadBuffers` (and goes back there after the write). */
+  private payloadPooled = false;
   private payloadFilled = 0;
   private skipLeft = 0;
   private skipRefusal: { error: number; message: string } | null = null;
@@ -312,10 +319,14 @@ export class TransmissionSession {
     if (this.payload === null && head.length >= req.length) {
       // The whole payload is in one received chunk: serve it without copying.
       this.payload = head.subarray(0, req.length);
+      this.payloadPooled = false;
       this.drop(req.length);
       this.payloadFilled = req.length;
     } else {
-      this.payload ??= allocData(req.length);
+      if (this.payload === null) {
+        this.payload = payloadBuffers.take(req.length);
+        this.payloadPooled = true;
+      }
       const n = Math.min(req.length - this.payloadFilled, this.bufferedBytes);
       this.take(n, this.payload.subarray(this.payloadFilled, this.payloadFilled + n));
       this.payloadFilled += n;
@@ -326,12 +337,14 @@ export class TransmissionSession {
   private finishPayload(): void {
     const req = this.payloadRequest as NbdRequest;
     const payload = this.payload ?? Buffer.alloc(0);
+    const pooled = this.payloadPooled;
     this.payloadRequest = null;
     this.payload = null;
+    this.payloadPooled = false;
     this.mode = "header";
     // The write's bytes were counted when its header arrived; dispatch counts none again.
     this.inFlightBytes -= req.length;
-    this.dispatch(req, payload, req.length);
+    this.dispatch(req, payload, req.length, pooled);
   }
 
   /** The next request header: a view of the head chunk when it is contiguous, else copied together. */
@@ -391,7 +404,7 @@ export class TransmissionSession {
     }
   }
 
-  private dispatch(req: NbdRequest, payload: Buffer | null, costBytes: number): void {
+  private dispatch(req: NbdRequest, payload: Buffer | null, costBytes: number, pooled = false): void {
     this.inFlightRequests++;
     this.inFlightBytes += costBytes;
     const device = this.entry.device;
@@ -412,7 +425,7 @@ export class TransmissionSession {
     // One promise reaction per request (no .catch().finally() chain): completions are the hot path.
     let pending: Promise<void> | undefined;
     try {
-      pending = this.execute(device, req, payload);
+      pending = this.execute(device, req, payload, pooled);
     } catch (err) {
       this.fail(req, err);
     }
@@ -441,14 +454,24 @@ export class TransmissionSession {
   }
 
   /** Starts a request; returns its promise, or undefined when it was answered at once. */
-  private execute(device: BlockDevice, req: NbdRequest, payload: Buffer | null): Promise<void> | undefined {
+  private execute(
+    device: BlockDevice,
+    req: NbdRequest,
+    payload: Buffer | null,
+    pooled: boolean,
+  ): Promise<void> | undefined {
     const offset = Number(req.offset);
     const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
     switch (req.type) {
       case NBD_CMD_READ:
         return this.read(device, req, offset);
       case NBD_CMD_WRITE:
-        return device.write(offset, payload as Buffer, { fua }).then(() => this.ok(req));
+        // A pooled payload goes back only once the write resolved; a failed write's is left to
+        // the GC (a device that rejected early may still be reading it, e.g. another mirror leg).
+        return device.write(offset, payload as Buffer, { fua }).then(() => {
+          if (pooled) payloadBuffers.give(payload as Buffer);
+          this.ok(req);
+        });
       case NBD_CMD_FLUSH:
         return device.flush().then(() => this.ok(req));
       case NBD_CMD_TRIM:

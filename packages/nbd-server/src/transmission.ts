@@ -7,6 +7,7 @@ import {
   type ZeroRun,
 } from "@udm/kcopyd";
 import { BufferPool } from "./buffer-pool.js";
+import { startReceiving, takeOverReads } from "./direct-receive.js";
 import { BASE_ALLOCATION, deviceContexts, type ExportEntry, isReadOnly } from "./export-entry.js";
 import type { Negotiated } from "./handshake.js";
 import { nbdErrorOf, validateRequest } from "./validate.js";
@@ -70,6 +71,10 @@ const payloadBuffers = new BufferPool(64 * 1024 * 1024, { what: "WRITE payload" 
 /** OFFSET_DATA chunk overhead: chunk header plus the u64 offset. */
 const DATA_CHUNK_HEADER_BYTES = STRUCTURED_REPLY_BYTES + 8;
 const ZERO_PAGE = Buffer.alloc(64 * 1024);
+/** Direct receive: the per-connection buffer headers and small payloads are read into. */
+const RECEIVE_SCRATCH_BYTES = 64 * 1024;
+/** Direct receive: a WRITE payload with at least this much still to come is read straight into its buffer. */
+const DIRECT_PAYLOAD_MIN_BYTES = 16 * 1024;
 
 /** What a transmission session needs besides the negotiated state. */
 export interface SessionOptions {
@@ -118,6 +123,12 @@ export class TransmissionSession {
   private payloadFilled = 0;
   private skipLeft = 0;
   private skipRefusal: { error: number; message: string } | null = null;
+  /**
+   * Direct receive (plain sockets): reads land in `scratch`, or straight in the rest of a pooled
+   * WRITE payload (`readTarget`), instead of a fresh chunk per read; null: 'data' events.
+   */
+  private scratch: Buffer | null = null;
+  private readTarget: Buffer | null = null;
 
   private inFlightRequests = 0;
   private refusals = 0;
@@ -156,7 +167,54 @@ export class TransmissionSession {
       this.endWhenIdle();
     });
     if (n.leftover.length) this.onData(n.leftover);
+    const buffered = takeOverReads(this.stream);
+    if (buffered) {
+      for (const chunk of buffered) this.onData(chunk);
+      this.scratch = Buffer.allocUnsafeSlow(RECEIVE_SCRATCH_BYTES);
+      startReceiving(
+        this.stream,
+        (nread, buf) => this.onReceive(nread, buf),
+        () => this.nextReadTarget(),
+      );
+    }
     this.stream.resume();
+  }
+
+  /** Direct receive: `nread` bytes landed in `buf` (the scratch, or the rest of the payload being received). */
+  private onReceive(nread: number, buf: Buffer): void {
+    if (buf === this.readTarget && this.mode === "payload") {
+      this.readTarget = null;
+      this.payloadFilled += nread;
+      try {
+        if (this.payloadFilled === (this.payloadRequest as NbdRequest).length) this.finishPayload();
+      } catch (err) {
+        this.parserFailed(err);
+        return;
+      }
+      this.onData(null);
+      return;
+    }
+    this.readTarget = null;
+    this.onData(buf.subarray(0, nread));
+    // The next read overwrites the scratch: what is still queued of it is kept as a copy.
+    const scratch = this.scratch?.buffer;
+    for (let i = 0; i < this.chunks.length; i++) {
+      const c = this.chunks[i] as Buffer;
+      if (c.buffer === scratch) this.chunks[i] = Buffer.from(c);
+    }
+  }
+
+  /** Direct receive: where the next read lands (asked after each read). */
+  private nextReadTarget(): Buffer {
+    const req = this.payloadRequest;
+    if (this.mode === "payload" && this.bufferedBytes === 0 && this.payload && req) {
+      if (req.length - this.payloadFilled >= DIRECT_PAYLOAD_MIN_BYTES) {
+        this.readTarget = this.payload.subarray(this.payloadFilled);
+        return this.readTarget;
+      }
+    }
+    this.readTarget = null;
+    return this.scratch as Buffer;
   }
 
   /** Requests being served now. */
@@ -186,21 +244,28 @@ export class TransmissionSession {
     this.stream.destroy();
   }
 
-  private onData(chunk: Buffer): void {
+  /** Received bytes (null: none, but the state moved on, e.g. a payload received directly). */
+  private onData(chunk: Buffer | null): void {
     if (this.mode === "stopped") return;
-    this.chunks.push(chunk);
-    this.bufferedBytes += chunk.length;
+    if (chunk) {
+      this.chunks.push(chunk);
+      this.bufferedBytes += chunk.length;
+    }
     try {
       this.pump();
     } catch (err) {
-      // A bug must cost this connection, never the process and its other clients.
-      this.log.error(
-        { connection: this.connectionId, export: this.entry.name, err: errorMessage(err) },
-        "nbd parser failed",
-      );
-      this.stopReading();
-      this.stream.destroy();
+      this.parserFailed(err);
     }
+  }
+
+  /** A bug must cost this connection, never the process and its other clients. */
+  private parserFailed(err: unknown): void {
+    this.log.error(
+      { connection: this.connectionId, export: this.entry.name, err: errorMessage(err) },
+      "nbd parser failed",
+    );
+    this.stopReading();
+    this.stream.destroy();
   }
 
   private onClose(): void {
@@ -302,6 +367,13 @@ export class TransmissionSession {
       this.payloadRequest = req;
       this.payloadFilled = 0;
       this.payload = null;
+      this.payloadPooled = false;
+      if (this.scratch && req.length) {
+        // Direct receive: the payload's buffer exists before its bytes, so reads can land in it
+        // (and the received chunks are the scratch's, which a payload must never alias).
+        this.payload = payloadBuffers.take(req.length);
+        this.payloadPooled = true;
+      }
       this.mode = "payload";
       if (req.length === 0) this.finishPayload();
       return;

@@ -5,7 +5,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { STREAM_RECEIVE_ENV, takeOverReads } from "./direct-receive.js";
 import { RawPeer } from "./raw-peer.js";
 import { NbdServer } from "./server.js";
-import { encodeRequest, NBD_CMD_READ, NBD_CMD_WRITE } from "./wire.js";
+import { encodeOption, encodeRequest, NBD_CMD_READ, NBD_CMD_WRITE, NBD_OPT_EXPORT_NAME } from "./wire.js";
 
 describe("takeOverReads", () => {
   it("takes over an accepted TCP socket (Node's onread internals found), not with UDM_NBD_STREAM_RECEIVE=1", async () => {
@@ -97,6 +97,61 @@ describe.each([
       expect((await disk.read(0, 8 << 20)).equals(expected)).toBe(true);
     } finally {
       p.close();
+    }
+  });
+});
+
+describe("direct receive after the handshake", () => {
+  it("a WRITE whose header came with the handshake gets its own payload buffer, never a view of the scratch", async () => {
+    const server = new NbdServer();
+    // A device that holds each write (and its buffer) until released, as a slow disk would.
+    const held: Array<{ data: Buffer; release: () => void }> = [];
+    const inner = new MemoryDevice(1 << 20);
+    const holding = Object.assign(Object.create(inner) as MemoryDevice, {
+      write: (offset: number, data: Buffer) =>
+        new Promise<void>((resolve, reject) => {
+          held.push({ data, release: () => inner.write(offset, data).then(resolve, reject) });
+        }),
+    });
+    server.addExport("held", holding);
+    const address = await server.listen({ host: "127.0.0.1", port: 0 });
+    const p = await RawPeer.connect(address);
+    const cookie = (n: number) => {
+      const c = Buffer.alloc(8);
+      c.writeUInt32BE(n, 4);
+      return c;
+    };
+    const until = async (n: number) => {
+      while (held.length < n) await new Promise((r) => setTimeout(r, 5));
+    };
+    try {
+      await p.greet(3);
+      // The option and WRITE A's header in one packet: the header is read during the handshake.
+      p.write(
+        Buffer.concat([
+          encodeOption(NBD_OPT_EXPORT_NAME, Buffer.from("held")),
+          encodeRequest(0, NBD_CMD_WRITE, cookie(1), 0n, 4096),
+        ]),
+      );
+      await p.read(10);
+      await new Promise((r) => setTimeout(r, 50));
+      const a = Buffer.alloc(4096, 0xa1);
+      const b = Buffer.alloc(4096, 0xb2);
+      const c = Buffer.alloc(4096, 0xc3);
+      // A's payload and all of B arrive in one read (into the scratch), C in a later one.
+      p.write(Buffer.concat([a, encodeRequest(0, NBD_CMD_WRITE, cookie(2), 8192n, 4096), b]));
+      await until(2);
+      p.write(Buffer.concat([encodeRequest(0, NBD_CMD_WRITE, cookie(3), 16384n, 4096), c]));
+      await until(3);
+      const [ha, hb, hc] = held as [(typeof held)[0], (typeof held)[0], (typeof held)[0]];
+      expect([ha.data.equals(a), hb.data.equals(b), hc.data.equals(c)]).toEqual([true, true, true]);
+      for (const h of held) h.release();
+      for (let i = 0; i < 3; i++) expect((await p.reply()).error).toBe(0);
+      expect((await inner.read(0, 4096)).equals(a)).toBe(true);
+      expect((await inner.read(8192, 4096)).equals(b)).toBe(true);
+    } finally {
+      p.close();
+      await server.close({ force: true });
     }
   });
 });

@@ -169,8 +169,10 @@ export class TransmissionSession {
     if (n.leftover.length) this.onData(n.leftover);
     const buffered = takeOverReads(this.stream);
     if (buffered) {
-      for (const chunk of buffered) this.onData(chunk);
+      // The scratch first: a WRITE parsed from here on gets its payload buffer before its bytes
+      // (so no payload ever aliases a received chunk, which may be the scratch).
       this.scratch = Buffer.allocUnsafeSlow(RECEIVE_SCRATCH_BYTES);
+      for (const chunk of buffered) this.onData(chunk);
       startReceiving(
         this.stream,
         (nread, buf) => this.onReceive(nread, buf),
@@ -388,8 +390,9 @@ export class TransmissionSession {
   private fillPayload(): void {
     const req = this.payloadRequest as NbdRequest;
     const head = this.chunks[0] as Buffer;
-    if (this.payload === null && head.length >= req.length) {
-      // The whole payload is in one received chunk: serve it without copying.
+    if (this.payload === null && this.scratch === null && head.length >= req.length) {
+      // The whole payload is in one received chunk: serve it without copying (never with direct
+      // receive: the chunk may be a view of the scratch, which the next read overwrites).
       this.payload = head.subarray(0, req.length);
       this.payloadPooled = false;
       this.drop(req.length);

@@ -302,7 +302,8 @@ export async function run(ctx) {
     { case: "randwrite 4k QD1 (fio)", unit: "IOPS", rw: "randwrite", qd: 1 },
     { case: "randwrite 4k QD16 (fio)", unit: "IOPS", rw: "randwrite", qd: 16 },
   ];
-  const rounds = ctx.quick ? 1 : 3;
+  // NBD_BENCH_ROUNDS: more rounds of the quick sizes (medians hold better on a loaded machine).
+  const rounds = Number(process.env.NBD_BENCH_ROUNDS) || (ctx.quick ? 1 : 3);
   /** samples[workload][peer] = [{ value, cpuPerGiB }, ...] over the rounds */
   const samples = workloads.map(() => Object.fromEntries(peers.map((p) => [p, []])));
   try {
@@ -364,8 +365,9 @@ export async function run(ctx) {
 
 /** Markdown under the table: how the figures were made. */
 export function notes(_rows, { quick }) {
+  const rounds = Number(process.env.NBD_BENCH_ROUNDS) || (quick ? 1 : 3);
   return [
-    `Medians of ${quick ? 1 : 3} round(s) (server order rotated each round); ratios are medians of per-round ratios.`,
+    `Medians of ${rounds} round(s) (server order rotated each round); ratios are medians of per-round ratios.`,
     'One random-filled file (page cache warm) served in turn by `udm serve --export disk=FILE` ("udm serve"),',
     'NbdServer over FileDevice in a child node process, malloc tuned as udm serve does ("udm lib"), `nbdkit -f file`,',
     "`qemu-nbd -f raw -t -e 16`,",

@@ -364,9 +364,46 @@ export async function run(ctx) {
 }
 
 /** Markdown under the table: how the figures were made. */
-export function notes(_rows, { quick }) {
+/** Issue 16's goals against one run's rows: one line per goal, met or the ratio it reached. */
+export function goals(rows) {
+  const lines = [];
+  const check = (what, value, ok) => lines.push(`- ${what}: ${value} ${ok ? "(met)" : "(NOT met)"}`);
+  const ratioGoals = [
+    ["seq write, 256 KiB", "serve/nbdkit", 1.0],
+    ["seq write, 1 MiB", "serve/nbdkit", 1.0],
+    ["seq read, 256 KiB", "serve/nbdkit", 1.0],
+    ["seq read, 1 MiB", "serve/nbdkit", 1.0],
+    ["randwrite 4k QD1", "serve/nbdkit", 0.9],
+    ["randread 4k QD1", "serve/nbdkit", 0.95],
+    ["randread 4k QD16", "serve/nbdkit", 1.0],
+    ["randwrite 4k QD16", "serve/nbdkit", 1.0],
+  ];
+  for (const [name, col, goal] of ratioGoals) {
+    const [kind, size] = name.split(", ");
+    const row = rows.find((r) => r.case.startsWith(kind) && (!size || r.case.includes(`${size} requests`)));
+    if (row) check(`${name} udm serve / nbdkit ≥ ${goal}`, row[col], row[col] >= goal);
+  }
+  for (const r of rows.filter((x) => x.case.startsWith("seq"))) {
+    check(
+      `${r.case}: CPU-s/GiB udm serve / nbdkit ≤ 1.3`,
+      r["cpu serve/nbdkit"],
+      r["cpu serve/nbdkit"] <= 1.3,
+    );
+  }
+  for (const r of rows) check(`${r.case}: udm serve / lib ≥ 0.9`, r["serve/lib"], r["serve/lib"] >= 0.9);
+  for (const r of rows.filter((x) => x.case.startsWith("seq write"))) {
+    check(`${r.case}: mirror (2 legs) / nbdkit ≥ 0.5`, r["mirror/nbdkit"], r["mirror/nbdkit"] >= 0.5);
+  }
+  return lines.join("\n");
+}
+
+export function notes(rows, { quick }) {
   const rounds = Number(process.env.NBD_BENCH_ROUNDS) || (quick ? 1 : 3);
   return [
+    "Goals of issue 16 in this run:",
+    "",
+    goals(rows),
+    "",
     `Medians of ${rounds} round(s) (server order rotated each round); ratios are medians of per-round ratios.`,
     'One random-filled file (page cache warm) served in turn by `udm serve --export disk=FILE` ("udm serve"),',
     'NbdServer over FileDevice in a child node process, malloc tuned as udm serve does ("udm lib"), `nbdkit -f file`,',

@@ -1,6 +1,13 @@
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { type BlockDevice, formatSize, nativeAddonInfo, SECTOR_SIZE, type TargetProgress } from "@udm/kcopyd";
+import {
+  type BlockDevice,
+  formatSize,
+  nativeAddonInfo,
+  SECTOR_SIZE,
+  type TargetProgress,
+  tuneMallocForDataPath,
+} from "@udm/kcopyd";
 import { compileAllowList } from "@udm/nbd-server";
 import { captiveVariables, exportUri, runCaptive, type ServeAddress, watchParent } from "./captive.js";
 import { controlHandlers, startControlServer } from "./control-server.js";
@@ -380,6 +387,8 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     { kind: addon.kind, path: addon.path, ...(addon.reason && { reason: addon.reason }) },
     "native addon",
   );
+  // Freed socket chunks and payloads stay in the heap for the next requests (issue 16).
+  tuneMallocForDataPath();
   const tls = options.tls && {
     cert: readOptionFile(options.tls.certFile, "--tls-cert", null),
     key: readOptionFile(options.tls.keyFile, "--tls-key", null),

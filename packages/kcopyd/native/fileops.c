@@ -27,6 +27,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <node_api.h>
@@ -544,6 +545,32 @@ static napi_value ofd_test(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * tuneMalloc(trimThreshold, mmapThreshold): mallopt(M_TRIM_THRESHOLD) and mallopt(M_MMAP_THRESHOLD)
+ * of glibc, so freed data-path buffers (socket chunks, payloads) stay in the heap for the next
+ * request instead of going back to the kernel and faulting in again. True when both were taken.
+ */
+static napi_value tune_malloc(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2], result;
+  int64_t trim, mmap_threshold;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2) {
+    napi_throw_type_error(env, "EINVAL", "udm_fileops: expected (trimThreshold, mmapThreshold)");
+    return NULL;
+  }
+  if (!get_offset(env, argv, 0, "trimThreshold", &trim) ||
+      !get_offset(env, argv, 1, "mmapThreshold", &mmap_threshold))
+    return NULL;
+  if (trim > INT32_MAX || mmap_threshold > INT32_MAX) {
+    napi_throw_range_error(env, "EINVAL", "udm_fileops: malloc thresholds must be below 2 GiB");
+    return NULL;
+  }
+  int ok = mallopt(M_TRIM_THRESHOLD, (int)trim) == 1 && mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold) == 1;
+  CHECK(napi_get_boolean(env, ok, &result));
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -556,6 +583,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"ofdLock", NULL, ofd_lock, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ofdTest", NULL, ofd_test, NULL, NULL, NULL, napi_enumerable, NULL},
       {"notifySocket", NULL, notify_socket, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"tuneMalloc", NULL, tune_malloc, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof props / sizeof props[0], props));
   return exports;

@@ -9,7 +9,13 @@ import type { Extent } from "./block-device.js";
 import { FileDevice, SYNC_READ_STREAK_READS } from "./file-device.js";
 import { KcopydClient, KcopydFlags } from "./kcopyd.js";
 import { MemoryDevice } from "./memory-device.js";
-import { NO_NATIVE_ENV, nativeAddonInfo, nativeFileOps, nativeFileOpsLoadError } from "./native.js";
+import {
+  NO_NATIVE_ENV,
+  nativeAddonInfo,
+  nativeFileOps,
+  nativeFileOpsLoadError,
+  tuneMallocForDataPath,
+} from "./native.js";
 
 const CI = process.env.CI === "true";
 const KiB = 1024;
@@ -62,6 +68,16 @@ describe("native addon", () => {
         path: null,
         reason: "UDM_NO_NATIVE=1",
       });
+    },
+  );
+
+  it.skipIf(!nativeBuilt)(
+    "tunes glibc's malloc for the data path (both thresholds taken); not without the addon",
+    () => {
+      expect(withNative(true, () => tuneMallocForDataPath())).toBe(true);
+      const native = withNative(true, () => nativeFileOps())!;
+      expect(() => native.tuneMalloc!(4 * GiB, MiB)).toThrow(/below 2 GiB/);
+      expect(withNative(false, () => tuneMallocForDataPath())).toBe(false);
     },
   );
 

@@ -57,6 +57,11 @@ export interface NativeFileOps {
    * Optional like above.
    */
   notifySocket?(path: string, message: string): void;
+  /**
+   * glibc's mallopt(M_TRIM_THRESHOLD) and mallopt(M_MMAP_THRESHOLD); true when both were taken.
+   * Optional like above.
+   */
+  tuneMalloc?(trimThresholdBytes: number, mmapThresholdBytes: number): boolean;
 }
 
 /** A lock another open file holds, as `ofdTest` reports it. */
@@ -152,4 +157,23 @@ export function nativeAddonInfo(): NativeAddonInfo {
 /** Why `nativeFileOps()` returned null (the load error), or undefined when it loaded or was not tried. */
 export function nativeFileOpsLoadError(): unknown {
   return loadError;
+}
+
+/** Freed heap memory glibc keeps before giving it back to the kernel, with {@link tuneMallocForDataPath}. */
+export const MALLOC_TRIM_THRESHOLD_BYTES = 128 * 1024 * 1024;
+/** Allocations below this come from the heap (reused) instead of a fresh mmap each. */
+export const MALLOC_MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Keeps the memory of freed data-path buffers in the process (glibc's trim and mmap thresholds,
+ * through the addon): without it glibc returns the heap top to the kernel as soon as 128 KiB are
+ * free, so the next socket chunks and payloads fault their pages in again (on a 256 KiB nbdcopy
+ * write the server spent ~1.6 CPU-s/GiB, ~1.0 with this). Costs up to
+ * MALLOC_TRIM_THRESHOLD_BYTES of idle heap. For servers (`udm serve`); false without the addon
+ * (the same can be had at launch: `GLIBC_TUNABLES=glibc.malloc.trim_threshold=...:glibc.malloc.mmap_threshold=...`).
+ */
+export function tuneMallocForDataPath(): boolean {
+  const native = nativeFileOps();
+  if (!native?.tuneMalloc) return false;
+  return native.tuneMalloc(MALLOC_TRIM_THRESHOLD_BYTES, MALLOC_MMAP_THRESHOLD_BYTES);
 }

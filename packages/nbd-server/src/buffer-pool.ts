@@ -1,9 +1,9 @@
 import { isPoisoned, poisonEnabled, poisonFill, poisonViolation } from "@udm/kcopyd";
 
 /**
- * Reply buffers kept for reuse, by exact size: NBD clients read in a few fixed sizes (4 KiB,
- * 64 KiB, 256 KiB...), so a freed buffer of the same size is usually asked for again at once.
- * Reuse spares the allocator and the GC the churn of one fresh buffer per READ.
+ * Data buffers (READ replies, WRITE payloads) kept for reuse, by exact size: NBD clients use a few
+ * fixed sizes (4 KiB, 64 KiB, 256 KiB...), so a freed buffer of the same size is usually asked for
+ * again at once. Reuse spares the allocator and the GC the churn of one fresh buffer per request.
  *
  * In poison mode (`UDM_POISON=1`, see `@udm/kcopyd` poison.ts) every buffer is poison-filled
  * when taken and when given back, and must still hold only poison when it is taken again: a
@@ -21,15 +21,18 @@ export class BufferPool {
   private readonly free = new Map<number, Buffer[]>();
   private keptBytes = 0;
   private readonly poison: boolean;
+  /** What the buffers are, in poison-mode errors. */
+  private readonly what: string;
   /** Poison mode: the idle buffers, to catch one given back twice. */
   private readonly idle = new WeakSet<Buffer>();
 
   /** @param maxKeptBytes bytes of idle buffers kept at most; beyond that freed buffers go to the GC. */
   constructor(
     readonly maxKeptBytes: number,
-    options: { poison?: boolean } = {},
+    options: { poison?: boolean; what?: string } = {},
   ) {
     this.poison = options.poison ?? poisonEnabled();
+    this.what = options.what ?? "reply";
   }
 
   /** Bytes of idle buffers held now. */
@@ -46,7 +49,7 @@ export class BufferPool {
       if (!this.poison) return buf;
       this.idle.delete(buf);
       if (isPoisoned(buf)) return buf;
-      poisonViolation(`a pooled ${size}-byte reply buffer was written after it was given back`);
+      poisonViolation(`a pooled ${size}-byte ${this.what} buffer was written after it was given back`);
     }
     // Small sizes come from Node's shared slab; pooled buffers must own their memory.
     const fresh = size < 4096 ? Buffer.allocUnsafe(size) : Buffer.allocUnsafeSlow(size);
@@ -58,7 +61,7 @@ export class BufferPool {
   give(buf: Buffer): void {
     if (this.poison) {
       if (this.idle.has(buf)) {
-        poisonViolation(`a ${buf.length}-byte reply buffer was given back twice`);
+        poisonViolation(`a ${buf.length}-byte ${this.what} buffer was given back twice`);
         return;
       }
       poisonFill(buf);

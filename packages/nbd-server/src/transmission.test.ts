@@ -247,6 +247,47 @@ describe("simple replies", () => {
     }
   });
 
+  it("gathers a WRITE payload that arrives in pieces into a pooled buffer, reused only after the device's write resolved", async () => {
+    // A device that records the buffer each write got and holds the write until released.
+    const held: Array<{ data: Buffer; release: () => void }> = [];
+    const inner = new MemoryDevice(SIZE);
+    const holding = Object.assign(Object.create(inner) as MemoryDevice, {
+      write: (offset: number, data: Buffer) =>
+        new Promise<void>((resolve, reject) => {
+          held.push({ data, release: () => inner.write(offset, data).then(resolve, reject) });
+        }),
+    });
+    server.addExport("held", holding);
+    const { p } = await open("held");
+    const size = 256 * 1024; // more than one socket chunk (Node reads 64 KiB at a time)
+    const until = async (n: number) => {
+      while (held.length < n) await new Promise((r) => setTimeout(r, 5));
+    };
+    const a = Buffer.alloc(size, 0xa1);
+    const b = Buffer.alloc(size, 0xb2);
+    const c = Buffer.alloc(size, 0xc3);
+    p.request(NBD_CMD_WRITE, 0, 1n, 0n, size, a);
+    p.request(NBD_CMD_WRITE, 0, 2n, BigInt(size), size, b);
+    await until(2);
+    const [ha, hb] = held as [(typeof held)[0], (typeof held)[0]];
+    // Both payloads are held by the device at once: never the same memory.
+    expect(ha.data.buffer).not.toBe(hb.data.buffer);
+    expect(ha.data.equals(a) && hb.data.equals(b)).toBe(true);
+    ha.release();
+    hb.release();
+    expect((await p.reply()).error).toBe(0);
+    expect((await p.reply()).error).toBe(0);
+    p.request(NBD_CMD_WRITE, 0, 3n, BigInt(2 * size), size, c);
+    await until(3);
+    const hc = held[2] as (typeof held)[0];
+    // Once both writes resolved, the next payload of that size reuses one of their buffers.
+    expect([ha.data.buffer, hb.data.buffer]).toContain(hc.data.buffer);
+    expect(hc.data.equals(c)).toBe(true);
+    hc.release();
+    expect((await p.reply()).error).toBe(0);
+    expect((await inner.read(0, 3 * size)).equals(Buffer.concat([a, b, c]))).toBe(true);
+  });
+
   it("finishes writes in flight before closing on DISC", async () => {
     const { p } = await open();
     const data = Buffer.alloc(1 << 20, 0x77);

@@ -8,6 +8,7 @@ import {
   type ZeroRun,
 } from "@udm/kcopyd";
 import { BufferPool } from "./buffer-pool.js";
+import { startReceiving, takeOverReads } from "./direct-receive.js";
 import { BASE_ALLOCATION, deviceContexts, type ExportEntry, isReadOnly } from "./export-entry.js";
 import type { Negotiated } from "./handshake.js";
 import { nbdErrorOf, validateRequest } from "./validate.js";
@@ -64,9 +65,19 @@ export const FAST_ZERO_CHECK_MAX_BYTES = 4 * 1024 * 1024;
 export const MIN_HOLE_BYTES = 4096;
 /** Idle READ reply buffers kept for reuse, shared by every connection of the process. */
 const replyBuffers = new BufferPool(64 * 1024 * 1024);
+/**
+ * Idle WRITE payload buffers kept for reuse, shared by every connection: a payload that arrives in
+ * several socket chunks is gathered into one of these, which goes back once the device's write
+ * has resolved (a fresh 256 KiB buffer per WRITE cost a malloc, first-touch page faults and GC).
+ */
+const payloadBuffers = new BufferPool(64 * 1024 * 1024, { what: "WRITE payload" });
 /** OFFSET_DATA chunk overhead: chunk header plus the u64 offset. */
 const DATA_CHUNK_HEADER_BYTES = STRUCTURED_REPLY_BYTES + 8;
 const ZERO_PAGE = Buffer.alloc(64 * 1024);
+/** Direct receive: the per-connection buffer headers and small payloads are read into. */
+const RECEIVE_SCRATCH_BYTES = 64 * 1024;
+/** Direct receive: a WRITE payload with at least this much still to come is read straight into its buffer. */
+const DIRECT_PAYLOAD_MIN_BYTES = 16 * 1024;
 
 /** What a transmission session needs besides the negotiated state. */
 export interface SessionOptions {
@@ -110,9 +121,17 @@ export class TransmissionSession {
   private readonly headerScratch = Buffer.allocUnsafe(REQUEST_BYTES);
   private payloadRequest: NbdRequest | null = null;
   private payload: Buffer | null = null;
+  /** Whether `payload` came from `payloadBuffers` (and goes back there after the write). */
+  private payloadPooled = false;
   private payloadFilled = 0;
   private skipLeft = 0;
   private skipRefusal: { error: number; message: string } | null = null;
+  /**
+   * Direct receive (plain sockets): reads land in `scratch`, or straight in the rest of a pooled
+   * WRITE payload (`readTarget`), instead of a fresh chunk per read; null: 'data' events.
+   */
+  private scratch: Buffer | null = null;
+  private readTarget: Buffer | null = null;
 
   private inFlightRequests = 0;
   private refusals = 0;
@@ -151,7 +170,56 @@ export class TransmissionSession {
       this.endWhenIdle();
     });
     if (n.leftover.length) this.onData(n.leftover);
+    const buffered = takeOverReads(this.stream);
+    if (buffered) {
+      // The scratch first: a WRITE parsed from here on gets its payload buffer before its bytes
+      // (so no payload ever aliases a received chunk, which may be the scratch).
+      this.scratch = Buffer.allocUnsafeSlow(RECEIVE_SCRATCH_BYTES);
+      for (const chunk of buffered) this.onData(chunk);
+      startReceiving(
+        this.stream,
+        (nread, buf) => this.onReceive(nread, buf),
+        () => this.nextReadTarget(),
+      );
+    }
     this.stream.resume();
+  }
+
+  /** Direct receive: `nread` bytes landed in `buf` (the scratch, or the rest of the payload being received). */
+  private onReceive(nread: number, buf: Buffer): void {
+    if (buf === this.readTarget && this.mode === "payload") {
+      this.readTarget = null;
+      this.payloadFilled += nread;
+      try {
+        if (this.payloadFilled === (this.payloadRequest as NbdRequest).length) this.finishPayload();
+      } catch (err) {
+        this.parserFailed(err);
+        return;
+      }
+      this.onData(null);
+      return;
+    }
+    this.readTarget = null;
+    this.onData(buf.subarray(0, nread));
+    // The next read overwrites the scratch: what is still queued of it is kept as a copy.
+    const scratch = this.scratch?.buffer;
+    for (let i = 0; i < this.chunks.length; i++) {
+      const c = this.chunks[i] as Buffer;
+      if (c.buffer === scratch) this.chunks[i] = Buffer.from(c);
+    }
+  }
+
+  /** Direct receive: where the next read lands (asked after each read). */
+  private nextReadTarget(): Buffer {
+    const req = this.payloadRequest;
+    if (this.mode === "payload" && this.bufferedBytes === 0 && this.payload && req) {
+      if (req.length - this.payloadFilled >= DIRECT_PAYLOAD_MIN_BYTES) {
+        this.readTarget = this.payload.subarray(this.payloadFilled);
+        return this.readTarget;
+      }
+    }
+    this.readTarget = null;
+    return this.scratch as Buffer;
   }
 
   /** Requests being served now. */
@@ -181,21 +249,28 @@ export class TransmissionSession {
     this.stream.destroy();
   }
 
-  private onData(chunk: Buffer): void {
+  /** Received bytes (null: none, but the state moved on, e.g. a payload received directly). */
+  private onData(chunk: Buffer | null): void {
     if (this.mode === "stopped") return;
-    this.chunks.push(chunk);
-    this.bufferedBytes += chunk.length;
+    if (chunk) {
+      this.chunks.push(chunk);
+      this.bufferedBytes += chunk.length;
+    }
     try {
       this.pump();
     } catch (err) {
-      // A bug must cost this connection, never the process and its other clients.
-      this.log.error(
-        { connection: this.connectionId, export: this.entry.name, err: errorMessage(err) },
-        "nbd parser failed",
-      );
-      this.stopReading();
-      this.stream.destroy();
+      this.parserFailed(err);
     }
+  }
+
+  /** A bug must cost this connection, never the process and its other clients. */
+  private parserFailed(err: unknown): void {
+    this.log.error(
+      { connection: this.connectionId, export: this.entry.name, err: errorMessage(err) },
+      "nbd parser failed",
+    );
+    this.stopReading();
+    this.stream.destroy();
   }
 
   private onClose(): void {
@@ -297,6 +372,13 @@ export class TransmissionSession {
       this.payloadRequest = req;
       this.payloadFilled = 0;
       this.payload = null;
+      this.payloadPooled = false;
+      if (this.scratch && req.length) {
+        // Direct receive: the payload's buffer exists before its bytes, so reads can land in it
+        // (and the received chunks are the scratch's, which a payload must never alias).
+        this.payload = payloadBuffers.take(req.length);
+        this.payloadPooled = true;
+      }
       this.mode = "payload";
       if (req.length === 0) this.finishPayload();
       return;
@@ -311,13 +393,18 @@ export class TransmissionSession {
   private fillPayload(): void {
     const req = this.payloadRequest as NbdRequest;
     const head = this.chunks[0] as Buffer;
-    if (this.payload === null && head.length >= req.length) {
-      // The whole payload is in one received chunk: serve it without copying.
+    if (this.payload === null && this.scratch === null && head.length >= req.length) {
+      // The whole payload is in one received chunk: serve it without copying (never with direct
+      // receive: the chunk may be a view of the scratch, which the next read overwrites).
       this.payload = head.subarray(0, req.length);
+      this.payloadPooled = false;
       this.drop(req.length);
       this.payloadFilled = req.length;
     } else {
-      this.payload ??= allocData(req.length);
+      if (this.payload === null) {
+        this.payload = payloadBuffers.take(req.length);
+        this.payloadPooled = true;
+      }
       const n = Math.min(req.length - this.payloadFilled, this.bufferedBytes);
       this.take(n, this.payload.subarray(this.payloadFilled, this.payloadFilled + n));
       this.payloadFilled += n;
@@ -328,12 +415,14 @@ export class TransmissionSession {
   private finishPayload(): void {
     const req = this.payloadRequest as NbdRequest;
     const payload = this.payload ?? Buffer.alloc(0);
+    const pooled = this.payloadPooled;
     this.payloadRequest = null;
     this.payload = null;
+    this.payloadPooled = false;
     this.mode = "header";
     // The write's bytes were counted when its header arrived; dispatch counts none again.
     this.inFlightBytes -= req.length;
-    this.dispatch(req, payload, req.length);
+    this.dispatch(req, payload, req.length, pooled);
   }
 
   /** The next request header: a view of the head chunk when it is contiguous, else copied together. */
@@ -393,7 +482,7 @@ export class TransmissionSession {
     }
   }
 
-  private dispatch(req: NbdRequest, payload: Buffer | null, costBytes: number): void {
+  private dispatch(req: NbdRequest, payload: Buffer | null, costBytes: number, pooled = false): void {
     this.inFlightRequests++;
     this.inFlightBytes += costBytes;
     const device = this.entry.device;
@@ -414,7 +503,7 @@ export class TransmissionSession {
     // One promise reaction per request (no .catch().finally() chain): completions are the hot path.
     let pending: Promise<void> | undefined;
     try {
-      pending = this.execute(device, req, payload);
+      pending = this.execute(device, req, payload, pooled);
     } catch (err) {
       this.fail(req, err);
     }
@@ -443,14 +532,24 @@ export class TransmissionSession {
   }
 
   /** Starts a request; returns its promise, or undefined when it was answered at once. */
-  private execute(device: BlockDevice, req: NbdRequest, payload: Buffer | null): Promise<void> | undefined {
+  private execute(
+    device: BlockDevice,
+    req: NbdRequest,
+    payload: Buffer | null,
+    pooled: boolean,
+  ): Promise<void> | undefined {
     const offset = Number(req.offset);
     const fua = (req.flags & NBD_CMD_FLAG_FUA) !== 0;
     switch (req.type) {
       case NBD_CMD_READ:
         return this.read(device, req, offset);
       case NBD_CMD_WRITE:
-        return device.write(offset, payload as Buffer, { fua }).then(() => this.ok(req));
+        // A pooled payload goes back only once the write resolved; a failed write's is left to
+        // the GC (a device that rejected early may still be reading it, e.g. another mirror leg).
+        return device.write(offset, payload as Buffer, { fua }).then(() => {
+          if (pooled) payloadBuffers.give(payload as Buffer);
+          this.ok(req);
+        });
       case NBD_CMD_FLUSH:
         return device.flush().then(() => this.ok(req));
       case NBD_CMD_TRIM:

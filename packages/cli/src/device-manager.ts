@@ -144,11 +144,12 @@ export const COMMAND_SCOPES = [
   "snapshot-create",
   "snapshot-merge",
   "merged",
+  "rename",
 ] as const;
 export type CommandScope = (typeof COMMAND_SCOPES)[number];
 
 /** A change not applied yet that the record must already show. */
-type PendingChange = { device: RecordedDevice } | { removed: string };
+type PendingChange = { device: RecordedDevice } | { removed: string } | { renamed: string; to: string };
 
 /** Options of `udm remove` and `udm reload` (dmsetup's `--force`). */
 export interface BusyOptions {
@@ -223,7 +224,7 @@ export class DeviceManager {
         continue;
       }
       devices.push({
-        name: dev.name,
+        name: change && "renamed" in change && change.renamed === dev.name ? change.to : dev.name,
         lines: dev.lines.map((l) => formatTableLine(null, { ...l, args: l.args.join(" ") })),
         baseDir: dev.baseDir,
         ...(dev.merge?.state === "merging" && { merging: true }),
@@ -1089,6 +1090,8 @@ export class DeviceManager {
       if (this.exports && !this.exports.renameExport) {
         throw new DeviceManagerError("EINVAL", "this server's export table cannot rename exports");
       }
+      // Recorded under the new name before anything is renamed: a failed record changes nothing.
+      await this.commit({ renamed: name, to: newName }, "rename");
       const allow = this.exportAllow.get(newName);
       this.exports?.renameExport?.(name, newName, { ...(allow && { allow }) });
       // Re-insert under the new name, keeping creation order.

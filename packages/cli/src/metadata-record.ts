@@ -144,7 +144,7 @@ export class MetadataRecord {
     };
     const text = `${JSON.stringify({ ...body, sha256: checksum(body) }, null, 2)}\n`;
     const dir = dirname(this.path);
-    mkdirSync(dir, { recursive: true });
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
     const temp = join(dir, `.${basename(this.path)}.${process.pid}.tmp`);
     // A temp file left by a writer killed before its rename is not the record: drop it.
     for (const f of readdirSync(dir)) {

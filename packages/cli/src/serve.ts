@@ -433,11 +433,19 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   let createdDefault = false;
   let unlockDataDir = () => {};
   const exportSpecs: string[] = [];
-  try {
-    // The data directory holds the record: one server at a time.
+  let locked = false;
+  const lock = () => {
     mkdirSync(dataDir, { recursive: true, mode: 0o700 });
     unlockDataDir = lockDataDir(dataDir);
+    locked = true;
+  };
+  try {
+    // The data directory holds the record: one server at a time. A data directory that does not
+    // exist yet is created by the record's first write (a start that fails creates nothing), and
+    // locked then.
+    if (existsSync(dataDir)) lock();
     if (!tableFile && exportsWanted.length === 0) {
+      if (!locked) lock();
       const made = await ensureEmbeddedDefault(dataDir);
       tableFile = made.tableFile;
       createdDefault = made.created;
@@ -497,6 +505,7 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
       },
       log,
     );
+    if (!locked) lock();
   } catch (err) {
     await control.close();
     await server.close({ force: true });

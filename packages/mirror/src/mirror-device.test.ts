@@ -557,6 +557,21 @@ describe("leg failure", () => {
   });
 });
 
+/**
+ * dm's reload: the new table is built, then preresumed (it takes the old one's log and sync state
+ * over there); a failed preresume closes it, as the device manager does.
+ */
+async function reload(args: string[], size: number, context: TargetContext): Promise<MirrorDevice> {
+  const m = (await mirrorTarget.create(args, size, context)) as MirrorDevice;
+  try {
+    await m.preresume?.();
+  } catch (err) {
+    await m.close();
+    throw err;
+  }
+  return m;
+}
+
 describe("leg replacement and remote legs", () => {
   test("reloading with a new leg resyncs that leg only", async () => {
     const a = new TracedDevice("a", mem("a"));
@@ -566,7 +581,7 @@ describe("leg replacement and remote legs", () => {
     const m1 = await mirror("core 1 128 2 a 0 b 0", { a, b, c });
     await m1.waitForSync();
     const before = { a: a.bytesWritten, b: b.bytesWritten };
-    const m2 = (await mirrorTarget.create(
+    const m2 = (await reload(
       "core 1 128 3 a 0 b 0 c 0".split(" "),
       SIZE,
       ctx({ a, b, c }, { previous: m1 }),
@@ -583,7 +598,7 @@ describe("leg replacement and remote legs", () => {
     expect(await same(a, c)).toBe(true);
     // Replacing b by c: nothing to copy at all for a, and c is current.
     const d = new TracedDevice("d", mem("d"));
-    const m3 = (await mirrorTarget.create(
+    const m3 = (await reload(
       "core 1 128 2 d 0 c 0".split(" "),
       SIZE,
       ctx({ a, b, c, d }, { previous: m2 }),
@@ -593,6 +608,26 @@ describe("leg replacement and remote legs", () => {
     await m3.waitForSync();
     expect(c.bytesWritten).toBe(cBefore);
     expect(await same(a, d)).toBe(true);
+  });
+
+  test("a reload's mirror takes the old one over in preresume: built and closed without it, the old one never notices", async () => {
+    const a = mem("a");
+    const b = mem("b");
+    const log = mem("log", MIB);
+    const m1 = await mirror("disk 3 log 128 nosync 2 a 0 b 0", { a, b, log });
+    const m2 = (await mirrorTarget.create(
+      "disk 2 log 128 2 a 0 b 0".split(" "),
+      SIZE,
+      ctx({ a, b, log }, { previous: m1 }),
+    )) as MirrorDevice;
+    // Built: the old table still serves (dm: until the suspend and preresume).
+    await m1.write(0, fill(4));
+    expect((await b.read(0, 4096)).equals(fill(4))).toBe(true);
+    await m2.close(); // the reload failed later on
+    await m1.write(REGION, fill(6));
+    await m1.flush();
+    expect((await b.read(REGION, 4096)).equals(fill(6))).toBe(true);
+    expect(m1.status()).toBe(`2 a b 64/64 1 AA 3 disk log A`);
   });
 
   test("a remote leg that loses its connection is D; on reconnect only what it may lack is resynced", async () => {
@@ -782,7 +817,7 @@ describe("errors around the log and flushes", () => {
     header.writeUInt32LE(9, 4);
     await bad.write(0, header);
     await expect(
-      mirrorTarget.create(
+      reload(
         "disk 2 bad-log 128 2 a 0 b 0".split(" "),
         SIZE,
         ctx({ a, b, "bad-log": bad }, { previous: m1 }),
@@ -841,7 +876,7 @@ describe("files on disk", () => {
       expect(m2.status()).toBe(`2 ${files.a.name} ${files.b.name} 64/64 1 AA 3 disk ${files.log.name} A`);
       expect((await m2.read(7 * REGION + 100, 3 * REGION)).equals(fill(7, 3 * REGION))).toBe(true);
       const c = await open("c.img");
-      const m3 = (await mirrorTarget.create(
+      const m3 = (await reload(
         "disk 2 log 256 2 a 0 c 0".split(" "),
         SIZE,
         ctx({ ...files, c }, { previous: m2 }),

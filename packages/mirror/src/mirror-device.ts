@@ -181,6 +181,8 @@ export class MirrorDevice implements TargetDevice {
   private lastWriteMs = -Infinity;
   private closed = false;
   private detached = false;
+  /** The log is resumed and the mirror serves (a reload's mirror: after its preresume). */
+  private activated = false;
   private pass: { startedMs: number; totalBytes: number; doneBytes: number } | null = null;
   /** Bytes the resync has written to legs (copied data + zeroed holes), for tests and benchmarks. */
   resyncedBytes = 0;
@@ -236,29 +238,49 @@ export class MirrorDevice implements TargetDevice {
    */
   static async open(options: MirrorDeviceOptions): Promise<MirrorDevice> {
     const mirror = new MirrorDevice(options);
+    await mirror.activate(options.previous);
+    return mirror;
+  }
+
+  /**
+   * A mirror that replaces `previous` (a reload): built, but the old table keeps its log and
+   * legs until dm's preresume (`preresume`, the old table is suspended then) hands them over; a
+   * reload that fails before leaves the old one as it was.
+   */
+  static prepareReload(options: MirrorDeviceOptions & { previous: MirrorDevice }): MirrorDevice {
+    const mirror = new MirrorDevice(options);
+    mirror.preresume = () => mirror.activate(options.previous);
+    return mirror;
+  }
+
+  /** Set by `prepareReload`: the handover from the old table (dm's preresume). */
+  preresume?: () => Promise<void>;
+
+  private async activate(previous: MirrorDevice | undefined): Promise<void> {
+    if (this.activated) return;
     // The old table lets go of the log first: it flushes it, then never writes it again.
-    const handover = options.previous ? await options.previous.detachForReload() : null;
+    const handover = previous ? await previous.detachForReload() : null;
     try {
-      await mirror.log.resume();
-      mirror.initStale(handover);
-      await mirror.log.flush();
+      await this.log.resume();
+      this.initStale(handover);
+      await this.log.flush();
     } catch (err) {
       // The reload failed: the old table stays in charge.
-      if (handover) options.previous!.reattachAfterFailedReload();
+      if (handover) previous!.reattachAfterFailedReload();
       throw err;
     }
-    mirror.watchLegs();
-    mirror.updateInSync();
-    const outOfSync = mirror.regionCount - mirror.log.syncCount;
+    this.activated = true;
+    this.watchLegs();
+    this.updateInSync();
+    const outOfSync = this.regionCount - this.log.syncCount;
     if (!handover && outOfSync > 0) {
       // After a crash: the regions the log still had dirty (a new mirror without nosync: all).
-      mirror.logger?.info(
-        { device: mirror.name, regionsToResync: outOfSync, regions: mirror.regionCount },
+      this.logger?.info(
+        { device: this.name, regionsToResync: outOfSync, regions: this.regionCount },
         "mirror regions out of sync at activation: resyncing them",
       );
     }
-    mirror.startRecovery();
-    return mirror;
+    this.startRecovery();
   }
 
   // ---- state helpers ------------------------------------------------------------------------
@@ -1212,7 +1234,8 @@ export class MirrorDevice implements TargetDevice {
   /** Stops the resync and writes the log; the legs and log device belong to the table and stay open. */
   async close(): Promise<void> {
     if (this.closed) return;
-    if (!this.detached) await this.suspend();
+    // A mirror never activated (a reload that failed) never touched the log: leave it alone.
+    if (!this.detached && this.activated) await this.suspend();
     this.closed = true;
     if (this.cleanTimer) clearTimeout(this.cleanTimer);
     for (const leg of this.legs) leg.unwatch?.();

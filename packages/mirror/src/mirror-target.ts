@@ -52,18 +52,20 @@ export const mirrorTarget: TargetType = {
       ...(logDevice && { device: logDevice }),
     });
     const previous = context.previous instanceof MirrorDevice ? context.previous : undefined;
+    const options = {
+      legs,
+      lengthBytes,
+      log,
+      kcopyd: context.kcopyd,
+      handleErrors: table.handleErrors,
+      keepLog: table.keepLog,
+      ...(context.deviceName !== undefined && { name: context.deviceName }),
+      ...(context.log && { logger: context.log }),
+    };
+    // A reload takes the old table's state over in preresume, not while it is built.
+    if (previous) return MirrorDevice.prepareReload({ ...options, previous });
     try {
-      return await MirrorDevice.open({
-        legs,
-        lengthBytes,
-        log,
-        kcopyd: context.kcopyd,
-        handleErrors: table.handleErrors,
-        keepLog: table.keepLog,
-        ...(context.deviceName !== undefined && { name: context.deviceName }),
-        ...(context.log && { logger: context.log }),
-        ...(previous && { previous }),
-      });
+      return await MirrorDevice.open(options);
     } catch (err) {
       if (err instanceof MirrorLogFormatError && table.logDeviceArg !== undefined) {
         throw Object.assign(new TargetArgError(table.logDeviceArg, err.message), { cause: err });

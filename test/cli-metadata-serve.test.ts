@@ -12,8 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { NbdDevice } from "@udm/nbd-server";
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "vitest";
-import { buildCli, type ServeProcess, startServe, UDM, udmAsync } from "./cli-helpers.js";
-import { spawn } from "node:child_process";
+import { buildCli, type ServeProcess, startServe, udmAsync } from "./cli-helpers.js";
 
 const MIB = 1 << 20;
 const CHUNK = 4096;
@@ -79,9 +78,15 @@ async function readAll(s: ServeProcess, name: string, bytes: number): Promise<Bu
 }
 
 /** One control connection for quick polls (JSON lines). */
+/** A control reply, as far as these tests read it. */
+interface Reply {
+  ok: boolean;
+  result?: { progress?: { doneBytes: number; totalBytes: number } | null };
+}
+
 async function control(
   dir: string,
-): Promise<{ ask(verb: string, args?: object): Promise<any>; close(): void }> {
+): Promise<{ ask(verb: string, args?: object): Promise<Reply>; close(): void }> {
   const socket: Socket = await new Promise((resolve, reject) => {
     const s = connectSocket(join(dir, "ctl.sock"), () => resolve(s));
     s.once("error", reject);
@@ -350,10 +355,13 @@ describe("udm serve and its record's source", () => {
     const dir = mkdtempSync(join(root, "export-"));
     writeFileSync(join(dir, "a.img"), Buffer.alloc(MIB, 1));
     writeFileSync(join(dir, "b.img"), Buffer.alloc(MIB, 2));
-    const run = (e: string) =>
-      startServe(["--export", e, "--listen", "127.0.0.1:0", "--control", "ctl.sock"], { cwd: dir }).then(
-        (x) => (servers.push(x), x),
-      );
+    const run = async (e: string) => {
+      const x = await startServe(["--export", e, "--listen", "127.0.0.1:0", "--control", "ctl.sock"], {
+        cwd: dir,
+      });
+      servers.push(x);
+      return x;
+    };
     let s = await run("a=a.img");
     await ok(dir, "rename", "a", "a2");
     await kill9(s);

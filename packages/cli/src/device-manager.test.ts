@@ -432,7 +432,7 @@ describe("DeviceManager reload, dm's way (a fake target with preresume)", () => 
     const s = manager.device("s");
     // The second segment cannot be built (small.img is one sector): the live snapshot stays valid.
     await expect(
-      manager.reload("s", line("s", ["0 256 snapshot o.img s.cow P 8", "256 8 linear small.img 0"])),
+      manager.reload("s", line("s", "0 256 snapshot o.img s.cow P 8\n256 8 linear small.img 0")),
     ).rejects.toThrow(/small\.img/);
     expect((await s.read(0, 4096)).equals(Buffer.alloc(4096, 0x11))).toBe(true);
     await s.write(8192, Buffer.alloc(4096, 0x33));

@@ -251,6 +251,35 @@ describe("runtime changes survive kill -9 of udm serve", () => {
   }, 60_000);
 });
 
+describe("mirror message settings meant to persist", () => {
+  test("read_balance on survives kill -9 and a restart; a reload drops it (a new target)", async () => {
+    // nosync: the legs differ on purpose, so which leg a read came from shows.
+    const dir = folder("balance", "m: 0 2048 mirror core 2 128 nosync 2 a.img 0 b.img 0\n");
+    writeFileSync(join(dir, "a.img"), Buffer.alloc(MIB, 1));
+    writeFileSync(join(dir, "b.img"), Buffer.alloc(MIB, 2));
+    const legsRead = async (s: ServeProcess) => {
+      const seen = new Set<number>();
+      for (let i = 0; i < 8; i++) seen.add(await firstByte(s, "m"));
+      return [...seen].sort();
+    };
+    let s = await serve(dir);
+    expect(await legsRead(s)).toEqual([1]);
+    await ok(dir, "message", "m", "0", "read_balance", "on");
+    expect(await legsRead(s)).toEqual([1, 2]);
+    await kill9(s);
+    s = await serve(dir);
+    expect(s.stderr()).toMatch(/message setting restored from the metadata record/);
+    expect(await legsRead(s)).toEqual([1, 2]);
+    // A reload is a new target: the setting is gone, from the record too.
+    await ok(dir, "reload", "m", "--table", "0 2048 mirror core 2 128 nosync 2 a.img 0 b.img 0");
+    expect(await legsRead(s)).toEqual([1]);
+    await kill9(s);
+    s = await serve(dir);
+    expect(await legsRead(s)).toEqual([1]);
+    expect(await s.stop()).toBe(0);
+  }, 60_000);
+});
+
 /** Crash points in the server process: `UDM_CRASH_AT` kills `udm serve` inside a command. */
 describe("crash points over udm serve: kill at a step, restart, the command happened or not", () => {
   const steps: Array<[string, string, boolean]> = [

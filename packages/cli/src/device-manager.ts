@@ -97,7 +97,7 @@ interface UdmDevice {
  * tunables, not one-off actions (`resync`).
  */
 export const PERSISTED_MESSAGES: Readonly<Record<string, readonly string[]>> = {
-  mirror: ["read_balance", "resync_throttle"],
+  mirror: ["read_balance", "resync_throttle", "regions_in_flight"],
 };
 
 /** A row of `udm ls` / `udm info`. */

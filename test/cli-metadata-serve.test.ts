@@ -255,17 +255,25 @@ describe("runtime changes survive kill -9 of udm serve", () => {
   }, 60_000);
 });
 
+/** A mirror `m` whose legs differ on purpose (nosync), so which leg a read came from shows. */
+function mirrorFolder(name: string): string {
+  const dir = folder(name, "m: 0 2048 mirror core 2 128 nosync 2 a.img 0 b.img 0\n");
+  writeFileSync(join(dir, "a.img"), Buffer.alloc(MIB, 1));
+  writeFileSync(join(dir, "b.img"), Buffer.alloc(MIB, 2));
+  return dir;
+}
+
+/** The legs eight reads of `m` came from (1: a.img, 2: b.img). */
+async function legsRead(s: ServeProcess): Promise<number[]> {
+  const seen = new Set<number>();
+  for (let i = 0; i < 8; i++) seen.add(await firstByte(s, "m"));
+  return [...seen].sort();
+}
+
 describe("mirror message settings meant to persist", () => {
   test("read_balance on survives kill -9 and a restart; a reload drops it (a new target)", async () => {
     // nosync: the legs differ on purpose, so which leg a read came from shows.
-    const dir = folder("balance", "m: 0 2048 mirror core 2 128 nosync 2 a.img 0 b.img 0\n");
-    writeFileSync(join(dir, "a.img"), Buffer.alloc(MIB, 1));
-    writeFileSync(join(dir, "b.img"), Buffer.alloc(MIB, 2));
-    const legsRead = async (s: ServeProcess) => {
-      const seen = new Set<number>();
-      for (let i = 0; i < 8; i++) seen.add(await firstByte(s, "m"));
-      return [...seen].sort();
-    };
+    const dir = mirrorFolder("balance");
     let s = await serve(dir);
     expect(await legsRead(s)).toEqual([1]);
     await ok(dir, "message", "m", "0", "read_balance", "on");
@@ -294,11 +302,14 @@ describe("crash points over udm serve: kill at a step, restart, the command happ
     ["snapshot-merge", "recorded", true],
     ["rename", "built", false],
     ["rename", "recorded", true],
+    ["message", "built", false],
+    ["message", "recorded", true],
   ];
   test.each(steps)(
     "%s killed after %s: happened: %s",
     async (command, step, happened) => {
-      const dir = originFolder(`${command}-${step}`);
+      const dir =
+        command === "message" ? mirrorFolder(`${command}-${step}`) : originFolder(`${command}-${step}`);
       let s: ServeProcess;
       if (command === "snapshot-merge") {
         s = await serve(dir);
@@ -313,12 +324,15 @@ describe("crash points over udm serve: kill at a step, restart, the command happ
           ? snapshotCreate
           : command === "snapshot-merge"
             ? ["snapshot", "merge", "s"]
-            : ["rename", "o", "p"];
+            : command === "message"
+              ? ["message", "m", "0", "read_balance", "on"]
+              : ["rename", "o", "p"];
       const r = await udmAsync(["--control", "ctl.sock", "--timeout", "30", ...args], { cwd: dir });
       expect(r.status).not.toBe(0); // the server died before answering
       expect(await gone).toBe("SIGKILL");
 
       s = await serve(dir);
+      if (command === "message") expect(await legsRead(s)).toEqual(happened ? [1, 2] : [1]);
       if (command === "rename") {
         expect(await names(dir)).toEqual([happened ? "p" : "o"]);
         expect(await firstByte(s, happened ? "p" : "o")).toBe(0xaa);

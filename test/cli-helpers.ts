@@ -96,10 +96,13 @@ export interface ServeProcess {
 }
 
 /** Starts `udm serve ARGS...` and waits for its "listening on nbd[s]://HOST:PORT" line. */
-export function startServe(args: string[], options: { cwd: string }): Promise<ServeProcess> {
+export function startServe(
+  args: string[],
+  options: { cwd: string; env?: NodeJS.ProcessEnv },
+): Promise<ServeProcess> {
   const child = spawn(process.execPath, [UDM, "serve", ...args], {
     cwd: options.cwd,
-    env: { ...process.env, UDM_LOG_LEVEL: "info" },
+    env: { ...process.env, UDM_LOG_LEVEL: "info", ...options.env },
     stdio: ["ignore", "pipe", "pipe"],
   });
   let stdout = "";

@@ -99,6 +99,7 @@ if (command === "create") await m.create(req("z: 0 2048 linear z.img 0\\n"));
 if (command === "remove") await m.remove("z");
 if (command === "reload") await m.reload("z", req("z: 0 2048 linear z2.img 0\\n")[0]);
 if (command === "snapshot-create") await snap();
+if (command === "rename") await m.rename("o", "p");
 if (command === "snapshot-merge" || command === "merged") {
   await m.snapshotMerge("s");
   while (m.has("s")) await new Promise((r) => setTimeout(r, 10));
@@ -127,6 +128,8 @@ const commandSteps: Array<[string, string, boolean]> = [
   ["snapshot-merge", "recorded", true],
   ["merged", "built", true],
   ["merged", "recorded", true],
+  ["rename", "built", false],
+  ["rename", "recorded", true],
 ];
 
 describe("command crash points: kill -9 at each step, then a restart from the record", () => {
@@ -159,6 +162,10 @@ describe("command crash points: kill -9 at each step, then a restart from the re
         ).toMatchObject({ from: "record" });
         const read = async (name: string) => (await m.device(name).read(0, CHUNK))[0];
         if (command === "create") expect(m.has("z")).toBe(happened);
+        if (command === "rename") {
+          expect(m.names()).toEqual([happened ? "p" : "o"]);
+          expect(await read(happened ? "p" : "o")).toBe(0xaa);
+        }
         if (command === "remove") expect(m.has("z")).toBe(!happened);
         if (command === "reload") {
           expect(m.table("z")[0]!.args).toBe(`${join(sub, happened ? "z2.img" : "z.img")} 0`);

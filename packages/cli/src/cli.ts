@@ -365,7 +365,7 @@ export function buildProgram(): Command {
       .option("--unix <path>", "also (or only, without --listen) serve on a Unix socket")
       .option(
         "--data-dir <dir>",
-        "directory of the embedded default and the control socket",
+        "directory of the metadata record (udm.meta.json), the embedded default and the control socket",
         DEFAULT_DATA_DIR,
       )
       .option("--tls-cert <file>", "TLS certificate (PEM)")

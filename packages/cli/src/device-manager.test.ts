@@ -424,6 +424,43 @@ describe("DeviceManager reload, dm's way (a fake target with preresume)", () => 
     expect(manager.pool.refs(b)).toBe(0);
   });
 
+  test("reload of a snapshot takes its exceptions over in preresume: I/O meanwhile never fails; a reload that fails to build leaves it valid", async () => {
+    writeFileSync(join(dir, "o.img"), Buffer.alloc(256 * SECTOR_SIZE, 0x11));
+    file("s.cow", 1 << 20);
+    file("small.img", SECTOR_SIZE);
+    await manager.create(tables("o: 0 256 snapshot-origin o.img\ns: 0 256 snapshot o.img s.cow P 8\n"));
+    await manager.device("o").write(0, Buffer.alloc(4096, 0x22)); // copied out: s keeps 0x11
+    const s = manager.device("s");
+    // The second segment cannot be built (small.img is one sector): the live snapshot stays valid.
+    await expect(
+      manager.reload("s", line("s", "0 256 snapshot o.img s.cow P 8\n256 8 linear small.img 0")),
+    ).rejects.toThrow(/small\.img/);
+    expect((await s.read(0, 4096)).equals(Buffer.alloc(4096, 0x11))).toBe(true);
+    await s.write(8192, Buffer.alloc(4096, 0x33));
+    // Reloads under a stream of snapshot reads and writes and origin writes: none fails.
+    let stop = false;
+    const failures: string[] = [];
+    const stream = (async () => {
+      for (let i = 0; !stop; i++) {
+        const chunk = 4 + (i % 24);
+        await Promise.all([
+          s.write(chunk * 4096, Buffer.alloc(4096, i & 0xff)),
+          s.read(0, 4096).then((b) => {
+            if (b[0] !== 0x11) failures.push(`snapshot chunk 0 reads ${b[0]}`);
+          }),
+          manager.device("o").write((28 + (i % 4)) * 4096, Buffer.alloc(4096, 0x44)),
+        ]).catch((err: Error) => failures.push(err.message));
+      }
+    })();
+    for (let r = 0; r < 5; r++) await manager.reload("s", line("s", "0 256 snapshot o.img s.cow P 8"));
+    stop = true;
+    await stream;
+    expect(failures).toEqual([]);
+    expect((await s.read(0, 4096)).equals(Buffer.alloc(4096, 0x11))).toBe(true);
+    expect((await s.read(8192, 4096)).equals(Buffer.alloc(4096, 0x33))).toBe(true);
+    expect((await s.read(28 * 4096, 4096)).equals(Buffer.alloc(4096, 0x11))).toBe(true);
+  });
+
   test("reload of a suspended device loads the table and leaves it suspended; resume switches", async () => {
     file("a.img", 64 * SECTOR_SIZE);
     await manager.create([line("vol", "0 64 fake a.img A")]);

@@ -13,7 +13,12 @@ import {
 } from "@udm/kcopyd";
 import { canonicalSpec, DevicePool } from "./device-pool.js";
 import { GateDevice, type GateState } from "./gate-device.js";
-import { crashPoint, type MetadataState, type RecordedDevice } from "./metadata-record.js";
+import {
+  crashPoint,
+  type MetadataState,
+  type RecordedDevice,
+  type RecordedMessage,
+} from "./metadata-record.js";
 import { SegmentedDevice } from "./segmented-device.js";
 import {
   argIndexOf,
@@ -83,7 +88,17 @@ interface UdmDevice {
   merge?: { state: "merging" | "failed"; error?: string };
   /** dm's event_nr: target events (a leg failure, a finished resync) since creation (`udm wait`). */
   events?: number;
+  /** Message settings meant to persist, the last of each kind per segment (see PERSISTED_MESSAGES). */
+  messages?: RecordedMessage[];
 }
+
+/**
+ * Messages whose setting is recorded and sent again on a start from the record, by target type:
+ * tunables, not one-off actions (`resync`).
+ */
+export const PERSISTED_MESSAGES: Readonly<Record<string, readonly string[]>> = {
+  mirror: ["read_balance", "resync_throttle", "regions_in_flight"],
+};
 
 /** A row of `udm ls` / `udm info`. */
 export interface DeviceInfo {
@@ -144,11 +159,13 @@ export const COMMAND_SCOPES = [
   "snapshot-create",
   "snapshot-merge",
   "merged",
+  "rename",
+  "message",
 ] as const;
 export type CommandScope = (typeof COMMAND_SCOPES)[number];
 
 /** A change not applied yet that the record must already show. */
-type PendingChange = { device: RecordedDevice } | { removed: string };
+type PendingChange = { device: RecordedDevice } | { removed: string } | { renamed: string; to: string };
 
 /** Options of `udm remove` and `udm reload` (dmsetup's `--force`). */
 export interface BusyOptions {
@@ -222,15 +239,22 @@ export class DeviceManager {
         devices.push(change.device);
         continue;
       }
-      devices.push({
-        name: dev.name,
-        lines: dev.lines.map((l) => formatTableLine(null, { ...l, args: l.args.join(" ") })),
-        baseDir: dev.baseDir,
-        ...(dev.merge?.state === "merging" && { merging: true }),
-      });
+      const recorded = this.recordedDevice(dev);
+      if (change && "renamed" in change && change.renamed === dev.name) recorded.name = change.to;
+      devices.push(recorded);
     }
     if (change && "device" in change && !this.devices.has(change.device.name)) devices.push(change.device);
     return { devices };
+  }
+
+  private recordedDevice(dev: UdmDevice): RecordedDevice {
+    return {
+      name: dev.name,
+      lines: dev.lines.map((l) => formatTableLine(null, { ...l, args: l.args.join(" ") })),
+      baseDir: dev.baseDir,
+      ...(dev.merge?.state === "merging" && { merging: true }),
+      ...(dev.messages?.length && { messages: dev.messages }),
+    };
   }
 
   /**
@@ -258,12 +282,14 @@ export class DeviceManager {
       await this.withSuspended(this.originsOfSnapshots(lines), () =>
         this.buildAll(requests, "create", () => {
           for (const d of state.devices) {
+            if (d.messages?.length) this.get(d.name).messages = d.messages;
             if (!d.merging) continue;
             this.armMerge(this.get(d.name));
             this.log.info({ device: d.name }, "merge resumed from the metadata record");
           }
         }),
       );
+      for (const d of state.devices) if (d.messages?.length) await this.replayMessages(this.get(d.name));
     });
   }
 
@@ -407,7 +433,37 @@ export class DeviceManager {
     if (!target.message) {
       throw new DeviceManagerError("EINVAL", `${name}: target ${target.targetType} takes no messages`);
     }
-    return target.message(argv);
+    const reply = await target.message(argv);
+    if (PERSISTED_MESSAGES[target.targetType]?.includes(argv[0] ?? "") && dev.segments[index] === target) {
+      // A setting meant to persist: recorded (replacing the last of its kind for this segment).
+      const start = dev.lines[index]!.startSectors;
+      const kept = (dev.messages ?? []).filter((m) => !(m.sector === start && m.argv[0] === argv[0]));
+      await this.commit(
+        { device: { ...this.recordedDevice(dev), messages: [...kept, { sector: start, argv }] } },
+        "message",
+      );
+      dev.messages = [...kept, { sector: start, argv: [...argv] }];
+    }
+    return reply;
+  }
+
+  /** Sends the recorded message settings to a device started from the record. */
+  private async replayMessages(dev: UdmDevice): Promise<void> {
+    for (const m of dev.messages ?? []) {
+      const index = dev.lines.findIndex((l) => l.startSectors === m.sector);
+      const target = dev.segments[index];
+      if (!target?.message) {
+        throw new DeviceManagerError(
+          "EINVAL",
+          `${dev.name}: the recorded message "${m.argv.join(" ")}" names no segment at sector ${m.sector}`,
+        );
+      }
+      await target.message(m.argv);
+      this.log.info(
+        { device: dev.name, message: m.argv.join(" ") },
+        "message setting restored from the metadata record",
+      );
+    }
   }
 
   /** `dmsetup table NAME` lines (one per segment). */
@@ -1029,6 +1085,8 @@ export class DeviceManager {
       uses: built.uses,
     });
     delete dev.merge;
+    // A new table is a new target: message settings are gone (as in dm); so is their record.
+    delete dev.messages;
     this.watchEvents(dev);
     this.exports?.replaceExportDevice(name, dev.gate);
     this.log.info(
@@ -1089,6 +1147,8 @@ export class DeviceManager {
       if (this.exports && !this.exports.renameExport) {
         throw new DeviceManagerError("EINVAL", "this server's export table cannot rename exports");
       }
+      // Recorded under the new name before anything is renamed: a failed record changes nothing.
+      await this.commit({ renamed: name, to: newName }, "rename");
       const allow = this.exportAllow.get(newName);
       this.exports?.renameExport?.(name, newName, { ...(allow && { allow }) });
       // Re-insert under the new name, keeping creation order.

@@ -22,6 +22,17 @@ export interface RecordedDevice {
   baseDir: string;
   /** An LVM-like merge (`udm snapshot merge`) in progress: resumed, and the device removed when done. */
   merging?: boolean;
+  /**
+   * Message settings meant to persist (`udm message NAME SECTOR read_balance on`), sent again
+   * when the device is started from the record; a reload drops them (a new target, as in dm).
+   */
+  messages?: RecordedMessage[];
+}
+
+/** One persisted `dmsetup message`: the sector that picks the segment, and the words. */
+export interface RecordedMessage {
+  sector: number;
+  argv: string[];
 }
 
 /** What the server runs: every device, `@NAME` dependencies before their users. */
@@ -144,7 +155,7 @@ export class MetadataRecord {
     };
     const text = `${JSON.stringify({ ...body, sha256: checksum(body) }, null, 2)}\n`;
     const dir = dirname(this.path);
-    mkdirSync(dir, { recursive: true });
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
     const temp = join(dir, `.${basename(this.path)}.${process.pid}.tmp`);
     // A temp file left by a writer killed before its rename is not the record: drop it.
     for (const f of readdirSync(dir)) {
@@ -224,7 +235,15 @@ export function parseRecord(text: string): MetadataVersion {
       typeof d?.name !== "string" ||
       typeof d.baseDir !== "string" ||
       !Array.isArray(d.lines) ||
-      d.lines.some((l) => typeof l !== "string")
+      d.lines.some((l) => typeof l !== "string") ||
+      (d.messages !== undefined &&
+        (!Array.isArray(d.messages) ||
+          d.messages.some(
+            (m) =>
+              !Number.isSafeInteger(m?.sector) ||
+              !Array.isArray(m.argv) ||
+              m.argv.some((a) => typeof a !== "string"),
+          )))
     ) {
       throw new Error(`bad device entry ${JSON.stringify(d).slice(0, 80)}`);
     }

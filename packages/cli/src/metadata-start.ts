@@ -21,7 +21,13 @@ export const METADATA_RECORD_NAME = "udm.meta.json";
 export async function startFromRecord(
   manager: DeviceManager,
   record: MetadataRecord,
-  table: { tableFile?: string; tableText?: string; requests: TableRequest[] },
+  table: {
+    tableFile?: string;
+    tableText?: string;
+    requests: TableRequest[];
+    /** Called with the names about to be started, before anything is opened; may throw. */
+    check?: (names: string[]) => void;
+  },
   log: Logger,
 ): Promise<{ from: "record" | "table"; seqno: number }> {
   const last = record.read();
@@ -30,8 +36,10 @@ export async function startFromRecord(
       ? { tableFile: table.tableFile, sha256: tableChecksum(table.tableText) }
       : undefined;
   record.source = source;
-  const edited = last && source && last.source?.sha256 !== source.sha256;
+  const edited =
+    last && source && (last.source?.sha256 !== source.sha256 || last.source.tableFile !== source.tableFile);
   if (last && !edited) {
+    table.check?.(last.state.devices.map((d) => d.name));
     await manager.activate(last.state, record.path);
     log.info(
       { record: record.path, seqno: last.seqno, devices: last.state.devices.length },
@@ -45,6 +53,7 @@ export async function startFromRecord(
       "the table file changed since the metadata record was written: starting from the table file (the record's last version stays in its archive)",
     );
   }
+  table.check?.(table.requests.map((r) => r.table.name));
   await manager.create(table.requests);
   return { from: "table", seqno: last?.seqno ?? 0 };
 }

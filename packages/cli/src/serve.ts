@@ -1,5 +1,5 @@
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { dirname, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import {
   type BlockDevice,
   formatSize,
@@ -20,6 +20,8 @@ import {
 import { canonicalSpec } from "./device-pool.js";
 import { ensureEmbeddedDefault, lockDataDir } from "./embedded-default.js";
 import type { Logger } from "./logger.js";
+import { MetadataRecord } from "./metadata-record.js";
+import { METADATA_RECORD_NAME, startFromRecord } from "./metadata-start.js";
 import { sdNotify, takeListenFds, unixSocketPath } from "./systemd.js";
 import { checkDeviceName, parseTableFile } from "./table-parser.js";
 import { allTargets, createNbdServer, registerDeviceSchemes } from "./targets.js";
@@ -401,7 +403,16 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
     options.readOnly || options.readOnlyExports?.length
       ? readOnlyExports(server, Boolean(options.readOnly), new Set(options.readOnlyExports))
       : server;
-  const manager = new DeviceManager({ targets: allTargets(), log, exports: exportTable, exportAllow });
+  // The metadata record of this server (issue 15): every state-changing command is written to
+  // it before it is acknowledged, and the next start activates what it says.
+  const record = new MetadataRecord(join(dataDir, METADATA_RECORD_NAME));
+  const manager = new DeviceManager({
+    targets: allTargets(),
+    log,
+    exports: exportTable,
+    exportAllow,
+    record: (state) => record.write(state),
+  });
 
   // First the NBD addresses: a port in use or an unusable socket path fails here, before the
   // data directory, an image or the control socket exists. Clients that connect meanwhile wait.
@@ -430,10 +441,20 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
   let tableFile = options.tableFile;
   let createdDefault = false;
   let unlockDataDir = () => {};
+  const exportSpecs: string[] = [];
+  let locked = false;
+  const lock = () => {
+    mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+    unlockDataDir = lockDataDir(dataDir);
+    locked = true;
+  };
   try {
+    // The data directory holds the record: one server at a time. A data directory that does not
+    // exist yet is created by the record's first write (a start that fails creates nothing), and
+    // locked then.
+    if (existsSync(dataDir)) lock();
     if (!tableFile && exportsWanted.length === 0) {
-      mkdirSync(dataDir, { recursive: true, mode: 0o700 });
-      unlockDataDir = lockDataDir(dataDir);
+      if (!locked) lock();
       const made = await ensureEmbeddedDefault(dataDir);
       tableFile = made.tableFile;
       createdDefault = made.created;
@@ -443,56 +464,67 @@ export async function runServe(options: ServeOptions, log: Logger): Promise<void
       );
     }
     const requests: TableRequest[] = [];
+    // What the record was started from: the table file's text, then one line per --export.
+    let sourceText = "";
     if (tableFile) {
-      const text = readOptionFile(tableFile, "--table");
-      for (const table of parseTableFile(text, tableFile, manager.registry)) {
+      sourceText = readOptionFile(tableFile, "--table");
+      for (const table of parseTableFile(sourceText, tableFile, manager.registry)) {
         requests.push({ table, baseDir: dirname(resolve(tableFile)) });
       }
     }
-    const initialNames = [...requests.map((r) => r.table.name), ...exportsWanted.map((e) => e.name)];
-    checkAllowedExportsExist(exportAllow, initialNames, options);
-    for (const name of options.readOnlyExports ?? []) {
-      if (!initialNames.includes(name)) {
-        throw new UsageError(
-          `--read-only-export "${name}": no export of that name (exports: ${initialNames.map((n) => `"${n}"`).join(", ") || "none"})`,
-        );
-      }
-    }
-    await manager.create(requests);
     for (const e of exportsWanted) {
       // A whole-device linear table: the spec is served as it is, and stays reloadable.
       const spec = canonicalSpec(e.spec, process.cwd());
       const dev: BlockDevice = await manager.pool.acquire(spec);
-      try {
-        const sectors = Math.floor(dev.sizeBytes / SECTOR_SIZE);
-        await manager.create([
-          {
-            table: {
-              name: e.name,
-              lines: [
-                {
-                  startSectors: 0,
-                  lengthSectors: sectors,
-                  targetType: "linear",
-                  args: [spec, "0"],
-                  source: { file: "--export", line: 1 },
-                },
-              ],
+      exportSpecs.push(spec);
+      requests.push({
+        table: {
+          name: e.name,
+          lines: [
+            {
+              startSectors: 0,
+              lengthSectors: Math.floor(dev.sizeBytes / SECTOR_SIZE),
+              targetType: "linear",
+              args: [spec, "0"],
+              source: { file: "--export", line: 1 },
             },
-            baseDir: process.cwd(),
-          },
-        ]);
-      } finally {
-        await manager.pool.release(spec);
-      }
+          ],
+        },
+        baseDir: process.cwd(),
+      });
+      sourceText += `--export ${e.name}=${spec}\n`;
     }
+    await startFromRecord(
+      manager,
+      record,
+      {
+        tableFile: tableFile ? resolve(tableFile) : "--export",
+        tableText: sourceText,
+        requests,
+        check: (names) => {
+          checkAllowedExportsExist(exportAllow, names, options);
+          for (const name of options.readOnlyExports ?? []) {
+            if (!names.includes(name)) {
+              throw new UsageError(
+                `--read-only-export "${name}": no export of that name (exports: ${names.map((n) => `"${n}"`).join(", ") || "none"})`,
+              );
+            }
+          }
+        },
+      },
+      log,
+    );
+    if (!locked) lock();
   } catch (err) {
     await control.close();
     await server.close({ force: true });
     await manager.closeAll().catch(() => undefined);
+    for (const spec of exportSpecs) await manager.pool.release(spec).catch(() => undefined);
     unlockDataDir();
     throw err;
   }
+  // The devices hold their own references now.
+  for (const spec of exportSpecs) await manager.pool.release(spec);
   releaseConnections();
   const recovery = watchRecovery(manager, log);
 

@@ -12,6 +12,13 @@ import type { OriginDevice } from "./origin-device.js";
 import type { SnapshotDevice } from "./snapshot-device.js";
 import { snapshotMergeTarget, snapshotOriginTarget, snapshotTarget } from "./targets.js";
 
+/** dm's create: the table is loaded, then resumed (its preresume takes a live snapshot over). */
+async function loadMerge(args: string[], size: number, ctx: TargetContext): Promise<MergeDevice> {
+  const m = (await snapshotMergeTarget.create(args, size, ctx)) as MergeDevice;
+  await m.preresume?.();
+  return m;
+}
+
 const SUPPORT = fileURLToPath(new URL("../test-support/", import.meta.url));
 const SIZE = 4 * 1024 * 1024;
 
@@ -122,7 +129,7 @@ describe("kill -9", () => {
       const left = (await inspectCow(await again.ctx.openDevice(again.cowPath))).exceptions.length;
       expect(left, `killed after the merge finished (${before} exceptions before)`).toBeGreaterThan(0);
       expect(left, "killed before any merged batch was committed").toBeLessThan(before);
-      const m = (await snapshotMergeTarget.create(
+      const m = (await loadMerge(
         [again.originPath, again.cowPath, "P", "0"],
         SIZE,
         again.ctx,

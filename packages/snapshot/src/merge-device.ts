@@ -77,7 +77,9 @@ export class MergeDevice implements TargetDevice, MergingTarget {
   readonly sizeBytes: number;
   readonly logicalBlockSize: number;
   readonly readOnly: boolean;
-  private readonly totalChunks: number;
+  private totalChunks: number;
+  /** Set when this target takes over a live snapshot: the handover runs in dm's preresume. */
+  preresume?: () => Promise<void>;
   private mergedChunks = 0;
   private batch: MergeBatch | null = null;
   private running: Promise<void> | null = null;
@@ -130,6 +132,14 @@ export class MergeDevice implements TargetDevice, MergingTarget {
   /** Resolves when no exception is left (the CLI then removes the device); rejects if the merge failed. */
   whenMerged(): Promise<void> {
     return this.merged;
+  }
+
+  /**
+   * Counts the exceptions to merge again: the tables of a live snapshot are handed over in
+   * preresume, after this device was built.
+   */
+  countExceptions(): void {
+    this.totalChunks = this.state.complete.size;
   }
 
   /** Starts (or restarts after resume) the merge loop (`start_merge`). */

@@ -16,6 +16,13 @@ import type { SnapshotDevice } from "./snapshot-device.js";
 import { snapshotMergeTarget, snapshotOriginTarget, snapshotTarget } from "./targets.js";
 import { WriteCacheDevice } from "./write-cache-device.js";
 
+/** dm's create: the table is loaded, then resumed (its preresume takes a live snapshot over). */
+async function loadMerge(args: string[], size: number, ctx: TargetContext): Promise<MergeDevice> {
+  const m = (await snapshotMergeTarget.create(args, size, ctx)) as MergeDevice;
+  await m.preresume?.();
+  return m;
+}
+
 const KiB = 1024;
 const CHUNK = 4096;
 
@@ -78,7 +85,7 @@ describe("snapshot-merge", () => {
     origin.recording = true;
     // One run per cycle, as the kernel does, so the order of the copies is observable.
     setMergeBatchBytes(1);
-    const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
+    const m = (await loadMerge(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
     // The old snapshot target handed its tables over: it gets no more I/O.
     await expect(s.read(0, 512)).rejects.toThrow(/handed over/);
     expect(m.table()).toBe("origin cow P 8");
@@ -106,7 +113,7 @@ describe("snapshot-merge", () => {
     const { ctx, o, s, snapView } = await snapshotWithChanges(origin, cow, size, [...new Set(changed)]);
     await s.close();
     setMergeBatchBytes(3 * CHUNK);
-    const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "0"], size, ctx)) as MergeDevice;
+    const m = (await loadMerge(["origin", "cow", "P", "0"], size, ctx)) as MergeDevice;
     const model = Buffer.from(snapView);
     let merging = true;
     const done = m.whenMerged().then(() => {
@@ -149,7 +156,7 @@ describe("snapshot-merge", () => {
     const b = (await snapshotTarget.create(["origin", "cowB", "P", "16"], size, ctx)) as SnapshotDevice;
     await o.write(9 * CHUNK, Buffer.alloc(CHUNK, 2));
     await a.close();
-    const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
+    const m = (await loadMerge(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
     await m.whenMerged();
     expect((await origin.read(0, size)).equals(initial)).toBe(true);
     expect((await b.read(0, size)).equals(bView)).toBe(true);
@@ -170,7 +177,7 @@ describe("snapshot-merge", () => {
       await s.close();
       const origin = new WriteCacheDevice(originMedium, { name: "origin" });
       const cow = new WriteCacheDevice(cowMedium, { name: "cow" });
-      const m = (await snapshotMergeTarget.create(
+      const m = (await loadMerge(
         ["origin", "cow", "P", "8"],
         size,
         contextFor({ origin, cow }),
@@ -186,11 +193,7 @@ describe("snapshot-merge", () => {
       await m.close();
       // Reboot: load snapshot-merge from the media and let it finish.
       const ctx2 = contextFor({ origin: originMedium, cow: cowMedium });
-      const again = (await snapshotMergeTarget.create(
-        ["origin", "cow", "P", "8"],
-        size,
-        ctx2,
-      )) as MergeDevice;
+      const again = (await loadMerge(["origin", "cow", "P", "8"], size, ctx2)) as MergeDevice;
       expect((await again.read(0, size)).equals(snapView)).toBe(true);
       await again.whenMerged();
       expect((await originMedium.read(0, size)).equals(snapView)).toBe(true);
@@ -208,7 +211,7 @@ describe("snapshot-merge", () => {
     const { ctx, s, snapView } = await snapshotWithChanges(origin, cow, size, [...new Set(changed)]);
     await s.close();
     setMergeBatchBytes(2 * CHUNK);
-    const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
+    const m = (await loadMerge(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
     await m.suspend();
     const paused = m.progress();
     expect(paused.doneBytes).toBeLessThan(paused.totalBytes);
@@ -235,7 +238,7 @@ describe("snapshot-merge", () => {
       name: "origin",
     });
     origin.setMode("down");
-    const m = (await snapshotMergeTarget.create(
+    const m = (await loadMerge(
       ["origin", "cow", "P", "8"],
       size,
       contextFor({ origin, cow }),
@@ -269,7 +272,7 @@ describe("snapshot-merge", () => {
     setMergeBatchBytes(CHUNK); // one run per cycle: the failure comes after some runs merged
     cow.failAt = CHUNK; // metadata area 0, rewritten by every merge cycle: the second cycle fails
     cow.skip = 1;
-    const m = (await snapshotMergeTarget.create(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
+    const m = (await loadMerge(["origin", "cow", "P", "8"], size, ctx)) as MergeDevice;
     await expect(m.whenMerged()).rejects.toThrow(/write error in exception store/);
     expect(m.status()).toBe("Merge failed");
     expect((await inspectCow(cow)).exceptions.length).toBe(3);
@@ -291,16 +294,14 @@ describe("snapshot-merge", () => {
       cow2: new MemoryDevice(size, { name: "cow2" }),
     };
     const ctx = contextFor(devices);
-    await expect(snapshotMergeTarget.create(["origin", "cow", "N", "8"], size, ctx)).rejects.toBeInstanceOf(
-      TargetArgError,
-    );
-    const m = (await snapshotMergeTarget.create(
+    await expect(loadMerge(["origin", "cow", "N", "8"], size, ctx)).rejects.toBeInstanceOf(TargetArgError);
+    const m = (await loadMerge(
       ["origin", "cow", "PO", "8", "1", "discard_zeroes_cow"],
       size,
       ctx,
     )) as MergeDevice;
     expect(m.table()).toBe("origin cow PO 8 1 discard_zeroes_cow");
-    await expect(snapshotMergeTarget.create(["origin", "cow2", "P", "8"], size, ctx)).rejects.toThrow(
+    await expect(loadMerge(["origin", "cow2", "P", "8"], size, ctx)).rejects.toThrow(
       /already has a merging snapshot/,
     );
     await expect(snapshotTarget.create(["origin", "cow2", "P", "8"], size, ctx)).rejects.toThrow(

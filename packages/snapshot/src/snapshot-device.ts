@@ -59,6 +59,11 @@ export class SnapshotDevice implements TargetDevice {
   readonly sizeBytes: number;
   readonly logicalBlockSize: number;
   readonly readOnly: boolean;
+  /**
+   * Set when this target takes over a live snapshot on the same COW: the handover happens in
+   * dm's preresume (the table it replaces is suspended then), never while it is only built.
+   */
+  preresume?: () => Promise<void>;
   private closed = false;
 
   constructor(

@@ -105,9 +105,17 @@ interface Built {
   state: SnapshotState;
   originState: OriginState;
   parsed: SnapshotTableArgs;
+  /**
+   * Present when a live snapshot uses the same COW: moves its store and tables to `state`, then
+   * calls `activate` in the same tick (no origin write slips between). For preresume.
+   */
+  handOver?: (activate: () => void) => Promise<void>;
 }
 
-/** Opens the devices and the store (or takes both over from a live target on the same COW). */
+/**
+ * Opens the devices and the store, or, when a live snapshot uses the same COW, prepares to take
+ * its store and tables over (`handOver`, run in preresume: building leaves the live one as it is).
+ */
 async function buildSnapshot(
   args: string[],
   lengthBytes: number,
@@ -153,7 +161,7 @@ async function buildSnapshot(
       );
     }
     return {
-      state: await handOver(source, originState, lengthBytes, parsed, context, isMerge, name),
+      ...prepareHandOver(source, originState, lengthBytes, parsed, context, isMerge, name),
       originState,
       parsed,
     };
@@ -218,8 +226,13 @@ async function buildSnapshot(
   return { state, originState, parsed };
 }
 
-/** Moves a live snapshot's store and tables to a new target on the same COW (`__handover_exceptions`). */
-async function handOver(
+/**
+ * A new target's state on a live snapshot's store (`__find_snapshots_sharing_cow` in the
+ * constructor) and the handover itself (`__handover_exceptions` in `snapshot_resume`): the live
+ * one keeps serving, valid, until `handOver` runs in preresume; a reload that fails before leaves
+ * it untouched.
+ */
+function prepareHandOver(
   source: SnapshotState,
   originState: OriginState,
   lengthBytes: number,
@@ -227,11 +240,7 @@ async function handOver(
   context: TargetContext,
   isMerge: boolean,
   name: string,
-): Promise<SnapshotState> {
-  // Finish the exceptions in flight; the source stays active meanwhile so no origin write slips
-  // past it, and the last check and the swap below happen in one tick.
-  while (source.pending.size) await source.drainPending();
-  if (source.store instanceof PersistentStore) source.store.userspaceSupportsOverflow = parsed.overflow;
+): { state: SnapshotState; handOver: (activate: () => void) => Promise<void> } {
   const state = new SnapshotState({
     origin: source.origin,
     cow: source.cow,
@@ -242,15 +251,23 @@ async function handOver(
     name,
     ...(context.log && { log: context.log }),
   });
-  for (const [oldChunk, newChunk] of source.complete) state.complete.set(oldChunk, newChunk);
-  state.valid = source.valid;
-  state.overflowed = source.overflowed;
-  // The source gets no more I/O, and must not touch the COW again.
-  source.valid = false;
-  source.handedOver = true;
-  originState.unregister(source);
-  context.log?.info({ from: source.name, to: name }, "snapshot exceptions handed over");
-  return state;
+  const handOver = async (activate: () => void) => {
+    if (source.handedOver) throw new Error(`${source.name} was handed over to another target already`);
+    // Finish the exceptions in flight; the source stays active meanwhile so no origin write slips
+    // past it, and the last check, the swap and `activate` happen in one tick.
+    while (source.pending.size) await source.drainPending();
+    if (source.store instanceof PersistentStore) source.store.userspaceSupportsOverflow = parsed.overflow;
+    for (const [oldChunk, newChunk] of source.complete) state.complete.set(oldChunk, newChunk);
+    state.valid = source.valid;
+    state.overflowed = source.overflowed;
+    // The source gets no more I/O, and must not touch the COW again.
+    source.valid = false;
+    source.handedOver = true;
+    originState.unregister(source);
+    activate();
+    context.log?.info({ from: source.name, to: name }, "snapshot exceptions handed over");
+  };
+  return { state, handOver };
 }
 
 /** dm `snapshot <origin> <cow> <P|PO|N> <chunk_sectors> [<#features> discard_zeroes_cow discard_passdown_origin]`. */
@@ -258,10 +275,21 @@ export const snapshotTarget: TargetType = {
   name: "snapshot",
   usage: "<origin> <cow> <P|PO|N> <chunk_sectors> [<#features> discard_zeroes_cow discard_passdown_origin]",
   async create(args, lengthBytes, context) {
-    const { state, originState, parsed } = await buildSnapshot(args, lengthBytes, context, false, "snapshot");
-    originState.register(state);
-    state.active = true;
-    return new SnapshotDevice(state, originState, parsed.features, context.deviceName);
+    const { state, originState, parsed, handOver } = await buildSnapshot(
+      args,
+      lengthBytes,
+      context,
+      false,
+      "snapshot",
+    );
+    const device = new SnapshotDevice(state, originState, parsed.features, context.deviceName);
+    const activate = () => {
+      originState.register(state);
+      state.active = true;
+    };
+    if (handOver) device.preresume = () => handOver(activate);
+    else activate();
+    return device;
   },
 };
 
@@ -270,7 +298,7 @@ export const snapshotMergeTarget: TargetType = {
   name: "snapshot-merge",
   usage: "<origin> <cow> <P|PO> <chunk_sectors>",
   async create(args, lengthBytes, context) {
-    const { state, originState, parsed } = await buildSnapshot(
+    const { state, originState, parsed, handOver } = await buildSnapshot(
       args,
       lengthBytes,
       context,
@@ -279,8 +307,6 @@ export const snapshotMergeTarget: TargetType = {
     );
     if (originState.merging)
       throw new TargetArgError(0, `${state.origin.name} already has a merging snapshot`);
-    originState.register(state);
-    state.active = true;
     const device = new MergeDevice(
       state,
       originState,
@@ -289,8 +315,20 @@ export const snapshotMergeTarget: TargetType = {
       context.deviceName,
       parsed.features,
     );
-    originState.merging = device;
-    device.start();
+    const activate = () => {
+      originState.register(state);
+      state.active = true;
+      originState.merging = device;
+      device.countExceptions();
+      device.start();
+    };
+    if (handOver) {
+      device.preresume = async () => {
+        if (originState.merging)
+          throw new TargetArgError(0, `${state.origin.name} already has a merging snapshot`);
+        await handOver(activate);
+      };
+    } else activate();
     return device;
   },
 };

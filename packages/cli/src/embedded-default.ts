@@ -1,7 +1,7 @@
 import { existsSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { mkdir, open, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { FileDevice, SECTOR_SIZE } from "@udm/kcopyd";
+import { FileDevice, isProcessAlive, SECTOR_SIZE } from "@udm/kcopyd";
 import { DirtyRegionLog } from "@udm/mirror";
 
 /** Name of the table file `udm serve` reads from (and writes into) the data directory. */
@@ -126,27 +126,11 @@ export function lockDataDir(dataDir: string): () => void {
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
       const pid = Number(readFileSync(path, "utf8").trim());
-      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && isAlive(pid)) {
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && isProcessAlive(pid)) {
         throw new Error(`${dataDir} is in use by another udm serve (pid ${pid}); stop it first`);
       }
       unlinkSync(path); // stale: its process is gone
     }
   }
   throw new Error(`cannot lock ${dataDir}`);
-}
-
-/** Whether `pid` runs; a zombie (killed with -9, its parent has not reaped it yet) does not. */
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== "EPERM") return false;
-  }
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    return stat[stat.lastIndexOf(")") + 2] !== "Z";
-  } catch (err) {
-    // Gone meanwhile; without /proc at all, trust kill(0).
-    return (err as NodeJS.ErrnoException).code !== "ENOENT" || !existsSync("/proc/self");
-  }
 }

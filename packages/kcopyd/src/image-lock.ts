@@ -264,7 +264,7 @@ function lockFileOwner(file: string): (ImageLockHolder & { path: string }) | und
   const [identity = "", path = ""] = text.split("\n");
   const [pidText, startTime] = identity.split(" ");
   const pid = Number(pidText);
-  if (!Number.isInteger(pid) || pid <= 0 || !isAlive(pid)) return undefined;
+  if (!Number.isInteger(pid) || pid <= 0 || !isProcessAlive(pid)) return undefined;
   // A pid reused since the writer died (kill -9) is another process: compare the start times.
   if (startTime && processStartTime(pid) !== startTime) return undefined;
   return { ...holderOf(pid), path };
@@ -393,8 +393,15 @@ function processStartTime(pid: number): string | undefined {
   }
 }
 
-/** Whether `pid` runs: a zombie (killed, not yet reaped) holds no lock any more. */
-function isAlive(pid: number): boolean {
+/**
+ * Whether `pid` runs: a zombie (killed with -9, not yet reaped by its parent) holds no lock any more.
+ *
+ * @example
+ * ```ts
+ * isProcessAlive(process.pid); // true
+ * ```
+ */
+export function isProcessAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
   } catch (err) {

@@ -61,6 +61,8 @@ class VolatileDisk implements BlockDevice {
   failNextFlush = false;
   /** Told when a flush failed and lost the cache. */
   onCacheLost: (() => void) | undefined;
+  /** Per flush reading its snapshot: the FUA writes made durable meanwhile. */
+  private readonly flushesInFlight = new Set<Array<(b: Buffer) => void>>();
   constructor(
     readonly name: string,
     readonly sizeBytes: number,
@@ -79,12 +81,17 @@ class VolatileDisk implements BlockDevice {
   }
   async write(o: number, d: Buffer, opts?: WriteOptions) {
     // FUA: durable first, so a cache loss racing this write never leaves it only in `durable`.
-    if (opts?.fua) d.copy(this.durable, o);
+    if (opts?.fua) this.makeDurable((b) => d.copy(b, o));
     await this.live.write(o, d);
   }
   async writeZeroes(o: number, n: number, opts?: WriteZeroesOptions) {
-    if (opts?.fua) this.durable.fill(0, o, o + n);
+    if (opts?.fua) this.makeDurable((b) => b.fill(0, o, o + n));
     await this.live.writeZeroes(o, n, opts);
+  }
+  /** A FUA write: durable now, and in the snapshot of every flush in flight (taken before it). */
+  private makeDurable(apply: (b: Buffer) => void) {
+    apply(this.durable);
+    for (const pending of this.flushesInFlight) pending.push(apply);
   }
   async discard(o: number, n: number) {
     await this.live.discard(o, n);
@@ -96,7 +103,18 @@ class VolatileDisk implements BlockDevice {
       this.onCacheLost?.();
       throw new IoError("EIO", this.name, "flush failed (cache lost)");
     }
-    this.durable = await this.live.read(0, this.sizeBytes);
+    // The snapshot is taken when the flush is issued; a FUA write completing while it is read
+    // must not be undone when the snapshot replaces `durable`.
+    const fuaSince: Array<(b: Buffer) => void> = [];
+    this.flushesInFlight.add(fuaSince);
+    let snapshot: Buffer;
+    try {
+      snapshot = await this.live.read(0, this.sizeBytes);
+    } finally {
+      this.flushesInFlight.delete(fuaSince);
+    }
+    for (const apply of fuaSince) apply(snapshot);
+    this.durable = snapshot;
   }
   extents(o: number, n: number): Promise<Extent[]> {
     return this.live.extents(o, n);
@@ -477,6 +495,20 @@ async function runSeed(seed: number, opsCount: number): Promise<RunResult> {
   }
   return result;
 }
+
+describe("the model's volatile disk", () => {
+  // Seed 1182: a leg flush issued before a FUA write and completing after it replaced `durable`
+  // with its older snapshot, so the crash that followed lost an acknowledged FUA write.
+  test("a FUA write completing while a flush reads its snapshot stays durable", async () => {
+    const disk = new VolatileDisk("disk", SIZE);
+    await disk.write(0, Buffer.alloc(512, 1));
+    const flushing = disk.flush();
+    await disk.write(0, Buffer.alloc(512, 2), { fua: true });
+    await flushing;
+    await disk.crash();
+    expect((await disk.read(0, 512)).equals(Buffer.alloc(512, 2))).toBe(true);
+  });
+});
 
 describe("mirror vs a model, through NBD", () => {
   test.each(SUITE_SEEDS)("seed %i", async (seed) => {

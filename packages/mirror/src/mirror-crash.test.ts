@@ -7,7 +7,7 @@ import {
   type WriteZeroesOptions,
 } from "@udm/kcopyd";
 import fc from "fast-check";
-import { expect, test } from "vitest";
+import { describe, expect, test } from "vitest";
 import { type MirrorDevice, mirrorTarget } from "./index.js";
 
 const REGION = 16 * 512;
@@ -68,9 +68,14 @@ class VolatileDevice implements BlockDevice {
   }
   async flush() {
     await this.gate();
-    const pending = this.pending;
-    this.pending = [];
-    for (const p of pending) await this.disk.write(p.offset, p.data);
+    // What this flush covers stays in `pending` until written, so a FUA write meanwhile writes the
+    // older data under it first and this loop never lands it on top of the FUA data later.
+    for (const p of [...this.pending]) {
+      if (!this.pending.includes(p)) continue; // a FUA write over it wrote it already
+      await this.disk.write(p.offset, p.data);
+      const i = this.pending.indexOf(p);
+      if (i >= 0) this.pending.splice(i, 1);
+    }
   }
   async extents(offset: number, length: number): Promise<Extent[]> {
     await this.gate();
@@ -85,6 +90,19 @@ class VolatileDevice implements BlockDevice {
     this.pending = [];
   }
 }
+
+describe("the volatile device this test runs on", () => {
+  test("a FUA write made while a flush writes out the cache stays on the disk", async () => {
+    const dev = new VolatileDevice("disk", SIZE);
+    for (let i = 1; i <= 64; i++) await dev.write(i * 512, Buffer.alloc(512, i)); // keeps the flush busy
+    await dev.write(0, Buffer.alloc(512, 1)); // cached, under the FUA write below
+    const flushing = dev.flush();
+    await dev.write(0, Buffer.alloc(512, 2), { fua: true });
+    await flushing;
+    await dev.crash(() => 0);
+    expect((await dev.disk.read(0, 512)).equals(Buffer.alloc(512, 2))).toBe(true);
+  });
+});
 
 function rng(seed: number) {
   let x = seed >>> 0 || 1;

@@ -33,6 +33,8 @@ class VolatileDisk implements BlockDevice {
   failFlush = false;
   dead = false;
   holdWrites: Promise<void> | null = null;
+  /** Per flush reading its snapshot: the FUA writes made durable meanwhile. */
+  private readonly flushesInFlight = new Set<Array<(b: Buffer) => void>>();
   constructor(
     readonly name: string,
     readonly sizeBytes: number,
@@ -58,14 +60,19 @@ class VolatileDisk implements BlockDevice {
     this.check();
     if (this.holdWrites) await this.holdWrites;
     // FUA: durable first, so a cache loss racing this write never leaves it only in `durable`.
-    if (opts?.fua) d.copy(this.durable, o);
+    if (opts?.fua) this.makeDurable((b) => d.copy(b, o));
     await this.live.write(o, d);
   }
   async writeZeroes(o: number, n: number, opts?: WriteZeroesOptions) {
     this.check();
     if (this.holdWrites) await this.holdWrites;
-    if (opts?.fua) this.durable.fill(0, o, o + n);
+    if (opts?.fua) this.makeDurable((b) => b.fill(0, o, o + n));
     await this.live.writeZeroes(o, n);
+  }
+  /** A FUA write: durable now, and in the snapshot of every flush in flight (taken before it). */
+  private makeDurable(apply: (b: Buffer) => void) {
+    apply(this.durable);
+    for (const pending of this.flushesInFlight) pending.push(apply);
   }
   async discard(o: number, n: number) {
     return this.writeZeroes(o, n);
@@ -76,7 +83,18 @@ class VolatileDisk implements BlockDevice {
       await this.crash();
       throw new IoError("EIO", this.name, "flush failed");
     }
-    this.durable = await this.live.read(0, this.sizeBytes);
+    // The snapshot is taken when the flush is issued; a FUA write completing while it is read
+    // must not be undone when the snapshot replaces `durable`.
+    const fuaSince: Array<(b: Buffer) => void> = [];
+    this.flushesInFlight.add(fuaSince);
+    let snapshot: Buffer;
+    try {
+      snapshot = await this.live.read(0, this.sizeBytes);
+    } finally {
+      this.flushesInFlight.delete(fuaSince);
+    }
+    for (const apply of fuaSince) apply(snapshot);
+    this.durable = snapshot;
   }
   extents(o: number, n: number): Promise<Extent[]> {
     this.check();
@@ -171,6 +189,20 @@ const flakey = (disk: BlockDevice, name: string) => {
   leg.setMode("up");
   return leg;
 };
+
+describe("the volatile disk these repros run on", () => {
+  // The model test's seed 1182: a flush issued before a FUA write and completing after it put
+  // its older snapshot in place, so a crash lost the acknowledged FUA write.
+  test("a FUA write completing while a flush reads its snapshot stays durable", async () => {
+    const disk = new VolatileDisk("disk", SIZE);
+    await disk.write(0, fill(1, 512));
+    const flushing = disk.flush();
+    await disk.write(0, fill(2, 512), { fua: true });
+    await flushing;
+    await disk.crash();
+    expect((await disk.read(0, 512)).equals(fill(2, 512))).toBe(true);
+  });
+});
 
 describe("issue 12 defect 2: nosync is for the first activation only", () => {
   test("reloading a mirror with its own table line keeps the leg that missed a write stale", async () => {

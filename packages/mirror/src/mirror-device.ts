@@ -875,11 +875,16 @@ export class MirrorDevice implements TargetDevice {
       return;
     }
     const mark = this.log.dirtyMark;
+    // A leg losing a region's only current copy while this flush is in flight (another user
+    // flush's leg flush, the clean pass's, a dropped connection) may take writes this flush covers.
+    const epoch = this.lossEpoch;
     const candidates = this.regionHash.cleanCandidates();
     const earlierLost = this.lostSinceUserFlush;
     this.lostSinceUserFlush = new Set();
     const { flushed, lost } = await this.flushLegs("write");
-    this.noteLost(lost);
+    if (this.lossEpoch > epoch) {
+      for (const [r, at] of this.lostAt) if (at > epoch && !lost.includes(r)) lost.push(r);
+    }
     for (const r of lost) this.lostSinceUserFlush.delete(r); // reported by this flush
     lost.push(...earlierLost);
     if (!flushed) throw new IoError("EIO", this.name, "flush failed on every leg");
@@ -927,7 +932,9 @@ export class MirrorDevice implements TargetDevice {
             },
             (err: unknown) => {
               this.failLeg(leg, kind, err ?? new Error("flush failed"));
-              lost.push(...this.legLostUnflushed(leg));
+              const gone = this.legLostUnflushed(leg);
+              this.noteLost(gone); // now: flushes and writes in flight must see it
+              lost.push(...gone);
               return false;
             },
           );
@@ -1041,7 +1048,6 @@ export class MirrorDevice implements TargetDevice {
       // Data first: only regions whose writes are flushed on every leg may be declared clean.
       this.recoveredUnflushed = 0;
       const { lost } = await this.flushLegs("flush");
-      this.noteLost(lost);
       if (lost.length) {
         this.logger?.error(
           { device: this.name, regions: lost.slice(0, 16) },

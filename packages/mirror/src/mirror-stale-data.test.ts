@@ -271,6 +271,36 @@ describe("issue 12 defect 4: a flush that leaves no durable current copy fails",
   });
 });
 
+describe("two user flushes in flight together", () => {
+  test("the one issued first fails on the only current leg: the other, covering the same write, fails too (model seed 1359)", async () => {
+    const a = new VolatileDisk("a", SIZE);
+    const b = flakey(new MemoryDevice(SIZE, { name: "bdisk" }), "b");
+    const m = await mirror("core 2 128 nosync 2 a 0 b 0", { a, b });
+    await m.suspend();
+    b.setMode("down");
+    await m.write(3 * REGION, fill(3)); // only a is current in region 3, in its cache
+    b.setMode("up");
+    const flushA = a.flush.bind(a);
+    let failOnce = true;
+    a.flush = async () => {
+      if (!failOnce) return flushA();
+      failOnce = false;
+      a.failFlush = true;
+      try {
+        return await flushA();
+      } finally {
+        a.failFlush = false;
+      }
+    };
+    // Both are issued before either reaches the leg; the second one's leg flush runs after the
+    // first one's failed and took the cache (the write) with it.
+    const first = m.flush();
+    const second = m.flush();
+    await expect(first).rejects.toThrow(/no leg holds a durable current copy of region\(s\) 3/);
+    await expect(second).rejects.toThrow(/no leg holds a durable current copy of region\(s\) 3/);
+  });
+});
+
 describe("issue 12 defect 5: two legs missing different acknowledged writes", () => {
   async function setup(features: string) {
     const disks = { a: new MemoryDevice(SIZE, { name: "a" }), b: new MemoryDevice(SIZE, { name: "b" }) };

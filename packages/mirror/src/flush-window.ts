@@ -89,6 +89,22 @@ export class FlushWindow {
     this.completed.delete(region);
   }
 
+  /** Regions written on this leg that no good flush covers yet (a reload hands them over). */
+  unflushed(): number[] {
+    return [...new Set([...this.completed.keys(), ...this.inFlight.keys()])];
+  }
+
+  /**
+   * Regions an earlier table wrote on this leg with no good flush since: they are in this window
+   * as if written now, so a failing flush makes the leg stale there (not only for this table's
+   * own writes).
+   */
+  inherit(regions: Iterable<number>): void {
+    for (const region of regions) {
+      this.completed.set(region, Math.min(this.issued, this.completed.get(region) ?? this.issued));
+    }
+  }
+
   /** Regions awaiting a flush (written or copied), for tests. */
   get size(): number {
     return new Set([...this.completed.keys(), ...this.inFlight.keys(), ...this.copies.keys()]).size;

@@ -78,6 +78,8 @@ export interface MirrorHandover {
   stale: Uint16Array;
   /** Per leg: its backend was gone (watchHealth) when the handover happened. */
   offline: boolean[];
+  /** Per leg: regions written there that no good flush of that leg covers yet (`FlushWindow`). */
+  unflushed: number[][];
   defaultLegKey: string;
   /** Whether the resync was running before the handover (restored if the reload fails). */
   recoveryWasRunning: boolean;
@@ -304,8 +306,12 @@ export class MirrorDevice implements TargetDevice {
     const oldIndex = handover ? this.legs.map((leg) => handover.legKeys.indexOf(this.legKey(leg))) : [];
     const newLegs = oldIndex.reduce((mask, old, i) => (old < 0 ? mask | (1 << i) : mask), 0);
     if (handover) {
-      for (const [i, old] of oldIndex.entries())
-        if (old >= 0 && handover.offline[old]) this.legs[i]!.offline = true;
+      for (const [i, old] of oldIndex.entries()) {
+        if (old < 0) continue;
+        if (handover.offline[old]) this.legs[i]!.offline = true;
+        // What the old table wrote on this leg and never flushed is at risk here too.
+        this.legs[i]!.window.inherit(this.regionsCovering(handover.unflushed[old]!, handover.regionSectors));
+      }
     }
     // The leg copied from where nothing better is known: the old default, else a leg the log
     // never called stale (the kernel: leg 0).
@@ -353,6 +359,18 @@ export class MirrorDevice implements TargetDevice {
         "new mirror legs: resyncing them",
       );
     }
+  }
+
+  /** This table's regions that overlap `regions` of another region size. */
+  private regionsCovering(regions: readonly number[], regionSectors: number): number[] {
+    if (regionSectors === this.regionSectors) return regions.filter((r) => r < this.regionCount);
+    const out = new Set<number>();
+    for (const r of regions) {
+      const first = Math.floor((r * regionSectors) / this.regionSectors);
+      const last = Math.floor(((r + 1) * regionSectors - 1) / this.regionSectors);
+      for (let n = first; n <= Math.min(last, this.regionCount - 1); n++) out.add(n);
+    }
+    return [...out];
   }
 
   /** Sets a region's stale legs at activation (`mask` 0: in sync); never every leg. */
@@ -1275,8 +1293,9 @@ export class MirrorDevice implements TargetDevice {
 
   /**
    * Waits for in-flight writes, flushes every leg (what a leg took since its last flush is then
-   * durable, or the leg is stale there: nothing is left in a flush window for a successor table to
-   * inherit), marks drained regions clean and flushes the log.
+   * durable, or the leg is stale there; a leg whose flush failed where it holds the only current
+   * copy keeps those regions in its flush window, which a reload hands to the next table), marks
+   * drained regions clean and flushes the log.
    */
   async settle(): Promise<void> {
     await this.waitOpsIdle();
@@ -1335,6 +1354,7 @@ export class MirrorDevice implements TargetDevice {
       regionCount: this.regionCount,
       stale: Uint16Array.from({ length: this.regionCount }, (_, r) => this.currency.staleMask(r)),
       offline: this.legs.map((l) => l.offline),
+      unflushed: this.legs.map((l) => l.window.unflushed()),
       defaultLegKey: this.legKey(this.legs[this.legSet.defaultLeg]!),
       recoveryWasRunning,
     };

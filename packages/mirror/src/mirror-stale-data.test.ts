@@ -256,6 +256,43 @@ describe("issue 12 defect 3: flush accounting by generation", () => {
   });
 });
 
+describe("a reload hands over what each leg has not flushed yet", () => {
+  // The model test's seed 5203: a reload started the new table with empty flush windows. A leg
+  // whose flush failed in the old table while it held a region's only current copy (so it could
+  // not be made stale there) carried that unflushed write into the new table; when it lost its
+  // cache there, the new table noticed nothing, and a retried user flush succeeded over a write
+  // that no leg held any more.
+  test("the only current leg loses its cache after the reload: the retried flush fails instead of vouching for the lost write", async () => {
+    const aDisk = new VolatileDisk("adisk", SIZE);
+    const bDisk = new VolatileDisk("bdisk", SIZE);
+    const a = flakey(aDisk, "a");
+    const b = flakey(bDisk, "b");
+    const m1 = await mirror("core 2 128 nosync 2 a 0 b 0", { a, b });
+    b.setMode("down");
+    await m1.write(4 * REGION, fill(0x5a)); // reaches a only: b is stale in region 4
+    b.setMode("up");
+    a.setMode("down");
+    await expect(m1.flush()).rejects.toThrow(/no leg holds a durable current copy/);
+    await m1.suspend(); // the old table is suspended with a's write in region 4 unflushed
+    a.setMode("up");
+    aDisk.failFlush = true; // a's next flush fails and loses its cache, the write with it
+    const m2 = await mirror(m1.table(), { a, b }, { previous: m1 });
+    await m2.preresume();
+    await m2.waitForSync().catch(() => undefined);
+    aDisk.failFlush = false;
+    expect((await aDisk.live.read(4 * REGION, 4096)).equals(fill(0))).toBe(true);
+    // The client retries its flush: it may succeed only if the write can still be read back.
+    const retried = await m2.flush().then(
+      () => "ok",
+      (err: Error) => err.message,
+    );
+    const back = await m2.read(4 * REGION, 4096);
+    if (retried === "ok")
+      expect(back.equals(fill(0x5a)), "a successful flush vouches for the write").toBe(true);
+    else expect(retried).toMatch(/no leg holds a durable current copy of region\(s\) 4/);
+  });
+});
+
 describe("issue 12 defect 4: a flush that leaves no durable current copy fails", () => {
   test("the only current leg's flush fails: flush() is EIO and that leg is D, not F", async () => {
     const a = new VolatileDisk("a", SIZE);

@@ -89,6 +89,11 @@ export class FlushWindow {
     this.completed.delete(region);
   }
 
+  /** Whether something written or copied to `region` on this leg awaits a good flush. */
+  holds(region: number): boolean {
+    return this.completed.has(region) || this.inFlight.has(region) || this.copies.has(region);
+  }
+
   /** Regions written on this leg that no good flush covers yet (a reload hands them over). */
   unflushed(): number[] {
     return [...new Set([...this.completed.keys(), ...this.inFlight.keys()])];

@@ -176,6 +176,13 @@ export class MirrorDevice implements TargetDevice {
   private opsInFlight = 0;
   /** Writes, write-zeroes and discards not yet completed, in arrival order (overlaps wait). */
   private readonly writesInFlight = new Set<InFlightWrite>();
+  /**
+   * Region -> a leg that lost its place as the only current leg to legs holding an unflushed
+   * resync copy (see `legLostUnflushed`), and those legs. It keeps taking writes until their data
+   * there is durable; if they lose it first, it is current again (its durable data and every
+   * FUA write are the best copy left).
+   */
+  private readonly demoted = new Map<number, { leg: number; promoted: number }>();
   /** Regions copied by the resync whose destinations were not flushed since (see `finishResyncPass`). */
   private recoveredUnflushed = 0;
   /** The clean pass that makes a finished resync durable, while it runs. */
@@ -946,6 +953,7 @@ export class MirrorDevice implements TargetDevice {
           return leg.dev.flush().then(
             () => {
               for (const region of leg.window.flushSucceeded(k)) this.copyDurable(leg, region);
+              this.promotionsDurable(leg);
               return true;
             },
             (err: unknown) => {
@@ -980,7 +988,12 @@ export class MirrorDevice implements TargetDevice {
         continue;
       }
       const receiving = this.currency.receivingMask(r) & ~bit;
-      if (receiving && this.currentMask(r) === bit) {
+      const promote = receiving !== 0 && this.currentMask(r) === bit;
+      // This leg was itself promoted here and its copy never became durable: its durable data is
+      // older than the leg it replaced, which took every write since and is current again below.
+      const undoing = (this.demoted.get(r)?.promoted ?? 0) & bit;
+      this.demoted.delete(r);
+      if (promote) {
         // It held the only current copy, but legs that took the resync copy and every write since
         // hold the data (not yet durable): they become current, and this leg stale.
         for (const other of this.legs) if (receiving & (1 << other.index)) other.window.copyToWritten(r);
@@ -988,9 +1001,34 @@ export class MirrorDevice implements TargetDevice {
         lost.add(r); // durable nowhere yet
       }
       if (this.markStale(r, bit)) lost.add(r);
+      else if (promote && !undoing) {
+        // Until the promoted legs' data is durable this leg is the fallback: it keeps what it had
+        // durably (FUA writes included) and takes every write from now on.
+        this.currency.startReceiving(r, bit);
+        this.demoted.set(r, { leg: leg.index, promoted: receiving });
+      }
     }
     if (written.length) this.scheduleCleanPass();
     return [...lost];
+  }
+
+  /**
+   * `leg` flushed: where it was promoted over a leg that lost its cache and now holds the data
+   * durably, that leg is no longer needed as a fallback: it stops taking writes and is resynced.
+   */
+  private promotionsDurable(leg: MirrorLeg): void {
+    let released = false;
+    for (const [r, d] of this.demoted) {
+      if (!(d.promoted & (1 << leg.index)) || leg.window.holds(r)) continue;
+      if (!(this.currentMask(r) & (1 << leg.index))) continue; // it lost the region meanwhile
+      this.demoted.delete(r);
+      this.currency.stopReceiving(r, 1 << d.leg);
+      released = true;
+    }
+    if (released) {
+      this.log.restartResyncSearch();
+      this.kickRecovery();
+    }
   }
 
   /** Regions whose only current leg lost data: a user flush and writes in flight there fail. */

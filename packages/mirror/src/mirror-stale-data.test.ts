@@ -293,6 +293,45 @@ describe("a reload hands over what each leg has not flushed yet", () => {
   });
 });
 
+describe("a leg promoted over one that lost its cache, losing its own copy", () => {
+  // The model test's seed 5651: the only current leg a and a leg b holding an unflushed resync
+  // copy both failed one flush. a's failure promoted b (it had the copy and every write since);
+  // b's failure then lost the copy, and b, now the only current leg, could not be made stale: its
+  // old bytes were served, and a FUA write that a held durably was gone.
+  test("the leg that was replaced is current again: an acknowledged FUA write survives both flush failures", async () => {
+    const aDisk = new VolatileDisk("adisk", SIZE);
+    const bDisk = new VolatileDisk("bdisk", SIZE);
+    const b = flakey(bDisk, "b");
+    const m = await mirror("core 2 128 nosync 2 a 0 b 0", { a: aDisk, b });
+    await m.suspend(); // the resync waits until both flushes are armed
+    b.setMode("down");
+    await m.write(4 * REGION, fill(0x11)); // reaches a only: b is stale in region 4
+    b.setMode("up");
+    await m.write(4 * REGION, fill(0x5a), { fua: true }); // a only, durable there when acknowledged
+    const failOnce = (disk: VolatileDisk) => {
+      const flush = disk.flush.bind(disk);
+      disk.failFlush = true;
+      disk.flush = async () => {
+        try {
+          await flush();
+        } finally {
+          disk.failFlush = false;
+          disk.flush = flush;
+        }
+      };
+    };
+    failOnce(aDisk);
+    failOnce(bDisk);
+    // The resync copies region 4 to b; the flush after it fails on both legs, both lose their caches.
+    await m.resume();
+    while (aDisk.failFlush || bDisk.failFlush) await new Promise((r) => setTimeout(r, 5));
+    await m.suspend(); // the resync pass is over
+    expect((await bDisk.live.read(4 * REGION, 4096)).equals(fill(0)), "b lost the copy").toBe(true);
+    expect((await m.read(4 * REGION, 4096)).equals(fill(0x5a))).toBe(true);
+    expect(m.status()).toMatch(/^2 adisk b 63\/64 1 F. 1 core$/);
+  });
+});
+
 describe("issue 12 defect 4: a flush that leaves no durable current copy fails", () => {
   test("the only current leg's flush fails: flush() is EIO and that leg is D, not F", async () => {
     const a = new VolatileDisk("a", SIZE);
